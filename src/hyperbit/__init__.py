@@ -1,0 +1,13 @@
+"""hyperbit: transformers with swappable, tested residual pathways and BitNet b1.58 linears."""
+
+from .config import ConfigError, ModelConfig, preset
+from .models import TransformerLM, build_model, count_params
+from .nn import BitLinear, convert_to_bitlinear
+from .optim import make_optimizer, param_groups
+from .pathways import HyperConnection, expand_streams, make_pathway, reduce_streams
+
+__version__ = "0.1.0"
+
+__all__ = ["BitLinear", "ConfigError", "HyperConnection", "ModelConfig", "TransformerLM",
+           "build_model", "convert_to_bitlinear", "count_params", "expand_streams",
+           "make_optimizer", "make_pathway", "param_groups", "preset", "reduce_streams"]

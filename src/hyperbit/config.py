@@ -1,0 +1,179 @@
+"""Model configuration: one validated dataclass, named presets and ``key=value`` overrides.
+
+Every invalid option raises :class:`ConfigError` with the field name and the allowed values, so a
+typo never silently builds a different model than the one asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any, get_type_hints
+
+PATHWAYS = ("prenorm", "postnorm", "hc", "sequential", "parallel")
+LINEARS = ("fp", "bitnet")
+FFNS = ("swiglu", "relu2")
+
+
+class ConfigError(ValueError):
+    """A configuration value a user supplied is invalid. The message is one readable line."""
+
+
+@dataclass
+class ModelConfig:
+    # --- shape ---------------------------------------------------------------------------------
+    vocab_size: int = 256  # byte-level tokenizer by default
+    dim: int = 256  # hidden size d
+    n_layers: int = 6  # transformer blocks L (2L branches: attention and FFN of each block)
+    n_heads: int = 4  # query heads; head_dim = dim // n_heads
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads (plain multi-head)
+    ffn: str = "swiglu"  # gated FFN: "swiglu" or "relu2" (squared-ReLU gate, BitNet b1.58 2B4T)
+    ffn_hidden: int | None = None  # None = 8/3 * dim rounded up to a multiple of 64
+    max_seq_len: int = 256  # longest sequence RoPE tables are built for
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False  # share the embedding matrix with the LM head
+    init_std: float = 0.02  # std of every linear / embedding weight at init
+    # --- residual pathway ----------------------------------------------------------------------
+    pathway: str = "prenorm"  # one of PATHWAYS
+    expansion_rate: int = 1  # n, number of residual streams (hc, sequential, parallel)
+    hc_dynamic: bool = True  # hc: input-dependent connection weights (DHC) or static (SHC)
+    hc_tanh: bool = True  # hc: tanh on the dynamic projections
+    # --- linear layers -------------------------------------------------------------------------
+    linear: str = "fp"  # "fp" (nn.Linear) or "bitnet" (BitLinear b1.58, W1.58 A8)
+    subln: bool | None = None  # extra RMSNorm before attn out / FFN down; None = (linear == bitnet)
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 64 * math.ceil(8 * self.dim / 3 / 64)
+        if self.subln is None:
+            self.subln = self.linear == "bitnet"
+        self.validate()
+
+    def validate(self) -> None:
+        _choice("pathway", self.pathway, PATHWAYS)
+        _choice("linear", self.linear, LINEARS)
+        _choice("ffn", self.ffn, FFNS)
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
+                     "max_seq_len", "expansion_rate"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ConfigError(f"head_dim = dim / n_heads = {self.dim // self.n_heads} must be even for RoPE")
+        if self.pathway in ("prenorm", "postnorm") and self.expansion_rate != 1:
+            raise ConfigError(f"expansion_rate must be 1 for pathway={self.pathway!r} "
+                              f"(got {self.expansion_rate}); use pathway='hc' for several streams")
+        if self.pathway == "sequential" and self.expansion_rate != 2:
+            raise ConfigError("expansion_rate must be 2 for pathway='sequential' (spec section 4), "
+                              f"got {self.expansion_rate}")
+        if self.pathway == "parallel" and self.expansion_rate < 2:
+            raise ConfigError(f"expansion_rate must be >= 2 for pathway='parallel', got {self.expansion_rate}")
+
+    # --- derived quantities --------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def n_branches(self) -> int:
+        return 2 * self.n_layers
+
+    @property
+    def streams(self) -> int:
+        """Width of the residual state: 1 for plain residuals, n for hyper-connections."""
+        return 1 if self.pathway in ("prenorm", "postnorm") else self.expansion_rate
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config key(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A few thousand parameters per block: for unit tests.
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128),
+    # The benchmark model: 6 blocks of width 256.
+    "small": dict(dim=256, n_layers=6, n_heads=4, max_seq_len=256),
+    # OLMo-1B's shape (d 2048, 16 blocks, 16 heads, SwiGLU 8192, vocab 50304, tied embeddings).
+    # Only ever built on the meta device, to count parameters.
+    "olmo-1b": dict(vocab_size=50304, dim=2048, n_layers=16, n_heads=16, ffn_hidden=8192,
+                    max_seq_len=2048, tie_embeddings=True),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """Build a preset, optionally with field overrides: ``preset("tiny", pathway="hc")``."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
+    return ModelConfig.from_dict({**PRESETS[name], **overrides})
+
+
+def parse_overrides(cfg: ModelConfig, pairs: list[str]) -> ModelConfig:
+    """Apply ``key=value`` strings (``dim=128``, ``pathway=hc``, ``n_kv_heads=none``)."""
+    hints = get_type_hints(ModelConfig)
+    values = dataclasses.asdict(cfg)
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().removeprefix("model.")
+        if not sep:
+            raise ConfigError(f"override {pair!r} must look like key=value")
+        if key not in hints:
+            raise ConfigError(f"unknown model config key {key!r}; allowed: {sorted(hints)}")
+        values[key] = _parse_value(key, raw.strip(), hints[key])
+    return ModelConfig.from_dict(values)
+
+
+def _parse_value(key: str, raw: str, hint: Any) -> Any:
+    text = str(hint)
+    if raw.lower() == "none" and "None" in text:
+        return None
+    try:
+        if "bool" in text:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if "int" in text:
+            return int(raw)
+        if "float" in text:
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} is not a valid {text.replace('typing.', '')}") from None
+    return raw
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _check_types(cfg: ModelConfig) -> None:
+    hints = get_type_hints(type(cfg))
+    for f in fields(cfg):
+        value, text = getattr(cfg, f.name), str(hints[f.name])
+        if value is None and "None" in text:
+            continue
+        ok = (isinstance(value, bool) if "bool" in text
+              else isinstance(value, int) and not isinstance(value, bool) if "int" in text
+              else isinstance(value, (int, float)) and not isinstance(value, bool) if "float" in text
+              else isinstance(value, str))
+        if not ok:
+            raise ConfigError(f"{f.name}={value!r} has the wrong type; expected {text.replace('typing.', '')}")

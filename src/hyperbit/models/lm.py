@@ -1,0 +1,119 @@
+"""A decoder-only transformer LM whose residual pathway and linear layers are swappable.
+
+    tokens -> embed -> expand to n streams -> [Block] x L -> reduce (sum) -> final norm -> head
+
+A block never adds anything itself; its two pathways own the norms and the residual additions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..nn.attention import Attention
+from ..nn.ffn import FeedForward
+from ..nn.norm import RMSNorm
+from ..pathways import expand_streams, make_pathway, reduce_streams
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int):
+        super().__init__()
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.max_seq_len, cfg.rope_theta,
+                              cfg.linear, cfg.subln, cfg.norm_eps)
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_hidden, cfg.ffn, cfg.linear, cfg.subln, cfg.norm_eps)
+        self.attn_path = make_pathway(cfg, branch_index=2 * layer_index)
+        self.ffn_path = make_pathway(cfg, branch_index=2 * layer_index + 1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        h = self.attn_path(h, self.attn)  # width-connect -> norm -> attention -> depth-connect
+        h = self.ffn_path(h, self.ffn)
+        return h
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @property
+    def multi_stream(self) -> bool:
+        return self.blocks[0].attn_path.uses_streams
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) everywhere; branch output projections additionally scaled by
+        1/sqrt(2L) (depth) and 1/sqrt(n) (n summed streams, spec section 2)."""
+        cfg = self.cfg
+        std = cfg.init_std
+        out_std = std / math.sqrt(2 * cfg.n_layers) / math.sqrt(cfg.streams)
+        nn.init.normal_(self.embed.weight, 0.0, std)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.head.weight, 0.0, std)
+        for block in self.blocks:
+            for name, module in block.named_modules():
+                if isinstance(module, nn.Linear):
+                    is_out = name.endswith(("o_proj", "down_proj"))
+                    nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """idx: (B, T) token ids -> logits (B, T, V) and, with targets, the mean cross-entropy."""
+        h = self.embed(idx)  # (B, T, d)
+        if self.multi_stream:
+            h = expand_streams(h, self.cfg.streams)  # (B, T, n, d)
+        for block in self.blocks:
+            h = block(h)
+        if self.multi_stream:
+            h = reduce_streams(h)  # (B, T, d)
+        logits = self.head(self.final_norm(h))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def pathways(self) -> list[nn.Module]:
+        """All 2L pathways in execution order."""
+        return [p for b in self.blocks for p in (b.attn_path, b.ffn_path)]
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """The real parameter count (shared tensors counted once)."""
+        seen = {id(p): p for p in self.parameters()}
+        total = sum(p.numel() for p in seen.values())
+        return total - self.embed.weight.numel() if exclude_embeddings else total
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameter count computed analytically from the config (tested against the real count)."""
+    d, L, V, hidden = cfg.dim, cfg.n_layers, cfg.vocab_size, cfg.ffn_hidden
+    kv = cfg.n_kv_heads * cfg.head_dim
+    attn = 2 * d * d + 2 * d * kv + (d if cfg.subln else 0)
+    ffn = 3 * d * hidden + (hidden if cfg.subln else 0)
+    per_branch = d + pathway_params(cfg)  # the branch norm plus the connection's own parameters
+    embed_head = V * d * (1 if cfg.tie_embeddings else 2)
+    return embed_head + d + L * (attn + ffn + 2 * per_branch)
+
+
+def pathway_params(cfg: ModelConfig) -> int:
+    """Connection parameters per branch (spec section 3): SHC n(n+2); DHC d(n+2) + n(n+2) + 2 + 0
+    (the stream norm is parameter-free). Fixed presets and plain residuals have none."""
+    if cfg.pathway != "hc":
+        return 0
+    n, d = cfg.expansion_rate, cfg.dim
+    return n * (n + 2) + ((d * (n + 2) + 2) if cfg.hc_dynamic else 0)
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> TransformerLM:
+    """Build the model for ``cfg`` on ``device`` (``"meta"`` allocates nothing: for counting)."""
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return TransformerLM(cfg)

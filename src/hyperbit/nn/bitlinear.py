@@ -1,0 +1,124 @@
+"""BitLinear b1.58: ternary absmean weights, 8-bit absmax per-token activations, straight-through.
+
+Forward (spec ``bitnet.md`` section 1)::
+
+    gamma = mean(|W|)                      W_q = clamp(round(W / (gamma + eps)), -1, 1) * gamma
+    s     = 127 / max(|x|, eps) per token  x_q = clamp(round(x * s), -128, 127) / s
+    y     = x_q @ W_q^T
+
+All scale arithmetic is fp32, whatever the autocast dtype. The backward is the straight-through
+estimator: quantisation is treated as the identity, so the gradients equal those of a plain linear
+evaluated at the quantised tensors, and the latent weights stay full precision. Each ``BitLinear``
+is one original projection, so each has exactly one weight scale.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+EPS = 1e-5
+
+
+def weight_scale(w: Tensor) -> Tensor:
+    """gamma = mean(|W|), in fp32."""
+    return w.detach().float().abs().mean()
+
+
+@torch.no_grad()
+def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Ternary codes in {-1, 0, 1} (fp32) and the fp32 scale gamma; ``codes * gamma`` is W_q."""
+    gamma = weight_scale(w)
+    codes = (w.float() / (gamma + EPS)).round_().clamp_(-1, 1)
+    return codes, gamma
+
+
+@torch.no_grad()
+def quantize_activation(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Integer codes in [-128, 127] (fp32) and the per-token fp32 scale ``s`` (shape ``(..., 1)``)."""
+    xf = x.float()
+    s = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp_(min=EPS)
+    return (xf * s).round_().clamp_(-128, 127), s
+
+
+class _STE(torch.autograd.Function):
+    """Returns ``quantised`` in the forward and passes the gradient straight to ``x``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, quantised: Tensor) -> Tensor:
+        return quantised
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def ste_weight(w: Tensor) -> Tensor:
+    codes, gamma = quantize_weight(w)
+    return _STE.apply(w, (codes * gamma).to(w.dtype))
+
+
+def ste_activation(x: Tensor) -> Tensor:
+    codes, s = quantize_activation(x)
+    return _STE.apply(x, (codes / s).to(x.dtype))
+
+
+class BitLinear(nn.Linear):
+    """Drop-in ``nn.Linear`` (no bias) whose forward uses W1.58 A8 quantisation.
+
+    ``quant_strength`` (lambda in [0, 1]) blends in the quantisation for converting a pretrained
+    full-precision model: ``w + lambda * (quant(w) - w)``; 1.0 (default) is plain BitNet b1.58.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 device=None, dtype=None):
+        if bias:
+            raise ValueError("BitLinear has no bias (BitNet b1.58 uses none)")
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        self.quant_strength = 1.0
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "BitLinear":
+        """Wrap an existing ``nn.Linear``, sharing (not copying) its weight."""
+        if linear.bias is not None:
+            raise ValueError("cannot convert a Linear with a bias to BitLinear")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight
+        new.register_parameter("bias", None)
+        new.quant_strength = 1.0
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, lam = self.weight, self.quant_strength
+        if lam >= 1.0:
+            return F.linear(ste_activation(x), ste_weight(w))
+        xq, wq = ste_activation(x), ste_weight(w)
+        return F.linear(x + lam * (xq - x), w + lam * (wq - w))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, w1.58a8"
+
+
+def default_filter(name: str, module: nn.Module) -> bool:
+    """Convert every bias-free ``nn.Linear`` except the LM head (embeddings are not Linear)."""
+    return name.split(".")[-1] not in ("head", "lm_head")
+
+
+def convert_to_bitlinear(model: nn.Module,
+                         filter_fn: Callable[[str, nn.Module], bool] = default_filter) -> nn.Module:
+    """Swap ``nn.Linear`` modules for :class:`BitLinear` in place, keeping their weights.
+
+    ``filter_fn(qualified_name, module)`` decides which linears convert; the default skips the LM
+    head. Embeddings, norms and hyper-connection parameters are never touched. Returns ``model``.
+    """
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear and child.bias is None and filter_fn(full, child):
+                setattr(module, child_name, BitLinear.from_linear(child))
+    return model
