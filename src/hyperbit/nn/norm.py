@@ -1,8 +1,8 @@
 """RMSNorm with a hand-written backward that saves only the input and one scalar per row.
 
 ``F.rms_norm`` keeps two full-size tensors for backward; in a small transformer the norms are a
-large share of activation memory, so this halves it. Statistics are computed in fp32 whatever the
-input dtype (the residual stream is fp32; under autocast nothing here is downcast).
+large share of activation memory, so this halves it. Statistics are computed in fp32 (fp64 for fp64 inputs)
+whatever the input dtype (the residual stream is fp32; under autocast nothing here is downcast).
 """
 
 from __future__ import annotations
@@ -14,20 +14,20 @@ from torch import Tensor, nn
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
         y = xf * rstd
         if weight is not None:
-            y = y * weight.float()
+            y = y * weight.to(xf.dtype)
         ctx.save_for_backward(x, weight, rstd)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, weight, rstd = ctx.saved_tensors
-        g = grad.float()
-        xhat = x.float() * rstd
-        gw = g * weight.float() if weight is not None else g
+        g = grad.to(rstd.dtype)
+        xhat = x.to(rstd.dtype) * rstd
+        gw = g * weight.to(rstd.dtype) if weight is not None else g
         # d/dx of x * rstd(x):  rstd * (gw - xhat * mean(gw * xhat))
         dx = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
         dweight = None

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.norm import RMSNorm
+from ._hc_fused import WidthConnection
 from .base import Branch, Pathway
 
 
@@ -77,33 +78,58 @@ class HyperConnection(Pathway):
             self.dynamic_beta_scale = nn.Parameter(torch.full((1,), 0.01))
 
     # -- the two halves ---------------------------------------------------------------------------
+    def width_connection(self, h: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """``h: (B, T, n, d)`` -> branch input ``(B, T, d)`` (normed) and the context for depth.
+
+        With gradients on this is one memory-lean autograd node (see ``_hc_fused``); without, the
+        plain reference computation. Both compute in fp32 whatever the autocast dtype.
+        """
+        if not torch.is_grad_enabled():
+            return self.width_connection_reference(h)
+        device, compute = h.device.type, _compute_dtype(h)
+        save_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else compute
+        dyn_w = s_alpha = s_beta = None
+        if self.dynamic:
+            dyn_w = torch.cat([self.dynamic_alpha_fn, self.dynamic_beta_fn.unsqueeze(-1)], dim=-1)
+            s_alpha, s_beta = self.dynamic_alpha_scale, self.dynamic_beta_scale
+        norm_w = self.norm.weight if self.norm is not None else None
+        with torch.autocast(device, enabled=False):
+            x, mixed, beta = WidthConnection.apply(
+                h.to(compute), self.static_alpha, self.static_beta, dyn_w, s_alpha, s_beta, norm_w,
+                self.stream_norm.eps if self.dynamic else 0.0,
+                self.norm.eps if self.norm is not None else 0.0, self.use_tanh, save_dtype)
+        return x, (mixed, beta)
+
+    def width_connection_reference(self, h: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The same computation in plain autograd (reference for tests, and for inference)."""
+        alpha, beta = self.connection_weights(h)
+        with torch.autocast(h.device.type, enabled=False):
+            mix = alpha.transpose(-1, -2) @ h.to(_compute_dtype(h))  # (B, T, n+1, d)
+            x, mixed = mix[..., 0, :], mix[..., 1:, :]
+            if self.norm is not None:
+                x = self.norm(x)
+        return x, (mixed, beta)
+
     def connection_weights(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """alpha ``(n, n+1)`` or ``(B, T, n, n+1)`` and beta ``(n,)`` or ``(B, T, n)``, in fp32."""
         alpha, beta = self.static_alpha, self.static_beta
         if not self.dynamic:
             return alpha, beta
         with torch.autocast(h.device.type, enabled=False):
-            hn = self.stream_norm(h.float())  # (B, T, n, d)
+            hn = self.stream_norm(h.to(_compute_dtype(h)))  # (B, T, n, d)
             a = hn @ self.dynamic_alpha_fn  # (B, T, n, n+1)
             b = hn @ self.dynamic_beta_fn  # (B, T, n)
             if self.use_tanh:
                 a, b = a.tanh(), b.tanh()
             return a * self.dynamic_alpha_scale + alpha, b * self.dynamic_beta_scale + beta
 
-    def width_connection(self, h: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """``h: (B, T, n, d)`` -> branch input ``(B, T, d)`` (normed) and the context for depth."""
-        alpha, beta = self.connection_weights(h)
-        with torch.autocast(h.device.type, enabled=False):
-            mix = alpha.transpose(-1, -2) @ h.float()  # (B, T, n+1, d)
-        x, mixed = mix[..., 0, :], mix[..., 1:, :]
-        if self.norm is not None:
-            x = self.norm(x)
-        return x, (mixed, beta)
-
     def depth_connection(self, ctx: tuple[Tensor, Tensor], y: Tensor) -> Tensor:
-        """``H' + beta^T y``: add the branch output ``y: (B, T, d)`` to every stream, scaled."""
+        """``H' + beta^T y``: add the branch output ``y: (B, T, d)`` to every stream, scaled.
+
+        ``y`` is not upcast first, so backward keeps it in its own (autocast) dtype."""
         mixed, beta = ctx
-        return mixed + beta.unsqueeze(-1) * y.float().unsqueeze(-2)  # (B, T, n, d)
+        with torch.autocast(y.device.type, enabled=False):
+            return mixed + beta.unsqueeze(-1) * y.unsqueeze(-2)  # (B, T, n, d), fp32
 
     def forward(self, h: Tensor, branch: Branch) -> Tensor:
         x, ctx = self.width_connection(h)
@@ -128,6 +154,11 @@ class HyperConnection(Pathway):
     def extra_repr(self) -> str:
         kind = "dynamic" if self.dynamic else "static"
         return f"dim={self.dim}, n={self.expansion_rate}, branch={self.branch_index}, {kind}, tanh={self.use_tanh}"
+
+
+def _compute_dtype(h: Tensor) -> torch.dtype:
+    """Connections are computed in fp32 (fp64 if the state is fp64), never in autocast dtypes."""
+    return torch.promote_types(h.dtype, torch.float32)
 
 
 def pre_norm_matrix(n: int, branch_index: int) -> Tensor:
