@@ -14,6 +14,8 @@ from typing import Any, get_type_hints
 PATHWAYS = ("prenorm", "postnorm", "hc", "sequential", "parallel")
 LINEARS = ("fp", "bitnet")
 FFNS = ("swiglu", "relu2")
+# Fields whose None default is derived from others (n_heads, dim, linear) in __post_init__.
+DERIVED = ("n_kv_heads", "ffn_hidden", "subln")
 
 
 class ConfigError(ValueError):
@@ -46,6 +48,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        # Fields left to their derived default; overrides re-derive them (see parse_overrides).
+        self._derived = tuple(name for name in DERIVED if getattr(self, name) is None)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.ffn_hidden is None:
@@ -126,9 +130,16 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 def parse_overrides(cfg: ModelConfig, pairs: list[str]) -> ModelConfig:
-    """Apply ``key=value`` strings (``dim=128``, ``pathway=hc``, ``n_kv_heads=none``)."""
+    """Apply ``key=value`` strings (``dim=128``, ``pathway=hc``, ``n_kv_heads=none``).
+
+    Fields ``cfg`` derived from others (``n_kv_heads``, ``ffn_hidden``, ``subln`` left at None) are
+    derived again from the overridden values: ``linear=bitnet`` turns SubLN on, ``dim=512``
+    resizes the FFN, ``n_heads=8`` keeps plain multi-head attention.
+    """
     hints = get_type_hints(ModelConfig)
     values = dataclasses.asdict(cfg)
+    for name in getattr(cfg, "_derived", ()):
+        values[name] = None
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         key = key.strip().removeprefix("model.")
@@ -156,7 +167,7 @@ def _parse_value(key: str, raw: str, hint: Any) -> Any:
         if "float" in text:
             return float(raw)
     except ValueError:
-        raise ConfigError(f"{key}={raw!r} is not a valid {text.replace('typing.', '')}") from None
+        raise ConfigError(f"{key}={raw!r} is not a valid {_type_name(hint)}") from None
     return raw
 
 
@@ -176,4 +187,9 @@ def _check_types(cfg: ModelConfig) -> None:
               else isinstance(value, (int, float)) and not isinstance(value, bool) if "float" in text
               else isinstance(value, str))
         if not ok:
-            raise ConfigError(f"{f.name}={value!r} has the wrong type; expected {text.replace('typing.', '')}")
+            raise ConfigError(f"{f.name}={value!r} has the wrong type; expected {_type_name(hints[f.name])}")
+
+
+def _type_name(hint: Any) -> str:
+    """``int`` for ``<class 'int'>``, ``int | None`` for unions."""
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
