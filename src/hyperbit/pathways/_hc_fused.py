@@ -67,7 +67,8 @@ class WidthConnection(torch.autograd.Function):
         lead = h.shape[:-2]  # (B, T)
         g_norm_w = None
         if norm_w is not None:
-            x = (alpha[..., :, :1].transpose(-1, -2) @ h).squeeze(-2)  # recomputed branch input
+            # recompute the branch input A_m^T H; a contiguous (1, n) operand keeps bmm batched
+            x = (alpha[..., :, 0].unsqueeze(-2).contiguous() @ h).squeeze(-2)
             xhat = x * x_rstd
             if ctx.needs_input_grad[6]:
                 g_norm_w = (g_out * xhat).reshape(-1, d).sum(0)

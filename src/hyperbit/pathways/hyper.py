@@ -95,7 +95,8 @@ class HyperConnection(Pathway):
         norm_w = self.norm.weight if self.norm is not None else None
         with torch.autocast(device, enabled=False):
             x, mixed, beta = WidthConnection.apply(
-                h.to(compute), self.static_alpha, self.static_beta, dyn_w, s_alpha, s_beta, norm_w,
+                # contiguous: the broadcast view from expand_streams would make bmm loop per token
+                h.to(compute).contiguous(), self.static_alpha, self.static_beta, dyn_w, s_alpha, s_beta, norm_w,
                 self.stream_norm.eps if self.dynamic else 0.0,
                 self.norm.eps if self.norm is not None else 0.0, self.use_tanh, save_dtype)
         return x, (mixed, beta)
