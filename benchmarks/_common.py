@@ -1,0 +1,373 @@
+"""Shared helpers for the scripts in ``benchmarks/``.
+
+Everything here is deliberately dependency-free beyond torch and the standard library:
+
+* :func:`setup_paths` - make ``hyperbit`` (src layout) and this folder importable.
+* :func:`machine_info` - platform, CPU model, torch version, threads, date, load, git commit.
+* :func:`median`, :func:`summarize`, :func:`ratio` - small statistics.
+* :func:`warmup` and :func:`interleaved_timing` - the round-robin timing loop: every round runs
+  each configuration once for a few steps, and the starting configuration rotates from round to
+  round, so slow drift of a shared machine hits every configuration alike.
+* :func:`make_train_step` - one full training step (forward + backward + optimizer step).
+* :func:`saved_activation_bytes` - exact bytes held for backward by one forward.
+* :func:`current_rss_bytes`, :func:`peak_rss_bytes` - process memory on Linux.
+* :func:`run_json_child` - run a subprocess that reports one JSON object.
+* :func:`format_table`, :func:`write_json`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+CHILD_MARKER = "BENCH_JSON:"  # prefix of the one stdout line a child process reports on
+
+
+def setup_paths() -> None:
+    """Put ``src/`` (if ``hyperbit`` is not installed) and ``benchmarks/`` on ``sys.path``."""
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    try:
+        import hyperbit  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(REPO_ROOT / "src"))
+
+
+# --- machine description ----------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git(*args: str) -> str | None:
+    """Read-only git queries (``rev-parse``, ``status --porcelain``); None when unavailable."""
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def source_digest(package_dir: str | os.PathLike | None = None) -> str:
+    """Short sha256 of every ``.py`` file of the package (path + contents): tells whether the code
+    measured changed during a run (parent vs child processes, start vs end)."""
+    import hashlib
+
+    root = Path(package_dir) if package_dir else REPO_ROOT / "src" / "hyperbit"
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "device": device,
+    }
+    if hasattr(os, "sched_getaffinity"):
+        info["usable_cpus"] = len(os.sched_getaffinity(0))
+    if hasattr(os, "getloadavg"):
+        info["loadavg_start"] = list(os.getloadavg())
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+        info["cuda_version"] = torch.version.cuda
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        info["git_commit"] = commit
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        info["git_dirty"] = bool(status)
+    info["source_digest"] = source_digest()
+    return info
+
+
+# --- statistics -------------------------------------------------------------------------------
+
+def median(xs: Iterable[float]) -> float:
+    xs = list(xs)
+    return statistics.median(xs) if xs else math.nan
+
+
+def _quantile(sorted_xs: Sequence[float], q: float) -> float:
+    if not sorted_xs:
+        return math.nan
+    pos = q * (len(sorted_xs) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def summarize(xs: Iterable[float]) -> dict[str, float]:
+    """median, min, max, mean, p25, p75 and count of a sample."""
+    s = sorted(xs)
+    if not s:
+        return {"n": 0}
+    return {"n": len(s), "median": statistics.median(s), "min": s[0], "max": s[-1],
+            "mean": statistics.fmean(s), "p25": _quantile(s, 0.25), "p75": _quantile(s, 0.75)}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+def warmup(step_fns: dict[str, Callable[[], Any]], steps: int) -> None:
+    for fn in step_fns.values():
+        for _ in range(steps):
+            fn()
+
+
+def interleaved_timing(step_fns: dict[str, Callable[[], Any]], rounds: int, steps: int,
+                       sync: Callable[[], None] | None = None,
+                       after_config: Callable[[str], None] | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> dict[str, list[list[float]]]:
+    """Time ``step_fns`` round-robin; returns ``{name: [[seconds per step] per round]}``.
+
+    Round ``r`` runs the configurations in their given order rotated by ``r``, each for ``steps``
+    consecutive steps, each step timed alone (``sync`` is called before reading the clock, e.g.
+    ``torch.cuda.synchronize``). The Python garbage collector is off while a round runs.
+    ``after_config(name)`` runs untimed after each configuration's steps (e.g. to free grads).
+    """
+    names = list(step_fns)
+    times: dict[str, list[list[float]]] = {n: [] for n in names}
+    sync = sync or (lambda: None)
+    for r in range(rounds):
+        k = r % len(names) if names else 0
+        order = names[k:] + names[:k]
+        gc.collect()
+        gc.disable()
+        try:
+            for name in order:
+                fn, per_round = step_fns[name], []
+                for _ in range(steps):
+                    sync()
+                    t0 = time.perf_counter()
+                    fn()
+                    sync()
+                    per_round.append(time.perf_counter() - t0)
+                times[name].append(per_round)
+                if after_config is not None:
+                    after_config(name)
+        finally:
+            gc.enable()
+        if progress is not None:
+            progress(r + 1, rounds)
+    return times
+
+
+def autocast(device: str, dtype=None):
+    """``torch.autocast`` for ``device`` ("cpu" / "cuda[:i]"), bf16 by default."""
+    import torch
+
+    return torch.autocast(device.split(":")[0], dtype=dtype or torch.bfloat16)
+
+
+def make_train_step(model, optimizer, idx, targets, device: str, dtype=None) -> Callable[[], float]:
+    """One training step: zero grads, forward under autocast, backward, optimizer step.
+
+    ``model(idx, targets)`` must return ``(logits, loss)``. The step returns nothing measured
+    (no ``.item()``, which would add a sync); call it and time it from outside.
+    """
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, dtype):
+            _, loss = model(idx, targets)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def saved_activation_bytes(model, forward: Callable[[], Any], exclude: Iterable[Any] = ()) -> dict[str, int]:
+    """Bytes of tensors autograd saves for backward during ``forward()``.
+
+    Deduplicated by storage (``untyped_storage().data_ptr()``: views and repeated saves of one
+    tensor count once, at the size of the whole storage). Storages of the model's parameters and
+    buffers, and of the tensors in ``exclude`` (e.g. the input batch), are skipped. The graph is
+    dropped before returning.
+    """
+    import torch
+
+    skip: set[int] = set()
+    for t in [*model.parameters(), *model.buffers(), *exclude]:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            skip.add(t.untyped_storage().data_ptr())
+    seen: dict[int, int] = {}
+    n_saved = 0
+
+    def pack(t: torch.Tensor):
+        nonlocal n_saved
+        n_saved += 1
+        if t.device.type != "meta":
+            st = t.untyped_storage()
+            ptr = st.data_ptr()
+            if ptr not in skip and ptr not in seen:
+                seen[ptr] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return {"bytes": sum(seen.values()), "storages": len(seen), "saved_tensors": n_saved}
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+def current_rss_bytes() -> int:
+    """Resident set size now (``VmRSS`` from /proc/self/status; falls back to the peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()
+
+
+def proc_status_bytes(*keys: str) -> dict[str, int]:
+    """Fields of /proc/self/status in bytes (e.g. ``RssAnon``, ``RssFile``); {} off Linux."""
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in keys:
+                    out[k] = int(v.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def maxrss_bytes() -> int:
+    """``getrusage(RUSAGE_SELF).ru_maxrss`` in bytes (KiB on Linux, bytes on macOS).
+
+    Beware on Linux: at ``exec`` the kernel folds the *old* address space's high-water mark into
+    it, so a child started by ``subprocess`` (vfork/fork + exec) from a large parent reports at
+    least the parent's peak RSS. Use :func:`peak_rss_bytes` (VmHWM) for children.
+    """
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def peak_rss_bytes() -> int:
+    """Peak RSS of this process's own address space (``VmHWM``; since the last
+    :func:`reset_peak_rss`). Falls back to ``ru_maxrss`` where /proc is missing."""
+    return proc_status_bytes("VmHWM").get("VmHWM") or maxrss_bytes()
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0).
+    Returns False when not possible; then :func:`peak_rss_bytes` is the lifetime peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+MIB = 1024 * 1024
+
+
+def run_json_child(cmd: list[str], timeout: float = 900, env: dict[str, str] | None = None) -> dict:
+    """Run ``cmd`` and return the JSON object on its last ``CHILD_MARKER`` stdout line."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(CHILD_MARKER)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"child {cmd} failed (rc={proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len(CHILD_MARKER):])
+
+
+def report_to_parent(obj: dict) -> None:
+    """The child side of :func:`run_json_child`."""
+    print(CHILD_MARKER + json.dumps(obj), flush=True)
+
+
+def busy_warning(info: dict[str, Any]) -> str | None:
+    """A warning line when the 1-minute load average (start or end of the run) exceeded the
+    usable CPUs: other work was competing, so timings are unreliable."""
+    cpus = info.get("usable_cpus") or info.get("logical_cpus") or 1
+    loads = [info[k][0] for k in ("loadavg_start", "loadavg_end") if k in info]
+    if loads and max(loads) > cpus:
+        return (f"WARNING: machine busy (1-min load average up to {max(loads):.1f} on {cpus} CPUs): "
+                "other processes competed for the CPUs, step times are unreliable")
+    return None
+
+
+# --- output -----------------------------------------------------------------------------------
+
+def fmt(x: Any, spec: str = ".2f", suffix: str = "") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:{spec}}{suffix}"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Plain-text table: first column left-aligned, the others right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON (creating parent folders), atomically via a temp file.
+    NaN / inf become ``null`` so the file is strict JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(_clean(obj), f, indent=2, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _clean(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, Path):
+        return str(o)
+    return o

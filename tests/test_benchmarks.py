@@ -1,0 +1,51 @@
+"""Smoke test of the benchmark scripts: they run end to end and write well-formed JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "pathway_overhead.py"
+
+
+def test_pathway_overhead_quick(tmp_path):
+    out = tmp_path / "pathway_overhead.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--rounds", "1", "--steps", "1", "--warmup", "1",
+         "--configs", "prenorm,dhc4", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "DHC x4" in proc.stdout and "targets" in proc.stdout
+
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "pathway_overhead"
+    for key in ("platform", "cpu_model", "torch", "torch_threads", "date"):
+        assert data["machine"][key], key
+    s = data["settings"]
+    assert (s["rounds"], s["steps"], s["quick"], s["threads"]) == (1, 1, True, 2)
+
+    assert set(data["configs"]) == {"prenorm", "dhc4"}
+    for name, c in data["configs"].items():
+        assert c["params"] > 0
+        step = c["step"]
+        assert len(step["raw_ms_per_round"]) == 1 and len(step["raw_ms_per_round"][0]) == 1
+        assert all(t > 0 for rnd in step["raw_ms_per_round"] for t in rnd)
+        assert step["median_ms"] > 0 and step["ratio_vs_prenorm"] > 0
+        mem = c["peak_memory"]
+        assert mem["mib"] > 0 and mem["ratio_vs_prenorm"] > 0
+        act = c["saved_activations"]
+        assert act["bytes"] > 0 and act["mib"] > 0 and act["ratio_vs_prenorm"] > 0
+    base = data["configs"]["prenorm"]
+    assert base["step"]["ratio_vs_prenorm"] == 1.0
+    assert base["peak_memory"]["ratio_vs_prenorm"] == 1.0
+    assert base["saved_activations"]["ratio_vs_prenorm"] == 1.0
+    assert data["configs"]["dhc4"]["model_config"]["expansion_rate"] == 4
+
+    targets = {t["name"]: t for t in data["targets"]}
+    assert set(targets) == {"dhc4_step", "dhc4_peak_memory", "bitlinear_step"}
+    assert isinstance(targets["dhc4_step"]["passed"], bool)
+    assert isinstance(targets["dhc4_peak_memory"]["passed"], bool)
+    assert targets["bitlinear_step"]["passed"] is None  # prenorm_bitnet was not run
