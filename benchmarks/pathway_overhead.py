@@ -77,6 +77,7 @@ QUICK = dict(model_overrides=dict(dim=64, n_layers=2, max_seq_len=64), seq_len=6
 MEMORY_STEPS = 3
 DEFAULT_OUT = C.RESULTS_DIR / "pathway_overhead.json"
 DEFAULT_OUT_QUICK = C.RESULTS_DIR / "pathway_overhead_quick.json"
+DEFAULT_OUT_COMPILE = C.RESULTS_DIR / "pathway_overhead_compile.json"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help=f"comma list, subset of: {','.join(CONFIGS)} (prenorm is always included)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default cpu")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--compile", action="store_true",
+                    help="time torch.compile'd models (every config alike; memory columns stay eager)")
     ap.add_argument("--out", default=None,
                     help=f"JSON path (default {DEFAULT_OUT.relative_to(C.REPO_ROOT)}, "
                          f"or {DEFAULT_OUT_QUICK.relative_to(C.REPO_ROOT)} with --quick)")
@@ -121,7 +124,8 @@ def settings(args) -> dict:
         s["rounds"] = args.rounds
     s.update(steps=args.steps, warmup=args.warmup, quick=args.quick, device=args.device,
              threads=args.threads, autocast_dtype="bfloat16", preset="small", lr=1e-3,
-             optimizer="hyperbit.make_optimizer (AdamW)", memory_steps=MEMORY_STEPS)
+             optimizer="hyperbit.make_optimizer (AdamW)", memory_steps=MEMORY_STEPS,
+             compile=args.compile)
     return s
 
 
@@ -289,7 +293,8 @@ def main(argv=None) -> int:
         saved[name] = C.saved_activation_bytes(model, fwd, exclude=[idx, targets])
         opt = hyperbit.make_optimizer(model, lr=s["lr"])
         models[name], optims[name] = model, opt
-        step_fns[name] = C.make_train_step(model, opt, idx, targets, args.device)
+        runner = torch.compile(model) if s["compile"] else model
+        step_fns[name] = C.make_train_step(runner, opt, idx, targets, args.device)
 
     sync = torch.cuda.synchronize if args.device == "cuda" else None
     log(f"  warmup ({s['warmup']} steps each)")
@@ -380,7 +385,8 @@ def main(argv=None) -> int:
         verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[t["passed"]]
         print(f"  [{verdict}] {t['description']}: {C.fmt(t['ratio'], '.3f', 'x')}")
 
-    out_path = Path(args.out) if args.out else (DEFAULT_OUT_QUICK if args.quick else DEFAULT_OUT)
+    out_path = Path(args.out) if args.out else (
+        DEFAULT_OUT_QUICK if args.quick else DEFAULT_OUT_COMPILE if args.compile else DEFAULT_OUT)
     C.write_json(out_path, {"benchmark": "pathway_overhead", "machine": info, "settings": s,
                             "baseline": BASELINE, "configs": results, "targets": targets_eval})
     print(f"\nwrote {out_path}")

@@ -21,9 +21,11 @@ def _random_hc(n, d, dynamic, use_tanh, branch_norm, dtype=torch.float64, seed=0
 
 def _run(hc, h, y_weight, reference):
     h = h.clone().requires_grad_(True)
-    x, ctx = (hc.width_connection_reference if reference else hc.width_connection)(h)
+    width = hc.width_connection_reference if reference else hc.width_connection
+    depth = hc.depth_connection_reference if reference else hc.depth_connection
+    x, ctx = width(h)
     y = torch.tanh(x @ y_weight) if y_weight is not None else torch.tanh(x).roll(1, -1)
-    out = hc.depth_connection(ctx, y)  # a non-linear stand-in branch
+    out = depth(ctx, y)  # a non-linear stand-in branch
     loss = (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).pow(2).sum()
     grads = torch.autograd.grad(loss, [h] + list(hc.parameters()))
     return out, grads

@@ -11,11 +11,18 @@ import torch
 from torch import Tensor, nn
 
 
+def rms_rstd(x: Tensor, eps: float) -> Tensor:
+    """``rsqrt(mean(x^2) + eps)`` over the last dim, without a full-size temporary. Every RMS norm
+    in the package (modules and fused hyper-connection kernels) uses this one formula, so their
+    results agree bit for bit."""
+    return torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1] + eps)
+
+
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        rstd = rms_rstd(xf, eps)  # (..., 1)
         y = xf * rstd
         if weight is not None:
             y = y * weight.to(xf.dtype)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.norm import RMSNorm
-from ._hc_fused import WidthConnection
+from ._hc_fused import DepthConnection, WidthConnection
 from .base import Branch, Pathway
 
 
@@ -48,6 +48,9 @@ class HyperConnection(Pathway):
     """
 
     uses_streams = True
+    #: use the memory-lean autograd nodes of ``_hc_fused`` (False: plain autograd, e.g. to let
+    #: torch.compile fuse and rematerialise the reference computation itself)
+    fused: bool = True
 
     def __init__(self, dim: int, expansion_rate: int, branch_index: int, *, dynamic: bool = True,
                  use_tanh: bool = True, branch_norm: bool = True, eps: float = 1e-6,
@@ -84,13 +87,13 @@ class HyperConnection(Pathway):
         With gradients on this is one memory-lean autograd node (see ``_hc_fused``); without, the
         plain reference computation. Both compute in fp32 whatever the autocast dtype.
         """
-        if not torch.is_grad_enabled():
+        if not (self.fused and torch.is_grad_enabled()):
             return self.width_connection_reference(h)
         device, compute = h.device.type, _compute_dtype(h)
         save_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else compute
         dyn_w = s_alpha = s_beta = None
         if self.dynamic:
-            dyn_w = torch.cat([self.dynamic_alpha_fn, self.dynamic_beta_fn.unsqueeze(-1)], dim=-1)
+            dyn_w = torch.cat([self.dynamic_alpha_fn.T, self.dynamic_beta_fn.unsqueeze(0)])  # (n+2, d)
             s_alpha, s_beta = self.dynamic_alpha_scale, self.dynamic_beta_scale
         norm_w = self.norm.weight if self.norm is not None else None
         with torch.autocast(device, enabled=False):
@@ -127,10 +130,17 @@ class HyperConnection(Pathway):
     def depth_connection(self, ctx: tuple[Tensor, Tensor], y: Tensor) -> Tensor:
         """``H' + beta^T y``: add the branch output ``y: (B, T, d)`` to every stream, scaled.
 
-        ``y`` is not upcast first, so backward keeps it in its own (autocast) dtype."""
+        ``y`` is kept for backward in its own (autocast) dtype; the result is fp32."""
+        if not (self.fused and torch.is_grad_enabled()):
+            return self.depth_connection_reference(ctx, y)
         mixed, beta = ctx
         with torch.autocast(y.device.type, enabled=False):
-            return mixed + beta.unsqueeze(-1) * y.unsqueeze(-2)  # (B, T, n, d), fp32
+            return DepthConnection.apply(mixed, beta, y)  # (B, T, n, d)
+
+    def depth_connection_reference(self, ctx: tuple[Tensor, Tensor], y: Tensor) -> Tensor:
+        mixed, beta = ctx
+        with torch.autocast(y.device.type, enabled=False):
+            return mixed + beta.unsqueeze(-1) * y.to(mixed.dtype).unsqueeze(-2)
 
     def forward(self, h: Tensor, branch: Branch) -> Tensor:
         x, ctx = self.width_connection(h)
