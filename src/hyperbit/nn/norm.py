@@ -18,6 +18,11 @@ def rms_rstd(x: Tensor, eps: float) -> Tensor:
     return torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1] + eps)
 
 
+def rms_backward(grad_xhat: Tensor, xhat: Tensor, rstd: Tensor) -> Tensor:
+    """d/dx of ``xhat = x * rstd(x)`` given dL/dxhat: ``rstd * (g - xhat * mean(g * xhat))``."""
+    return rstd * (grad_xhat - xhat * (grad_xhat * xhat).mean(-1, keepdim=True))
+
+
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
@@ -35,8 +40,7 @@ class _RMSNormFn(torch.autograd.Function):
         g = grad.to(rstd.dtype)
         xhat = x.to(rstd.dtype) * rstd
         gw = g * weight.to(rstd.dtype) if weight is not None else g
-        # d/dx of x * rstd(x):  rstd * (gw - xhat * mean(gw * xhat))
-        dx = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
+        dx = rms_backward(gw, xhat, rstd)
         dweight = None
         if weight is not None and ctx.needs_input_grad[1]:
             dweight = (g * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)

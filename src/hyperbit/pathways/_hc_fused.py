@@ -23,14 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..nn.norm import rms_rstd
+from ..nn.norm import rms_backward, rms_rstd
 
 
-
-
-def _rms_backward(grad_xhat: Tensor, xhat: Tensor, rstd: Tensor) -> Tensor:
-    """d/dx of xhat = x * rstd(x), given dL/dxhat."""
-    return rstd * (grad_xhat - xhat * (grad_xhat * xhat).mean(-1, keepdim=True))
 
 
 def _bmm(a: Tensor, b: Tensor) -> Tensor:
@@ -92,7 +87,7 @@ class WidthConnection(torch.autograd.Function):
             xhat = x * x_rstd
             if ctx.needs_input_grad[6]:
                 g_norm_w = (g_out * xhat).reshape(-1, d).sum(0)
-            g_x = _rms_backward(g_out * norm_w, xhat, x_rstd)
+            g_x = rms_backward(g_out * norm_w, xhat, x_rstd)
         else:
             g_x = g_out
         if g_mixed is None:
