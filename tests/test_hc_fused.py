@@ -33,7 +33,7 @@ def _run(hc, h, y_weight, reference):
 
 @pytest.mark.parametrize("dynamic,use_tanh", [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize("branch_norm", [True, False])
-@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("n", [1, 2, 3])
 def test_fused_matches_reference_values_and_gradients(n, dynamic, use_tanh, branch_norm):
     d = 12
     hc = _random_hc(n, d, dynamic, use_tanh, branch_norm)
