@@ -96,12 +96,13 @@ class HyperConnection(Pathway):
             dyn_w = torch.cat([self.dynamic_alpha_fn.T, self.dynamic_beta_fn.unsqueeze(0)])  # (n+2, d)
             s_alpha, s_beta = self.dynamic_alpha_scale, self.dynamic_beta_scale
         norm_w = self.norm.weight if self.norm is not None else None
+        stream_eps = self.stream_norm.eps if self.dynamic else 0.0
+        norm_eps = self.norm.eps if self.norm is not None else 0.0
+        h = h.to(compute).contiguous()  # the broadcast view from expand_streams would slow bmm
         with torch.autocast(device, enabled=False):
             x, mixed, beta = WidthConnection.apply(
-                # contiguous: the broadcast view from expand_streams would make bmm loop per token
-                h.to(compute).contiguous(), self.static_alpha, self.static_beta, dyn_w, s_alpha, s_beta, norm_w,
-                self.stream_norm.eps if self.dynamic else 0.0,
-                self.norm.eps if self.norm is not None else 0.0, self.use_tanh, save_dtype)
+                h, self.static_alpha, self.static_beta, dyn_w, s_alpha, s_beta, norm_w,
+                stream_eps, norm_eps, self.use_tanh, save_dtype)
         return x, (mixed, beta)
 
     def width_connection_reference(self, h: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
