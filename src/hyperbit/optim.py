@@ -14,7 +14,7 @@ from .nn.norm import RMSNorm
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: ``{"params": decayed, "weight_decay": wd}`` and ``{..., 0.0}``."""
+    """Two AdamW groups, named ``"decay"`` (weight decay ``wd``) and ``"no_decay"`` (0.0)."""
     no_decay: set[int] = set()
     for module in model.modules():
         names = module.no_weight_decay() if hasattr(module, "no_weight_decay") else set()
@@ -27,8 +27,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, keep = [], []
     for param in dict.fromkeys(p for p in model.parameters() if p.requires_grad):
         (keep if id(param) in no_decay else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": keep, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": keep, "weight_decay": 0.0, "name": "no_decay"}]
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
