@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..nn.attention import Attention
+from ..nn.attention import Attention, KVCache, LayerKVCache
 from ..nn.ffn import FeedForward
 from ..nn.norm import RMSNorm
 from ..pathways import expand_streams, make_pathway, reduce_streams
@@ -30,8 +30,11 @@ class Block(nn.Module):
         self.attn_path = make_pathway(cfg, branch_index=2 * layer_index)
         self.ffn_path = make_pathway(cfg, branch_index=2 * layer_index + 1)
 
-    def forward(self, h: Tensor) -> Tensor:
-        h = self.attn_path(h, self.attn)  # width-connect -> norm -> attention -> depth-connect
+    def forward(self, h: Tensor, cache: LayerKVCache | None = None) -> Tensor:
+        # With a KV cache the attention branch is bound to it; pathways only ever call branch(x)
+        # (hyper-connections act per token, so attention is the only part that needs a cache).
+        attn = self.attn if cache is None else (lambda x: self.attn(x, cache))
+        h = self.attn_path(h, attn)  # width-connect -> norm -> attention -> depth-connect
         h = self.ffn_path(h, self.ffn)
         return h
 
@@ -67,13 +70,19 @@ class TransformerLM(nn.Module):
                     is_out = name.endswith(("o_proj", "down_proj"))
                     nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """idx: (B, T) token ids -> logits (B, T, V) and, with targets, the mean cross-entropy."""
+    def forward(self, idx: Tensor, targets: Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
+        """idx: (B, T) token ids -> logits (B, T, V) and, with targets, the mean cross-entropy.
+
+        With ``cache`` (from :meth:`make_cache`) the tokens continue the cached sequence: they sit
+        at positions ``cache.pos ..`` and their keys/values are appended (incremental decoding)."""
         h = self.embed(idx)  # (B, T, d)
         if self.multi_stream:
             h = expand_streams(h, self.cfg.streams)  # (B, T, n, d)
-        for block in self.blocks:
-            h = block(h)
+        if cache is not None and len(cache) != len(self.blocks):
+            raise ValueError(f"KV cache has {len(cache)} layers, the model {len(self.blocks)} blocks")
+        for i, block in enumerate(self.blocks):
+            h = block(h) if cache is None else block(h, cache.layers[i])
         if self.multi_stream:
             h = reduce_streams(h)  # (B, T, d)
         logits = self.head(self.final_norm(h))
@@ -81,6 +90,10 @@ class TransformerLM(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
+
+    def make_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for up to ``max_len`` tokens (default ``cfg.max_seq_len``)."""
+        return KVCache(len(self.blocks), self.cfg.max_seq_len if max_len is None else max_len)
 
     def pathways(self) -> list[nn.Module]:
         """All 2L pathways in execution order."""
