@@ -1,0 +1,174 @@
+"""Run configuration: model + training + data, with run presets and ``section.key=value`` overrides.
+
+A run directory stores the resolved configuration as ``config.json``::
+
+    {"model": {...ModelConfig...}, "train": {...TrainConfig...}, "data": {...DataConfig...}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, ModelConfig, _check_types, _choice, _parse_value, parse_overrides
+from .schedule import SCHEDULES, Schedule
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300  # optimizer steps
+    batch_size: int = 16  # sequences per optimizer step (split over grad_accum micro-batches)
+    seq_len: int = 128
+    grad_accum: int = 1  # micro-batches per step
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    schedule: str = "cosine"  # one of SCHEDULES
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip: float = 1.0  # max global grad norm; 0 = off
+    seed: int = 0
+    precision: str = "bf16"  # "bf16" autocast or "fp32"
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    log_every: int = 10
+    eval_every: int = 100  # 0 = only at the end
+    eval_batches: int = 8
+    save_every: int = 100  # 0 = only at the end
+    keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _choice("train.schedule", self.schedule, SCHEDULES)
+        _choice("train.precision", self.precision, ("bf16", "fp32"))
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "log_every", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.batch_size={self.batch_size} must be divisible by "
+                              f"train.grad_accum={self.grad_accum}")
+        if self.warmup_steps > self.steps:
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps} exceeds train.steps={self.steps}")
+        if not self.lr > 0 or self.weight_decay < 0 or self.clip < 0:
+            raise ConfigError("train.lr must be > 0, train.weight_decay and train.clip >= 0")
+
+    def schedule_obj(self) -> Schedule:
+        return Schedule(self.schedule, lr=self.lr, max_steps=self.steps,
+                        warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio,
+                        weight_decay=self.weight_decay)
+
+
+@dataclass
+class DataConfig:
+    path: str = "pystdlib"  # corpus spec (pystdlib, a file, dir, glob, .jsonl, HF dataset dir)
+    # or a directory prepared by `hyperbit prepare`
+    tokenizer: str = "byte"  # "byte" or "bpe" (trained locally) or a saved tokenizer file
+    vocab_size: int = 8192  # BPE only
+    text_field: str = "text"  # JSON Lines / HF datasets
+    val_fraction: float = 0.01  # non-pystdlib sources
+    max_bytes: int = 0  # cap per split while preparing; 0 = everything
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_bytes < 0 or self.vocab_size < 2:
+            raise ConfigError("data.max_bytes must be >= 0 and data.vocab_size >= 2")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
+                              f"{self.model.max_seq_len}; raise model.max_seq_len or shorten train.seq_len")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train),
+                "data": dataclasses.asdict(self.data)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        unknown = sorted(set(d) - {"model", "train", "data"})
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {unknown}; allowed: ['data', 'model', 'train']")
+        return cls(model=ModelConfig.from_dict(d.get("model", {})),
+                   train=_section(TrainConfig, "train", d.get("train", {})),
+                   data=_section(DataConfig, "data", d.get("data", {})))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read run config {path}: {e}") from None
+
+
+RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The main job: a DHC x4 byte-level model on the Python standard library, ~3-5 min on 2 cores.
+    "demo": {"model": dict(dim=128, n_layers=4, n_heads=4, max_seq_len=128, pathway="hc",
+                           expansion_rate=4),
+             "train": dict(steps=600, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=60,
+                           eval_every=200, save_every=200),
+             "data": dict(path="pystdlib", max_bytes=4_000_000)},
+    # Seconds: for tests and smoke runs.
+    "tiny": {"model": dict(dim=32, n_layers=2, n_heads=4, max_seq_len=64),
+             "train": dict(steps=20, batch_size=4, seq_len=32, warmup_steps=2, log_every=5,
+                           eval_every=10, eval_batches=2, save_every=10),
+             "data": dict(path="pystdlib", max_bytes=200_000)},
+}
+
+
+def resolve_run_config(preset_name: str | None, overrides: list[str]) -> RunConfig:
+    """A run preset (or the defaults) plus ``section.key=value`` overrides, validated."""
+    if preset_name is not None and preset_name not in RUN_PRESETS:
+        raise ConfigError(f"unknown run preset {preset_name!r}; allowed: {sorted(RUN_PRESETS)}")
+    base = RUN_PRESETS.get(preset_name, {}) if preset_name else {}
+    by_section: dict[str, list[str]] = {"model": [], "train": [], "data": []}
+    for pair in overrides:
+        key = pair.partition("=")[0].strip()
+        section, dot, name = key.partition(".")
+        if not dot or section not in by_section:
+            raise ConfigError(f"override {pair!r} must look like section.key=value with section one of "
+                              "['data', 'model', 'train'] (e.g. model.pathway=hc, train.lr=3e-3)")
+        by_section[section].append(pair if section == "model" else f"{name}={pair.partition('=')[2]}")
+    model = parse_overrides(ModelConfig.from_dict(dict(base.get("model", {}))), by_section["model"])
+    train = _apply(TrainConfig, "train", dict(base.get("train", {})), by_section["train"])
+    data = _apply(DataConfig, "data", dict(base.get("data", {})), by_section["data"])
+    return RunConfig(model=model, train=train, data=data)
+
+
+def _section(cls, section: str, values: dict[str, Any]):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {section} config key(s) {[f'{section}.{k}' for k in unknown]}; "
+                          f"allowed: {sorted(known)}")
+    return cls(**values)
+
+
+def _apply(cls, section: str, values: dict[str, Any], pairs: list[str]):
+    hints = {f.name: f.type for f in fields(cls)}
+    types = {name: type(getattr(cls(), name)) for name in hints}
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        key = key.strip()
+        if key not in hints:
+            raise ConfigError(f"unknown {section} config key '{section}.{key}'; allowed: {sorted(hints)}")
+        values[key] = _parse_value(f"{section}.{key}", raw.strip(), types[key])
+    return _section(cls, section, values)

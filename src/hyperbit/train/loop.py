@@ -1,0 +1,255 @@
+"""The training loop behind ``hyperbit train``: data -> model -> AdamW -> checkpoints, resumable.
+
+A run directory holds ``config.json`` (the resolved :class:`RunConfig`), ``metrics.jsonl`` (one
+JSON object per logged step and per evaluation), ``data/`` (token shards prepared once, unless the
+config points at a prepared directory) and ``checkpoints/``. Every source of randomness in a step
+is a function of the step number (batches are addressed by position, the schedule by step), and
+checkpoints carry the optimizer and RNG states, so a resumed run reproduces the uninterrupted one
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import ConfigError
+from ..data import DataError, TokenShards, prepare
+from ..models import build_model
+from ..optim import param_groups
+from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
+from .config import RunConfig
+from .schedule import apply_schedule
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (non-finite loss); the last good checkpoint is kept."""
+
+
+def prepare_run_dir(out: Path, cfg: RunConfig | None, resume: bool, overwrite: bool) -> RunConfig:
+    """Create, resume or replace the run directory; never touches a directory that is not ours.
+    With ``resume`` and ``cfg=None`` the run's saved config is used; a given ``cfg`` must match it."""
+    config_file = out / "config.json"
+    if cfg is None and not (resume and config_file.exists()):
+        raise ConfigError(f"nothing to resume in {out}: no config.json there")
+    if out.exists() and any(out.iterdir()):
+        if resume:
+            if not config_file.exists():
+                raise ConfigError(f"{out} has no config.json: not a hyperbit run directory to resume")
+            saved = RunConfig.load(config_file)
+            if cfg is not None and saved.to_dict() != cfg.to_dict():
+                diff = _first_difference(saved.to_dict(), cfg.to_dict())
+                raise ConfigError(f"--resume with a different config than {config_file} ({diff}); "
+                                  "resume with the same settings or train into a new --out")
+            return saved
+        if not overwrite:
+            raise ConfigError(f"run directory {out} already exists; pass --resume to continue it or "
+                              "--overwrite to replace it")
+        if not config_file.exists():
+            raise ConfigError(f"refusing to overwrite {out}: it is not a hyperbit run directory")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(config_file, cfg.to_json() + "\n")
+    return cfg
+
+
+def load_data(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> tuple[TokenShards, TokenShards]:
+    """Token shards for the run: a prepared directory, or the corpus tokenised once into out/data."""
+    d = cfg.data
+    source = Path(d.path)
+    if source.is_dir() and (source / "meta.json").exists():
+        data_dir = source
+    else:
+        data_dir = out / "data"
+        if not (data_dir / "meta.json").exists():
+            log(f"preparing data: {d.path} -> {data_dir} ({d.tokenizer} tokenizer)")
+            prepare(d.path, data_dir, tokenizer=d.tokenizer,
+                    vocab_size=d.vocab_size if d.tokenizer == "bpe" else None,
+                    val_fraction=d.val_fraction, max_bytes=d.max_bytes or None, overwrite=True,
+                    text_field=d.text_field)
+    train, val = TokenShards(data_dir, "train"), TokenShards(data_dir, "val")
+    train.check_vocab(cfg.model.vocab_size)
+    return train, val
+
+
+def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+          log: Callable[[str], None] = print) -> dict:
+    """Train per ``cfg`` into ``out``; returns the final metrics. Raises ConfigError, DataError or
+    CheckpointError (one-line messages) on bad input, TrainingStopped on a non-finite loss."""
+    out = Path(out)
+    cfg = prepare_run_dir(out, cfg, resume, overwrite)
+    t = cfg.train
+    train_data, val_data = load_data(cfg, out, log)
+    device = torch.device("cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr,
+                                  betas=(t.beta1, t.beta2), fused=device.type == "cuda" or None)
+    start = 0
+    if resume and latest_checkpoint(out) is not None:
+        ckpt = load_checkpoint(out, model, optimizer, map_location=device)
+        restore_rng_state(ckpt)
+        start = ckpt["step"]
+        _truncate_metrics(out / "metrics.jsonl", start)
+        log(f"resumed from {ckpt['path']} at step {start}")
+        if start >= t.steps:
+            log(f"run already complete at step {start} of {t.steps}")
+            return {}
+    runner = torch.compile(model) if t.compile else model
+    schedule = t.schedule_obj()
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16"
+                else nullcontext())
+    micro = t.batch_size // t.grad_accum
+    tokens_per_step = t.batch_size * t.seq_len
+    metrics_file = (out / "metrics.jsonl").open("a")
+    progress = _Progress(t.steps, start, tokens_per_step, log)
+    last = {}
+    try:
+        for step in range(start, t.steps):
+            lr = apply_schedule(optimizer, schedule, step)
+            total = 0.0
+            for m in range(t.grad_accum):
+                x, y = train_data.get_batch(step * t.grad_accum + m, micro, t.seq_len, seed=t.seed)
+                with autocast:
+                    loss = runner(x.to(device), y.to(device))[1] / t.grad_accum
+                loss.backward()
+                total += loss.detach()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip) if t.clip > 0
+                         else torch.zeros((), device=device))
+            loss_value = float(total)
+            if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
+                kept = latest_checkpoint(out)
+                raise TrainingStopped(f"non-finite loss ({loss_value}) or gradient norm at step {step + 1}; "
+                                      f"stopped, last good checkpoint: {kept or 'none'}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            if done % max(1, t.log_every) == 0 or done == t.steps:
+                last = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                        "tokens": done * tokens_per_step, **progress.rates(done)}
+                _write_metrics(metrics_file, last)
+            progress.update(done, loss_value)
+            if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+                evaluation = evaluate(model, val_data, t.seq_len, micro, t.eval_batches, device, autocast)
+                _write_metrics(metrics_file, {"step": done, **evaluation})
+                progress.note(f"step {done}: val loss {evaluation['val_loss']:.4f}, "
+                              f"{evaluation['val_bpb']:.4f} bits/byte")
+                last.update(evaluation)
+            if (t.save_every and done % t.save_every == 0) or done == t.steps:
+                save_checkpoint(out, done, model, optimizer, cfg.to_dict(), {"position": done * t.grad_accum},
+                                keep_last=t.keep_last)
+    finally:
+        metrics_file.close()
+        progress.close()
+    return last
+
+
+@torch.no_grad()
+def evaluate(model, data: TokenShards, seq_len: int, batch: int, max_batches: int, device,
+             autocast) -> dict:
+    """Mean next-token loss over the first ``max_batches`` validation windows, and bits per byte
+    (total nats / ln 2 / total UTF-8 bytes of the predicted tokens)."""
+    was_training = model.training
+    model.eval()
+    tokenizer = data.load_tokenizer()
+    nats = count = bytes_ = 0.0
+    for x, y in data.iter_eval_batches(batch, seq_len, max_batches=max_batches):
+        with autocast:
+            logits, _ = model(x.to(device))
+        losses = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(),
+                                                   reduction="sum")
+        nats += float(losses)
+        count += y.numel()
+        bytes_ += sum(len(tokenizer.decode(row.tolist()).encode("utf-8")) for row in y)
+    model.train(was_training)
+    if count == 0:
+        raise DataError("the validation split is too small for one evaluation window")
+    return {"val_loss": nats / count, "val_bpb": nats / math.log(2) / max(bytes_, 1.0)}
+
+
+class _Progress:
+    """A one-line progress bar on a terminal; plain log lines otherwise."""
+
+    def __init__(self, total: int, start: int, tokens_per_step: int, log: Callable[[str], None]):
+        self.total, self.start, self.tokens_per_step, self.log = total, start, tokens_per_step, log
+        self.t0 = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.last_print = 0.0
+
+    def rates(self, done: int) -> dict:
+        elapsed = time.perf_counter() - self.t0
+        steps = max(done - self.start, 1)
+        return {"tok_s": steps * self.tokens_per_step / max(elapsed, 1e-9), "elapsed_s": elapsed}
+
+    def update(self, done: int, loss: float) -> None:
+        now = time.perf_counter()
+        if not self.tty and done % max(1, self.total // 20) and done != self.total:
+            return
+        if self.tty and now - self.last_print < 0.2 and done != self.total:
+            return
+        self.last_print = now
+        r = self.rates(done)
+        eta = (self.total - done) * r["elapsed_s"] / max(done - self.start, 1)
+        width = 24
+        filled = int(width * done / self.total)
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}  loss {loss:.4f}  "
+                f"{r['tok_s']:,.0f} tok/s  ETA {eta:4.0f}s")
+        if self.tty:
+            sys.stderr.write("\r" + line)
+            sys.stderr.flush()
+        else:
+            self.log(line)
+
+    def note(self, text: str) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+        self.log(text)
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def _write_metrics(f, record: dict) -> None:
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint a run resumes from (they will be logged again)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip()
+            and json.loads(line).get("step", 0) <= step]
+    _atomic_write(path, "".join(line + "\n" for line in kept))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            found = _first_difference(va, vb, f"{prefix}{key}.")
+            if found:
+                return found
+        elif va != vb:
+            return f"{prefix}{key}: saved {va!r}, given {vb!r}"
+    return ""
+
+
+__all__ = ["TrainingStopped", "evaluate", "load_data", "prepare_run_dir", "train"]
