@@ -35,6 +35,7 @@ class TrainConfig:
     precision: str = "bf16"  # "bf16" autocast or "fp32"
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # "auto", "cpu" or "cuda"
+    distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp2" (fully_shard per block, then root)
     log_every: int = 10
     eval_every: int = 100  # 0 = only at the end
     eval_batches: int = 8
@@ -46,6 +47,7 @@ class TrainConfig:
         _choice("train.schedule", self.schedule, SCHEDULES)
         _choice("train.precision", self.precision, ("bf16", "fp32"))
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.distributed", self.distributed, ("ddp", "fsdp2"))
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")

@@ -26,6 +26,7 @@ from ..config import ConfigError
 from ..data import DataError, TokenShards, prepare
 from ..models import build_model
 from ..optim import param_groups
+from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import RunConfig
 from .schedule import apply_schedule
@@ -84,72 +85,114 @@ def load_data(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> tuple[To
 def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, overwrite: bool = False,
           log: Callable[[str], None] = print) -> dict:
     """Train per ``cfg`` into ``out``; returns the final metrics. Raises ConfigError, DataError or
-    CheckpointError (one-line messages) on bad input, TrainingStopped on a non-finite loss."""
+    CheckpointError (one-line messages) on bad input, TrainingStopped on a non-finite loss.
+    Under ``torchrun`` it runs data-parallel (``train.distributed``: ddp or fsdp2)."""
     out = Path(out)
-    cfg = prepare_run_dir(out, cfg, resume, overwrite)
+    wanted = "cuda" if (cfg is not None and cfg.train.device == "cuda") or (
+        (cfg is None or cfg.train.device == "auto") and torch.cuda.is_available()) else "cpu"
+    info = distributed.setup(wanted)
+    try:
+        return _train(cfg, out, resume, overwrite, log if info.is_main else (lambda _: None), info)
+    finally:
+        distributed.teardown(info)
+
+
+def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed.DistInfo) -> dict:
+    if info.is_main:
+        cfg = prepare_run_dir(out, cfg, resume, overwrite)
+    distributed.barrier(info)
+    if not info.is_main:
+        cfg = RunConfig.load(out / "config.json")
     t = cfg.train
-    train_data, val_data = load_data(cfg, out, log)
-    device = torch.device("cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    if info.is_main:
+        train_data, val_data = load_data(cfg, out, log)
+    distributed.barrier(info)
+    if not info.is_main:
+        train_data, val_data = load_data(cfg, out, log)
+    micro = t.batch_size // t.grad_accum  # sequences per micro-batch, over all ranks
+    if micro % info.world_size:
+        raise ConfigError(f"train.batch_size / train.grad_accum = {micro} must be divisible by the "
+                          f"{info.world_size} processes")
+    per_rank = micro // info.world_size
+    rows = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
+    use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{info.local_rank}" if use_cuda else "cpu")
     torch.manual_seed(t.seed)
     model = build_model(cfg.model).to(device)
+    start, ckpt = 0, None
+    if resume and latest_checkpoint(out) is not None:
+        if t.distributed == "fsdp2" and info.enabled:
+            raise ConfigError("resuming an FSDP2 run is not supported yet; use train.distributed=ddp")
+        ckpt = load_checkpoint(out, model, None, map_location=device)
+        start = ckpt["step"]
+    sharded = t.distributed == "fsdp2" and info.enabled
+    if sharded:
+        log("note: FSDP2 runs do not write checkpoints yet (gathering sharded state is not "
+            "implemented); use train.distributed=ddp for resumable runs")
+    runner = distributed.wrap(model, t.distributed, info, device)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr,
                                   betas=(t.beta1, t.beta2), fused=device.type == "cuda" or None)
-    start = 0
-    if resume and latest_checkpoint(out) is not None:
-        ckpt = load_checkpoint(out, model, optimizer, map_location=device)
+    if ckpt is not None:
+        load_checkpoint(ckpt["path"], None, optimizer, map_location=device)
         restore_rng_state(ckpt)
-        start = ckpt["step"]
-        _truncate_metrics(out / "metrics.jsonl", start)
+        if info.is_main:
+            _truncate_metrics(out / "metrics.jsonl", start)
         log(f"resumed from {ckpt['path']} at step {start}")
         if start >= t.steps:
             log(f"run already complete at step {start} of {t.steps}")
             return {}
-    runner = torch.compile(model) if t.compile else model
+    if t.compile:
+        runner = torch.compile(runner)
     schedule = t.schedule_obj()
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16"
                 else nullcontext())
-    micro = t.batch_size // t.grad_accum
     tokens_per_step = t.batch_size * t.seq_len
-    metrics_file = (out / "metrics.jsonl").open("a")
-    progress = _Progress(t.steps, start, tokens_per_step, log)
+    metrics_file = (out / "metrics.jsonl").open("a") if info.is_main else None
+    progress = _Progress(t.steps, start, tokens_per_step, log, enabled=info.is_main)
     last = {}
     try:
         for step in range(start, t.steps):
             lr = apply_schedule(optimizer, schedule, step)
-            total = 0.0
+            total = torch.zeros((), device=device)
             for m in range(t.grad_accum):
                 x, y = train_data.get_batch(step * t.grad_accum + m, micro, t.seq_len, seed=t.seed)
                 with autocast:
-                    loss = runner(x.to(device), y.to(device))[1] / t.grad_accum
+                    loss = runner(x[rows].to(device), y[rows].to(device))[1] / t.grad_accum
                 loss.backward()
                 total += loss.detach()
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip) if t.clip > 0
                          else torch.zeros((), device=device))
-            loss_value = float(total)
-            if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
+            loss_value = float(distributed.mean_over_ranks(total, info))
+            grad_value = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            if not math.isfinite(loss_value) or not math.isfinite(grad_value):
                 kept = latest_checkpoint(out)
                 raise TrainingStopped(f"non-finite loss ({loss_value}) or gradient norm at step {step + 1}; "
                                       f"stopped, last good checkpoint: {kept or 'none'}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
-            if done % max(1, t.log_every) == 0 or done == t.steps:
-                last = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+            if info.is_main and (done % max(1, t.log_every) == 0 or done == t.steps):
+                last = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_value,
                         "tokens": done * tokens_per_step, **progress.rates(done)}
                 _write_metrics(metrics_file, last)
             progress.update(done, loss_value)
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-                evaluation = evaluate(model, val_data, t.seq_len, micro, t.eval_batches, device, autocast)
-                _write_metrics(metrics_file, {"step": done, **evaluation})
-                progress.note(f"step {done}: val loss {evaluation['val_loss']:.4f}, "
-                              f"{evaluation['val_bpb']:.4f} bits/byte")
-                last.update(evaluation)
-            if (t.save_every and done % t.save_every == 0) or done == t.steps:
-                save_checkpoint(out, done, model, optimizer, cfg.to_dict(), {"position": done * t.grad_accum},
-                                keep_last=t.keep_last)
+                if info.is_main or sharded:  # a sharded model needs every rank in its forward
+                    evaluation = evaluate(model, val_data, t.seq_len, micro, t.eval_batches, device, autocast)
+                    if info.is_main:
+                        _write_metrics(metrics_file, {"step": done, **evaluation})
+                        progress.note(f"step {done}: val loss {evaluation['val_loss']:.4f}, "
+                                      f"{evaluation['val_bpb']:.4f} bits/byte")
+                        last.update(evaluation)
+                distributed.barrier(info)
+            if ((t.save_every and done % t.save_every == 0) or done == t.steps) and not sharded:
+                if info.is_main:
+                    save_checkpoint(out, done, model, optimizer, cfg.to_dict(),
+                                    {"position": done * t.grad_accum}, keep_last=t.keep_last)
+                distributed.barrier(info)
     finally:
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
         progress.close()
     return last
 
@@ -180,10 +223,12 @@ def evaluate(model, data: TokenShards, seq_len: int, batch: int, max_batches: in
 class _Progress:
     """A one-line progress bar on a terminal; plain log lines otherwise."""
 
-    def __init__(self, total: int, start: int, tokens_per_step: int, log: Callable[[str], None]):
+    def __init__(self, total: int, start: int, tokens_per_step: int, log: Callable[[str], None],
+                 enabled: bool = True):
         self.total, self.start, self.tokens_per_step, self.log = total, start, tokens_per_step, log
         self.t0 = time.perf_counter()
-        self.tty = sys.stderr.isatty()
+        self.enabled = enabled
+        self.tty = enabled and sys.stderr.isatty()
         self.last_print = 0.0
 
     def rates(self, done: int) -> dict:
@@ -192,6 +237,8 @@ class _Progress:
         return {"tok_s": steps * self.tokens_per_step / max(elapsed, 1e-9), "elapsed_s": elapsed}
 
     def update(self, done: int, loss: float) -> None:
+        if not self.enabled:
+            return
         now = time.perf_counter()
         if not self.tty and done % max(1, self.total // 20) and done != self.total:
             return
