@@ -47,7 +47,8 @@ def test_tiny_run_learns_and_logs(tmp_path, capsys):
     val = _records(run, "val_bpb")
     assert set(val) == {10, 20, 30, 40} and val[40] < 8.0
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000040"
-    assert "bits/byte" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "bits/byte" in out and "wiring check: PASS (hc, n=2, fp)" in out
 
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):

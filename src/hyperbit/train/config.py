@@ -41,6 +41,7 @@ class TrainConfig:
     eval_batches: int = 8
     save_every: int = 100  # 0 = only at the end
     keep_last: int = 2
+    check_wiring: bool = True  # run the wiring check on the model before the first step
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -125,8 +126,8 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The main job: a DHC x4 byte-level model on the Python standard library, ~3-5 min on 2 cores.
     "demo": {"model": dict(dim=128, n_layers=4, n_heads=4, max_seq_len=128, pathway="hc",
                            expansion_rate=4),
-             "train": dict(steps=600, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=60,
-                           eval_every=200, save_every=200),
+             "train": dict(steps=1500, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=100,
+                           eval_every=500, save_every=500),
              "data": dict(path="pystdlib", max_bytes=4_000_000)},
     # Seconds: for tests and smoke runs.
     "tiny": {"model": dict(dim=32, n_layers=2, n_heads=4, max_seq_len=64),

@@ -24,12 +24,17 @@ import torch
 
 from ..config import ConfigError
 from ..data import DataError, TokenShards, prepare
+from ..diagnostics import check_wiring
 from ..models import build_model
 from ..optim import param_groups
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import RunConfig
 from .schedule import apply_schedule
+
+
+def start_fresh(out: Path, resume: bool) -> bool:
+    return not (resume and latest_checkpoint(out) is not None)
 
 
 class TrainingStopped(RuntimeError):
@@ -119,6 +124,12 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
     device = torch.device(f"cuda:{info.local_rank}" if use_cuda else "cpu")
     torch.manual_seed(t.seed)
     model = build_model(cfg.model).to(device)
+    if t.check_wiring and info.is_main and start_fresh(out, resume):
+        report = check_wiring(model)
+        log(f"wiring check: {'PASS' if report.ok else 'FAIL'} ({cfg.model.pathway}, "
+            f"n={cfg.model.streams}, {cfg.model.linear})")
+        if not report.ok:
+            raise ConfigError(f"the model fails the wiring check: {report.problems[0]}")
     start, ckpt = 0, None
     if resume and latest_checkpoint(out) is not None:
         if t.distributed == "fsdp2" and info.enabled:
