@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job: DHC x4 on the Python standard library (~3-5 min on 2 cores), then a sample.
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(VENV)/bin/hyperbit train --preset demo --out runs/demo --overwrite
+	$(VENV)/bin/hyperbit generate runs/demo --prompt "def " --max-tokens 120 --temperature 0.8 --top-k 50
 
 test: $(STAMP)
 	$(PY) -m pytest

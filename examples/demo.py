@@ -1,7 +1,8 @@
-"""The main job: a dynamic hyper-connection (DHC x4) LM trained on the Python standard library.
+"""Library-level example: a dynamic hyper-connection (DHC x4) LM trained in a plain loop.
 
-Builds the model, proves its residual wiring, trains it for a few hundred steps on real text with
-bf16 autocast and prints the loss falling, then the validation loss in bits per byte.
+Builds the model, proves its residual wiring, trains it for a few hundred steps on the Python
+standard library with bf16 autocast and prints the loss falling, then the validation loss in bits
+per byte. (``make demo`` runs the same job through ``hyperbit train``.)
 
     python examples/demo.py [--steps 300] [--pathway hc] [--expansion-rate 4] [--linear fp]
 """
