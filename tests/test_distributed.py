@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,19 @@ def test_two_processes_match_one_process(tmp_path, single, strategy):
     losses = _losses(out)
     assert losses == pytest.approx(single, rel=2e-5, abs=2e-5)
     assert result.stdout.count("done: step 6") == 1  # rank 0 alone reports
-    if strategy == "ddp":
-        assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"
-    else:
-        assert "FSDP2 runs do not write checkpoints yet" in result.stdout
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_process_resume_continues_exactly(tmp_path, strategy):
+    """Rewind a finished 2-process run to its step-3 checkpoint and resume it: steps 4-6 come out
+    as before (the checkpoint holds the full, unsharded state, gathered from every rank)."""
+    out = tmp_path / "run"
+    _run(out, f"train.distributed={strategy}", "train.save_every=3", procs=2)
+    before = _losses(out)
+    ckpts = out / "checkpoints"
+    (ckpts / "latest").write_text("step_00000003\n")
+    shutil.rmtree(ckpts / "step_00000006")
+    result = _run(out, f"train.distributed={strategy}", "train.save_every=3", "--resume", procs=2)
+    assert "resumed from" in result.stdout and "at step 3" in result.stdout
+    assert _losses(out) == pytest.approx(before, rel=1e-6, abs=1e-7)

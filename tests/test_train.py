@@ -137,3 +137,36 @@ def test_non_finite_loss_stops_with_exit_3_and_keeps_checkpoints(tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 3 and "non-finite loss" in err and "last good checkpoint" in err
     assert (run / "checkpoints" / "latest").exists()
+
+
+def test_tensorboard_gets_every_metric_when_installed(tmp_path, monkeypatch):
+    """Stand in for tensorboard's SummaryWriter (an optional dependency) and check what it gets."""
+    import types
+
+    scalars, closed = [], []
+
+    class Writer:
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, key, value, step):
+            scalars.append((key, value, step))
+
+        def close(self):
+            closed.append(self.logdir)
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(run), "train.steps=4", *FAST]) == 0
+    losses = _records(run)
+    assert [(s, v) for k, v, s in scalars if k == "loss"] == sorted(losses.items())
+    assert any(k == "val_bpb" and s == 4 for k, _, s in scalars)
+    assert closed == [str(run / "tensorboard")]
+
+
+def test_empty_data_is_exit_2(tmp_path, capsys):
+    empty = tmp_path / "corpus"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), f"data.path={empty}"]) == 2
+    assert "empty" in _error(capsys).lower()

@@ -28,6 +28,7 @@ from ..diagnostics import check_wiring
 from ..models import build_model
 from ..optim import param_groups
 from . import distributed
+from .sharded_state import ShardedOptimizerLoader, gather_full_state
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import RunConfig
 from .schedule import apply_schedule
@@ -132,19 +133,15 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
             raise ConfigError(f"the model fails the wiring check: {report.problems[0]}")
     start, ckpt = 0, None
     if resume and latest_checkpoint(out) is not None:
-        if t.distributed == "fsdp2" and info.enabled:
-            raise ConfigError("resuming an FSDP2 run is not supported yet; use train.distributed=ddp")
         ckpt = load_checkpoint(out, model, None, map_location=device)
         start = ckpt["step"]
     sharded = t.distributed == "fsdp2" and info.enabled
-    if sharded:
-        log("note: FSDP2 runs do not write checkpoints yet (gathering sharded state is not "
-            "implemented); use train.distributed=ddp for resumable runs")
     runner = distributed.wrap(model, t.distributed, info, device)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr,
                                   betas=(t.beta1, t.beta2), fused=device.type == "cuda" or None)
     if ckpt is not None:
-        load_checkpoint(ckpt["path"], None, optimizer, map_location=device)
+        load_checkpoint(ckpt["path"], None, ShardedOptimizerLoader(model, optimizer) if sharded
+                        else optimizer, map_location=device)
         restore_rng_state(ckpt)
         if info.is_main:
             _truncate_metrics(out / "metrics.jsonl", start)
@@ -159,6 +156,7 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
                 else nullcontext())
     tokens_per_step = t.batch_size * t.seq_len
     metrics_file = (out / "metrics.jsonl").open("a") if info.is_main else None
+    board = _tensorboard(out) if info.is_main else None
     progress = _Progress(t.steps, start, tokens_per_step, log, enabled=info.is_main)
     last = {}
     try:
@@ -185,25 +183,30 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
             if info.is_main and (done % max(1, t.log_every) == 0 or done == t.steps):
                 last = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_value,
                         "tokens": done * tokens_per_step, **progress.rates(done)}
-                _write_metrics(metrics_file, last)
+                _write_metrics(metrics_file, last, board)
             progress.update(done, loss_value)
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
                 if info.is_main or sharded:  # a sharded model needs every rank in its forward
                     evaluation = evaluate(model, val_data, t.seq_len, micro, t.eval_batches, device, autocast)
                     if info.is_main:
-                        _write_metrics(metrics_file, {"step": done, **evaluation})
+                        _write_metrics(metrics_file, {"step": done, **evaluation}, board)
                         progress.note(f"step {done}: val loss {evaluation['val_loss']:.4f}, "
                                       f"{evaluation['val_bpb']:.4f} bits/byte")
                         last.update(evaluation)
                 distributed.barrier(info)
-            if ((t.save_every and done % t.save_every == 0) or done == t.steps) and not sharded:
+            if (t.save_every and done % t.save_every == 0) or done == t.steps:
+                # FSDP2: every rank joins gathering the full state; rank 0 writes it
+                model_state, optim_state = (gather_full_state(model, optimizer) if sharded
+                                            else (model, optimizer))
                 if info.is_main:
-                    save_checkpoint(out, done, model, optimizer, cfg.to_dict(),
+                    save_checkpoint(out, done, model_state, optim_state, cfg.to_dict(),
                                     {"position": done * t.grad_accum}, keep_last=t.keep_last)
                 distributed.barrier(info)
     finally:
         if metrics_file is not None:
             metrics_file.close()
+        if board is not None:
+            board.close()
         progress.close()
     return last
 
@@ -278,9 +281,22 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def _write_metrics(f, record: dict) -> None:
+def _write_metrics(f, record: dict, board=None) -> None:
     f.write(json.dumps(record) + "\n")
     f.flush()
+    if board is not None:
+        for key, value in record.items():
+            if key != "step":
+                board.add_scalar(key, value, record["step"])
+
+
+def _tensorboard(out: Path):
+    """A TensorBoard writer in ``out/tensorboard`` when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional; metrics.jsonl is always written
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
