@@ -170,3 +170,22 @@ def test_empty_data_is_exit_2(tmp_path, capsys):
     (empty / "a.txt").write_text("")
     assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), f"data.path={empty}"]) == 2
     assert "empty" in _error(capsys).lower()
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """batch 8 in 2 micro-batches of 4 follows batch 8 in one go (fp32; same global batch)."""
+    args = ["--preset", "tiny", "train.steps=5", "train.batch_size=8", "train.precision=fp32", *FAST]
+    assert main(["train", "--out", str(tmp_path / "one"), *args]) == 0
+    assert main(["train", "--out", str(tmp_path / "two"), *args, "train.grad_accum=2"]) == 0
+    one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
+    assert list(two.values()) == pytest.approx(list(one.values()), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_eager(tmp_path):
+    args = ["--preset", "tiny", "train.steps=4", "train.precision=fp32", "model.pathway=hc",
+            "model.expansion_rate=2", *FAST]
+    assert main(["train", "--out", str(tmp_path / "eager"), *args]) == 0
+    assert main(["train", "--out", str(tmp_path / "compiled"), *args, "train.compile=true"]) == 0
+    eager, compiled = _records(tmp_path / "eager"), _records(tmp_path / "compiled")
+    assert list(compiled.values()) == pytest.approx(list(eager.values()), rel=1e-4)

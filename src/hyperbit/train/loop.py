@@ -120,7 +120,6 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
         raise ConfigError(f"train.batch_size / train.grad_accum = {micro} must be divisible by the "
                           f"{info.world_size} processes")
     per_rank = micro // info.world_size
-    rows = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
     use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{info.local_rank}" if use_cuda else "cpu")
     torch.manual_seed(t.seed)
@@ -163,10 +162,13 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
         for step in range(start, t.steps):
             lr = apply_schedule(optimizer, schedule, step)
             total = torch.zeros((), device=device)
+            # the step's global batch, whatever the accumulation and the number of processes:
+            # micro-batch m is rows [m * micro, (m+1) * micro), split evenly over the ranks
+            xs, ys = train_data.get_batch(step, t.batch_size, t.seq_len, seed=t.seed)
             for m in range(t.grad_accum):
-                x, y = train_data.get_batch(step * t.grad_accum + m, micro, t.seq_len, seed=t.seed)
+                rows = slice(m * micro + info.rank * per_rank, m * micro + (info.rank + 1) * per_rank)
                 with autocast:
-                    loss = runner(x[rows].to(device), y[rows].to(device))[1] / t.grad_accum
+                    loss = runner(xs[rows].to(device), ys[rows].to(device))[1] / t.grad_accum
                 loss.backward()
                 total += loss.detach()
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip) if t.clip > 0
@@ -200,7 +202,7 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
                                             else (model, optimizer))
                 if info.is_main:
                     save_checkpoint(out, done, model_state, optim_state, cfg.to_dict(),
-                                    {"position": done * t.grad_accum}, keep_last=t.keep_last)
+                                    {"position": done}, keep_last=t.keep_last)
                 distributed.barrier(info)
     finally:
         if metrics_file is not None:
