@@ -371,3 +371,14 @@ def _clean(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     return o
+
+
+def report_targets(targets: list[dict], quick: bool, source_changed: bool) -> None:
+    """Print the source-change warning (if any) and one PASS/FAIL/SKIP line per target."""
+    if source_changed:
+        print("WARNING: src/hyperbit changed while the benchmark ran (source digests differ); "
+              "numbers may mix code versions")
+    print("\ntargets" + (" (quick mode: not representative)" if quick else "") + ":")
+    for t in targets:
+        verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[t["passed"]]
+        print(f"  [{verdict}] {t['description']}: {fmt(t['ratio'], '.3f', 'x')}")

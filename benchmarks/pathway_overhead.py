@@ -377,13 +377,7 @@ def main(argv=None) -> int:
     if busy:
         print(busy)
         info["busy_warning"] = busy
-    if len(digests) > 1:
-        print("WARNING: src/hyperbit changed while the benchmark ran (source digests differ); "
-              "numbers may mix code versions")
-    print("\ntargets" + (" (quick mode: not representative)" if args.quick else "") + ":")
-    for t in targets_eval:
-        verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[t["passed"]]
-        print(f"  [{verdict}] {t['description']}: {C.fmt(t['ratio'], '.3f', 'x')}")
+    C.report_targets(targets_eval, args.quick, len(digests) > 1)
 
     out_path = Path(args.out) if args.out else (
         DEFAULT_OUT_QUICK if args.quick else DEFAULT_OUT_COMPILE if args.compile else DEFAULT_OUT)

@@ -414,13 +414,7 @@ def main(argv=None) -> int:
     if busy:
         print(busy)
         info["busy_warning"] = busy
-    if info["source_changed_during_run"]:
-        print("WARNING: src/hyperbit changed while the benchmark ran (source digests differ); "
-              "numbers may mix code versions")
-    print("\ntargets" + (" (quick mode: not representative)" if args.quick else "") + ":")
-    for t in targets:
-        verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[t["passed"]]
-        print(f"  [{verdict}] {t['description']}: {C.fmt(t['ratio'], '.3f', 'x')}")
+    C.report_targets(targets, args.quick, info["source_changed_during_run"])
 
     out_path = Path(args.out) if args.out else (DEFAULT_OUT_QUICK if args.quick else DEFAULT_OUT)
     C.write_json(out_path, {"benchmark": "train_throughput", "machine": info, "settings": settings,

@@ -111,7 +111,7 @@ def test_tokenizer_errors(tmp_path):
     (tmp_path / "broken.json").write_text('{"model": {"type": "BPE", "vocab": 5}}')
     raises(r"broken\.json: not a valid tokenizers JSON file", load_tokenizer, tmp_path / "broken.json")
     ByteTokenizer().save(tmp_path / "byte.json")
-    raises(r"byte\.json: not a BPE tokenizer file \(kind 'byte'\)", BPETokenizer.load, tmp_path / "byte.json")
+    raises(r"byte\.json: not a bpe tokenizer file \(kind 'byte'\)", BPETokenizer.load, tmp_path / "byte.json")
 
 
 # --- sources ------------------------------------------------------------------------------------

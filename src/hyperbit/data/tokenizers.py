@@ -52,6 +52,14 @@ class Tokenizer:
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
 
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load a saved tokenizer file, which must be of this class's kind."""
+        tok = load_tokenizer(path)
+        if not isinstance(tok, cls):
+            raise DataError(f"{path}: not a {cls.kind} tokenizer file (kind {tok.kind!r})")
+        return tok
+
 
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as token ids 0..255; decoding replaces invalid byte sequences with U+FFFD."""
@@ -75,12 +83,6 @@ class ByteTokenizer(Tokenizer):
         data = {"kind": "byte", "version": BYTE_FORMAT_VERSION, "vocab_size": 256}
         Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
-    @classmethod
-    def load(cls, path: str | Path) -> ByteTokenizer:
-        tok = load_tokenizer(path)
-        if not isinstance(tok, ByteTokenizer):
-            raise DataError(f"{path}: not a byte tokenizer file (kind {tok.kind!r})")
-        return tok
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ByteTokenizer)
@@ -153,12 +155,6 @@ class BPETokenizer(Tokenizer):
             raise DataError(f"{where}: not a valid tokenizers JSON file ({msg})") from None
         return cls(tok)
 
-    @classmethod
-    def load(cls, path: str | Path) -> BPETokenizer:
-        tok = load_tokenizer(path)
-        if not isinstance(tok, BPETokenizer):
-            raise DataError(f"{path}: not a BPE tokenizer file (kind {tok.kind!r})")
-        return tok
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
