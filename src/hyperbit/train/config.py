@@ -111,6 +111,14 @@ class RunConfig:
                    train=_section(TrainConfig, "train", d.get("train", {})),
                    data=_section(DataConfig, "data", d.get("data", {})))
 
+    def prepared_data_dir(self, run_dir: str | Path) -> Path:
+        """The token shards a run reads: ``data.path`` when it is a directory made by
+        ``hyperbit prepare``, else ``<run_dir>/data`` (where training tokenises the corpus once)."""
+        source = Path(self.data.path)
+        if source.is_dir() and (source / "meta.json").exists():
+            return source
+        return Path(run_dir) / "data"
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 

@@ -17,6 +17,19 @@ from torch import nn
 from ..config import ConfigError
 
 
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None: CUDA when available, else CPU; ``"cuda"`` without CUDA is a ConfigError."""
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available")
+    return torch.device(device)
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0

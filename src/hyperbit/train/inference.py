@@ -23,21 +23,9 @@ from ..data import ByteTokenizer, DataError, TokenShards, Tokenizer, load_tokeni
 from ..models import build_model
 from .checkpoint import CHECKPOINTS, CONFIG_FILE, CheckpointError, load_checkpoint, resolve_checkpoint
 from .config import RunConfig
+from .distributed import pick_device
 
 __all__ = ["VocabMask", "find_run_data", "load_trained", "pick_device", "same_tokenizer"]
-
-
-def pick_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/None: CUDA when available, else CPU; ``"cuda"`` without CUDA is a ConfigError."""
-    if isinstance(device, torch.device):
-        return device
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but CUDA is not available")
-    return torch.device(device)
 
 
 def _run_dir_of(step_dir: Path) -> Path | None:
@@ -47,14 +35,10 @@ def _run_dir_of(step_dir: Path) -> Path | None:
 
 
 def find_run_data(cfg: RunConfig, run_dir: Path | None) -> Path | None:
-    """The prepared directory the run trained on, as training chose it: ``data.path`` when it is
-    a prepared directory, else ``<run>/data``; None when neither is there (any more)."""
-    source = Path(cfg.data.path)
-    if source.is_dir() and (source / "meta.json").exists():
-        return source
-    if run_dir is not None and (run_dir / "data" / "meta.json").exists():
-        return run_dir / "data"
-    return None
+    """The prepared directory the run trained on (:meth:`RunConfig.prepared_data_dir`), or None
+    when it is not there (any more)."""
+    data_dir = cfg.prepared_data_dir(run_dir) if run_dir is not None else Path(cfg.data.path)
+    return data_dir if (data_dir / "meta.json").exists() else None
 
 
 def _read_config(step_dir: Path) -> RunConfig:

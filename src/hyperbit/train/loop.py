@@ -34,10 +34,6 @@ from .config import RunConfig
 from .schedule import apply_schedule
 
 
-def start_fresh(out: Path, resume: bool) -> bool:
-    return not (resume and latest_checkpoint(out) is not None)
-
-
 class TrainingStopped(RuntimeError):
     """Training stopped on purpose (non-finite loss); the last good checkpoint is kept."""
 
@@ -72,17 +68,13 @@ def prepare_run_dir(out: Path, cfg: RunConfig | None, resume: bool, overwrite: b
 def load_data(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> tuple[TokenShards, TokenShards]:
     """Token shards for the run: a prepared directory, or the corpus tokenised once into out/data."""
     d = cfg.data
-    source = Path(d.path)
-    if source.is_dir() and (source / "meta.json").exists():
-        data_dir = source
-    else:
-        data_dir = out / "data"
-        if not (data_dir / "meta.json").exists():
-            log(f"preparing data: {d.path} -> {data_dir} ({d.tokenizer} tokenizer)")
-            prepare(d.path, data_dir, tokenizer=d.tokenizer,
-                    vocab_size=d.vocab_size if d.tokenizer == "bpe" else None,
-                    val_fraction=d.val_fraction, max_bytes=d.max_bytes or None, overwrite=True,
-                    text_field=d.text_field)
+    data_dir = cfg.prepared_data_dir(out)
+    if not (data_dir / "meta.json").exists():
+        log(f"preparing data: {d.path} -> {data_dir} ({d.tokenizer} tokenizer)")
+        prepare(d.path, data_dir, tokenizer=d.tokenizer,
+                vocab_size=d.vocab_size if d.tokenizer == "bpe" else None,
+                val_fraction=d.val_fraction, max_bytes=d.max_bytes or None, overwrite=True,
+                text_field=d.text_field)
     train, val = TokenShards(data_dir, "train"), TokenShards(data_dir, "val")
     train.check_vocab(cfg.model.vocab_size)
     return train, val
@@ -94,16 +86,17 @@ def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, overw
     CheckpointError (one-line messages) on bad input, TrainingStopped on a non-finite loss.
     Under ``torchrun`` it runs data-parallel (``train.distributed``: ddp or fsdp2)."""
     out = Path(out)
-    wanted = "cuda" if (cfg is not None and cfg.train.device == "cuda") or (
-        (cfg is None or cfg.train.device == "auto") and torch.cuda.is_available()) else "cpu"
-    info = distributed.setup(wanted)
+    kind = distributed.pick_device(cfg.train.device if cfg is not None else None).type
+    info = distributed.setup(kind)
     try:
-        return _train(cfg, out, resume, overwrite, log if info.is_main else (lambda _: None), info)
+        return _train(cfg, out, resume, overwrite, log if info.is_main else (lambda _: None), info,
+                      kind)
     finally:
         distributed.teardown(info)
 
 
-def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed.DistInfo) -> dict:
+def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed.DistInfo,
+           kind: str) -> dict:
     if info.is_main:
         cfg = prepare_run_dir(out, cfg, resume, overwrite)
     distributed.barrier(info)
@@ -120,19 +113,19 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
         raise ConfigError(f"train.batch_size / train.grad_accum = {micro} must be divisible by the "
                           f"{info.world_size} processes")
     per_rank = micro // info.world_size
-    use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{info.local_rank}" if use_cuda else "cpu")
+    device = torch.device(f"cuda:{info.local_rank}" if kind == "cuda" else "cpu")
     torch.manual_seed(t.seed)
     model = build_model(cfg.model).to(device)
-    if t.check_wiring and info.is_main and start_fresh(out, resume):
+    resume_from = latest_checkpoint(out) if resume else None
+    if t.check_wiring and info.is_main and resume_from is None:
         report = check_wiring(model)
         log(f"wiring check: {'PASS' if report.ok else 'FAIL'} ({cfg.model.pathway}, "
             f"n={cfg.model.streams}, {cfg.model.linear})")
         if not report.ok:
             raise ConfigError(f"the model fails the wiring check: {report.problems[0]}")
     start, ckpt = 0, None
-    if resume and latest_checkpoint(out) is not None:
-        ckpt = load_checkpoint(out, model, None, map_location=device)
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from, model, None, map_location=device)
         start = ckpt["step"]
     sharded = t.distributed == "fsdp2" and info.enabled
     runner = distributed.wrap(model, t.distributed, info, device)
