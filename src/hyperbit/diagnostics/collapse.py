@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .connections import PathwayState, pathway_states
+
 
 def consecutive_cosine(inputs: list[Tensor], quantiles=(0.05, 0.5, 0.95)) -> dict[str, Tensor]:
     """``inputs[k]``: branch k's input, ``(..., d)``. Returns ``{"p05", "median", "p95"}``, each of
@@ -27,24 +29,14 @@ def consecutive_cosine(inputs: list[Tensor], quantiles=(0.05, 0.5, 0.95)) -> dic
 def branch_inputs(model, idx: Tensor) -> list[Tensor]:
     """The (pre-norm) input of every branch of a TransformerLM on ``idx``: ``h`` for plain
     residuals, ``A_m^T H`` for hyper-connections (per token for dynamic ones)."""
-    from ..pathways import HyperConnection
+    return inputs_from_states(pathway_states(model, idx))
 
-    states = []
-    hooks = [p.register_forward_pre_hook(lambda m, a: states.append((m, a[0])))
-             for p in model.pathways()]
-    try:
-        model(idx)
-    finally:
-        for h in hooks:
-            h.remove()
-    out = []
-    for pathway, h in states:
-        if isinstance(pathway, HyperConnection):
-            alpha, _ = pathway.connection_weights(h)
-            out.append((alpha[..., :, 0, None] * h.float()).sum(-2))  # (B, T, d)
-        else:
-            out.append(h)
-    return out
+
+@torch.no_grad()
+def inputs_from_states(states: list[PathwayState]) -> list[Tensor]:
+    """Branch inputs from :func:`~hyperbit.diagnostics.connections.pathway_states`."""
+    return [st.h if st.alpha is None else (st.alpha[..., :, 0, None] * st.h.float()).sum(-2)  # (B, T, d)
+            for st in states]
 
 
 def collapse(model, idx: Tensor) -> dict[str, Tensor]:

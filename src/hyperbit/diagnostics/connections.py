@@ -28,6 +28,12 @@ class BranchWeights:
     a_r: Tensor  # (n, n)  A_r: stream mixing, H' = A_r^T H
 
 
+def _residual() -> BranchWeights:
+    """A plain residual connection: the n = 1 case ``B = A_m = A_r = 1``."""
+    one = torch.ones(1)
+    return BranchWeights(one, one, one.view(1, 1))
+
+
 def from_matrix(matrix: Tensor) -> BranchWeights:
     """Split an ``(n+1, n+1)`` connection matrix ``[[0, B], [A_m, A_r]]``."""
     return BranchWeights(beta=matrix[0, 1:], a_m=matrix[1:, 0], a_r=matrix[1:, 1:])
@@ -65,6 +71,54 @@ def composite_gain(branches: list[BranchWeights]) -> tuple[Tensor, Tensor]:
     return torch.stack(rows), torch.stack(cols)
 
 
+@dataclass
+class PathwayState:
+    """What one branch's pathway saw in a forward pass: the state, and for hyper-connections the
+    connection weights (per token for dynamic ones) computed from it."""
+
+    pathway: object
+    h: Tensor  # the residual (B, T, d) or the streams (B, T, n, d)
+    alpha: Tensor | None = None  # (n, n+1) or (B, T, n, n+1), fp32; None for plain residuals
+    beta: Tensor | None = None  # (n,) or (B, T, n)
+
+
+@torch.no_grad()
+def pathway_states(model, idx: Tensor) -> list[PathwayState]:
+    """Run ``model`` on ``idx`` once and record every branch's :class:`PathwayState`, in execution
+    order. The weights are computed inside the forward pass, where sharded (FSDP2) parameters are
+    gathered."""
+    from ..pathways import HyperConnection
+
+    states = []
+
+    def record(mod, args):
+        weights = mod.connection_weights(args[0]) if isinstance(mod, HyperConnection) else (None, None)
+        states.append(PathwayState(mod, args[0], *weights))
+
+    hooks = [p.register_forward_pre_hook(record) for p in model.pathways()]
+    try:
+        model(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    return states
+
+
+def branch_weights_from_states(states: list[PathwayState]) -> list[BranchWeights]:
+    """Connection weights per branch from :func:`pathway_states`: static matrices as they are,
+    dynamic ones averaged over the tokens. Plain residuals are the n = 1 identity connection."""
+    out = []
+    for st in states:
+        if st.alpha is None:
+            out.append(_residual())
+            continue
+        alpha, beta = st.alpha.detach(), st.beta.detach()
+        alpha = alpha.reshape(-1, *alpha.shape[-2:]).mean(0) if alpha.dim() > 2 else alpha
+        beta = beta.reshape(-1, beta.shape[-1]).mean(0) if beta.dim() > 1 else beta
+        out.append(BranchWeights(beta=beta.float(), a_m=alpha[:, 0].float(), a_r=alpha[:, 1:].float()))
+    return out
+
+
 def model_branch_weights(model, idx: Tensor | None = None) -> list[BranchWeights]:
     """Connection weights of every branch of a :class:`~hyperbit.models.TransformerLM`: static
     matrices as they are; dynamic ones averaged over the tokens of ``idx`` (required for DHC).
@@ -72,26 +126,10 @@ def model_branch_weights(model, idx: Tensor | None = None) -> list[BranchWeights
     from ..pathways import HyperConnection
 
     pathways = model.pathways()
-    if not isinstance(pathways[0], HyperConnection):
-        one = torch.ones(1)
-        return [BranchWeights(one, one, one.view(1, 1)) for _ in pathways]
-    if not any(p.dynamic for p in pathways):
-        return [from_matrix(p.matrix()) for p in pathways]
+    if not any(isinstance(p, HyperConnection) and p.dynamic for p in pathways):
+        with torch.no_grad():
+            return [from_matrix(p.matrix()) if isinstance(p, HyperConnection) else _residual()
+                    for p in pathways]
     if idx is None:
         raise ValueError("dynamic hyper-connections need a batch of token ids (idx) to average over")
-    states = []
-    hooks = [p.register_forward_pre_hook(lambda mod, args: states.append(args[0])) for p in pathways]
-    try:
-        with torch.no_grad():
-            model(idx)
-    finally:
-        for h in hooks:
-            h.remove()
-    out = []
-    with torch.no_grad():
-        for p, h in zip(pathways, states):
-            alpha, beta = p.connection_weights(h)  # per token: (B, T, n, n+1), (B, T, n)
-            alpha = alpha.reshape(-1, *alpha.shape[-2:]).mean(0) if alpha.dim() > 2 else alpha
-            beta = beta.reshape(-1, beta.shape[-1]).mean(0) if beta.dim() > 1 else beta
-            out.append(BranchWeights(beta=beta.float(), a_m=alpha[:, 0].float(), a_r=alpha[:, 1:].float()))
-    return out
+    return branch_weights_from_states(pathway_states(model, idx))

@@ -40,6 +40,7 @@ class TrainConfig:
     eval_every: int = 100  # 0 = only at the end
     eval_batches: int = 8
     save_every: int = 100  # 0 = only at the end
+    monitor_every: int = 100  # log composite gain and collapse every k steps (0 = off)
     keep_last: int = 2
     check_wiring: bool = True  # run the wiring check on the model before the first step
 
@@ -52,7 +53,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "log_every", "eval_every", "save_every"):
+        for name in ("warmup_steps", "log_every", "eval_every", "save_every", "monitor_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:

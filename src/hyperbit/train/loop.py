@@ -24,7 +24,7 @@ import torch
 
 from ..config import ConfigError
 from ..data import DataError, TokenShards, prepare
-from ..diagnostics import check_wiring
+from ..diagnostics import check_wiring, pathway_summary
 from ..models import build_model
 from ..optim import param_groups
 from . import distributed
@@ -150,6 +150,7 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
     metrics_file = (out / "metrics.jsonl").open("a") if info.is_main else None
     board = _tensorboard(out) if info.is_main else None
     progress = _Progress(t.steps, start, tokens_per_step, log, enabled=info.is_main)
+    monitor_idx = _monitor_batch(val_data, t.seq_len).to(device) if t.monitor_every else None
     last = {}
     try:
         for step in range(start, t.steps):
@@ -189,6 +190,12 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
                                       f"{evaluation['val_bpb']:.4f} bits/byte")
                         last.update(evaluation)
                 distributed.barrier(info)
+            if monitor_idx is not None and (done % t.monitor_every == 0 or done == t.steps):
+                if info.is_main or sharded:
+                    with autocast:
+                        summary = pathway_summary(model, monitor_idx)
+                    if info.is_main:
+                        _write_metrics(metrics_file, {"step": done, "monitor": summary}, board)
             if (t.save_every and done % t.save_every == 0) or done == t.steps:
                 # FSDP2: every rank joins gathering the full state; rank 0 writes it
                 model_state, optim_state = (gather_full_state(model, optimizer) if sharded
@@ -227,6 +234,15 @@ def evaluate(model, data: TokenShards, seq_len: int, batch: int, max_batches: in
     if count == 0:
         raise DataError("the validation split is too small for one evaluation window")
     return {"val_loss": nats / count, "val_bpb": nats / math.log(2) / max(bytes_, 1.0)}
+
+
+def _monitor_batch(data: TokenShards, seq_len: int) -> torch.Tensor:
+    """The fixed batch the training monitors read: the first two validation windows (enough
+    tokens for the collapse quantiles, a fraction of a training step to run)."""
+    first = next(data.iter_eval_batches(2, seq_len, max_batches=1), None)
+    if first is None:
+        raise DataError("the validation split is too small for one evaluation window")
+    return first[0]
 
 
 class _Progress:
@@ -281,7 +297,10 @@ def _write_metrics(f, record: dict, board=None) -> None:
     f.flush()
     if board is not None:
         for key, value in record.items():
-            if key != "step":
+            if key == "monitor":  # per-depth lists: the deepest value of each
+                for name, values in value.items():
+                    board.add_scalar(f"monitor/{name}_last", values[-1], record["step"])
+            elif key != "step":
                 board.add_scalar(key, value, record["step"])
 
 
