@@ -21,7 +21,7 @@ def consecutive_cosine(inputs: list[Tensor], quantiles=(0.05, 0.5, 0.95)) -> dic
         raise ValueError("need the inputs of at least two branches")
     cos = torch.stack([F.cosine_similarity(a.float(), b.float(), dim=-1).flatten()
                        for a, b in zip(inputs, inputs[1:])])  # (K-1, tokens)
-    q = torch.quantile(cos, torch.tensor(quantiles, dtype=cos.dtype), dim=1)  # (3, K-1)
+    q = torch.quantile(cos, torch.tensor(quantiles, dtype=cos.dtype, device=cos.device), dim=1)  # (3, K-1)
     return {"p05": q[0], "median": q[1], "p95": q[2]}
 
 

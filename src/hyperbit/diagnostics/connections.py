@@ -45,10 +45,10 @@ def unfold(branches: list[BranchWeights]) -> Tensor:
     output over columns ``0 .. K`` (it also sees the last branch)."""
     K = len(branches)
     n = branches[0].a_m.numel()
-    ones = torch.ones(n, dtype=torch.float64)
+    ones = torch.ones(n, dtype=torch.float64, device=branches[0].a_r.device)
     # written[j]: the stream vector that output j occupies right after it is written
     written = [ones] + [b.beta.double() for b in branches]
-    C = torch.zeros(K + 1, K + 1, dtype=torch.float64)
+    C = torch.zeros(K + 1, K + 1, dtype=torch.float64, device=ones.device)
     for k in range(1, K + 2):  # k = K + 1 is the model output
         read = branches[k - 1].a_m.double() if k <= K else ones
         for j in range(k):
@@ -62,7 +62,7 @@ def unfold(branches: list[BranchWeights]) -> Tensor:
 def composite_gain(branches: list[BranchWeights]) -> tuple[Tensor, Tensor]:
     """Largest absolute row sum and column sum of ``A_r^1 A_r^2 ... A_r^k`` for every depth k:
     how much the stream mixing alone can amplify a signal (the quantity mHC bounds)."""
-    product = torch.eye(branches[0].a_m.numel(), dtype=torch.float64)
+    product = torch.eye(branches[0].a_m.numel(), dtype=torch.float64, device=branches[0].a_r.device)
     rows, cols = [], []
     for b in branches:
         product = product @ b.a_r.double()
@@ -122,7 +122,8 @@ def branch_weights_from_states(states: list[PathwayState]) -> list[BranchWeights
 def model_branch_weights(model, idx: Tensor | None = None) -> list[BranchWeights]:
     """Connection weights of every branch of a :class:`~hyperbit.models.TransformerLM`: static
     matrices as they are; dynamic ones averaged over the tokens of ``idx`` (required for DHC).
-    Plain residual pathways are the n = 1 identity connection."""
+    Plain residual pathways are the n = 1 identity connection; for Post-Norm that describes only
+    its additions (its normalisation of the whole residual is not a fixed linear map)."""
     from ..pathways import HyperConnection
 
     pathways = model.pathways()

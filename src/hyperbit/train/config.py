@@ -138,6 +138,12 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
              "train": dict(steps=1500, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=100,
                            eval_every=500, save_every=500),
              "data": dict(path="pystdlib", max_bytes=4_000_000)},
+    # Deep and narrow, where the residual pathway matters: 16 blocks (32 branches) of width 64.
+    # About 2-4 min per run on 2 cores; `hyperbit compare --preset deep` is docs/results.md.
+    "deep": {"model": dict(dim=64, n_layers=16, n_heads=4, max_seq_len=128),
+             "train": dict(steps=600, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=60,
+                           eval_every=200, eval_batches=8, save_every=100, monitor_every=50),
+             "data": dict(path="pystdlib", max_bytes=4_000_000)},
     # Seconds: for tests and smoke runs.
     "tiny": {"model": dict(dim=32, n_layers=2, n_heads=4, max_seq_len=64),
              "train": dict(steps=20, batch_size=4, seq_len=32, warmup_steps=2, log_every=5,

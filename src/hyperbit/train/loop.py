@@ -30,7 +30,7 @@ from ..optim import param_groups
 from . import distributed
 from .sharded_state import ShardedOptimizerLoader, gather_full_state
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
-from .config import RunConfig
+from .config import DataConfig, RunConfig
 from .schedule import apply_schedule
 
 
@@ -65,16 +65,20 @@ def prepare_run_dir(out: Path, cfg: RunConfig | None, resume: bool, overwrite: b
     return cfg
 
 
+def prepare_data(d: DataConfig, data_dir: Path, log: Callable[[str], None]) -> None:
+    """Tokenise the corpus ``d`` describes into ``data_dir``, once (kept if already there)."""
+    if (data_dir / "meta.json").exists():
+        return
+    log(f"preparing data: {d.path} -> {data_dir} ({d.tokenizer} tokenizer)")
+    prepare(d.path, data_dir, tokenizer=d.tokenizer, vocab_size=d.vocab_size if d.tokenizer == "bpe" else None,
+            val_fraction=d.val_fraction, max_bytes=d.max_bytes or None, overwrite=True,
+            text_field=d.text_field)
+
+
 def load_data(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> tuple[TokenShards, TokenShards]:
     """Token shards for the run: a prepared directory, or the corpus tokenised once into out/data."""
-    d = cfg.data
     data_dir = cfg.prepared_data_dir(out)
-    if not (data_dir / "meta.json").exists():
-        log(f"preparing data: {d.path} -> {data_dir} ({d.tokenizer} tokenizer)")
-        prepare(d.path, data_dir, tokenizer=d.tokenizer,
-                vocab_size=d.vocab_size if d.tokenizer == "bpe" else None,
-                val_fraction=d.val_fraction, max_bytes=d.max_bytes or None, overwrite=True,
-                text_field=d.text_field)
+    prepare_data(cfg.data, data_dir, log)
     train, val = TokenShards(data_dir, "train"), TokenShards(data_dir, "val")
     train.check_vocab(cfg.model.vocab_size)
     return train, val
@@ -135,12 +139,12 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
         load_checkpoint(ckpt["path"], None, ShardedOptimizerLoader(model, optimizer) if sharded
                         else optimizer, map_location=device)
         restore_rng_state(ckpt)
-        if info.is_main:
-            _truncate_metrics(out / "metrics.jsonl", start)
         log(f"resumed from {ckpt['path']} at step {start}")
         if start >= t.steps:
             log(f"run already complete at step {start} of {t.steps}")
             return {}
+    if info.is_main:  # metrics logged after the checkpoint (or, with none, at all) are logged again
+        _truncate_metrics(out / "metrics.jsonl", start)
     if t.compile:
         runner = torch.compile(runner)
     schedule = t.schedule_obj()
@@ -340,4 +344,4 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
     return ""
 
 
-__all__ = ["TrainingStopped", "evaluate", "load_data", "prepare_run_dir", "train"]
+__all__ = ["TrainingStopped", "evaluate", "load_data", "prepare_data", "prepare_run_dir", "train"]

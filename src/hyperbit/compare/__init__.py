@@ -1,0 +1,1 @@
+"""hyperbit compare: train a grid of runs and report on them."""
