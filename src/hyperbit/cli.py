@@ -11,6 +11,11 @@
                                                        validation loss and bits/byte of a checkpoint
     hyperbit generate CKPT --prompt TEXT [--max-tokens N] [--temperature T] [--top-k K]
                    [--top-p P] [--seed S] [--no-cache] continue a prompt with a trained model
+    hyperbit compare [--preset NAME] [--out DIR] [--arms A,B,...] [--seeds N|LIST] [--axis K=V1,V2]
+                   [--tokens N] [--baseline ARM] [--report-only] [section.key=value ...]
+                                                       train a grid of runs, then write a report
+    hyperbit inspect CKPT [--out DIR] [--data DIR] [--batch-size N] [--seq N] [--json]
+                                                       plots + JSON: connection matrix, collapse, gain
 
 CKPT is a run directory (its latest checkpoint), its checkpoints/ directory or one step directory.
 
@@ -207,6 +212,55 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from .compare.grid import parse_axis, parse_seeds, plan, prepare_shared_data, run_grid, run_status
+    from .compare.report import load_run, write_report
+
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    baseline = args.baseline or arms[0] if arms else None
+    if args.tokens is not None and args.tokens < 1:
+        raise ConfigError(f"--tokens must be >= 1, got {args.tokens}")
+    specs = plan(args.preset, args.overrides, arms, [parse_axis(a) for a in args.axis],
+                 parse_seeds(args.seeds), int(args.tokens) if args.tokens else None)
+    labels = list(dict.fromkeys(s.arm for s in specs))
+    if baseline not in arms:
+        raise ConfigError(f"--baseline {baseline!r} is not one of the arms {arms}")
+    baseline = next(label for label in labels if label.split(",")[0] == baseline)
+    out = Path(args.out or f"runs/compare-{args.preset or 'default'}")
+    if out.exists() and any(out.iterdir()) and not (out / "compare.json").exists():
+        raise ConfigError(f"{out} exists and is not a hyperbit compare directory; choose another --out")
+    command = "hyperbit compare " + shlex.join(args.argv)
+    if args.dry_run:
+        for s in specs:
+            print(f"{s.name}: {s.config.train.steps} steps x {s.config.train.batch_size} x "
+                  f"{s.config.train.seq_len} tokens")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps({"command": command, "baseline": baseline,
+                                                  "runs": [s.name for s in specs]}, indent=2) + "\n")
+    prepare_shared_data(specs, out, print)
+    if args.report_only:
+        statuses = {s.name: run_status(out / "runs" / s.name, s.config.train.steps) for s in specs}
+    else:
+        statuses = run_grid(specs, out, print)
+    records = [load_run(out / "runs" / s.name, s.name, s.arm, s.seed) for s in specs
+               if statuses[s.name] != "new"]
+    if not records:
+        raise ConfigError(f"no runs in {out} to report on yet; run without --report-only")
+    write_report(records, out / "report", baseline=baseline, command=command)
+    print(f"report: {out / 'report' / 'report.md'}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .diagnostics.inspect import cmd_inspect as run
+
+    return run(args)
+
+
 def _os_error(e: OSError):
     from .data import DataError
 
@@ -290,7 +344,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence every step (slow)")
     p.set_defaults(fn=cmd_generate)
+
+    from .compare.grid import DEFAULT_ARMS
+
+    p = sub.add_parser("compare", help="train a grid of pathways x seeds, then report (resumable)")
+    p.add_argument("--preset", choices=sorted(RUN_PRESETS), help="run preset every run starts from")
+    p.add_argument("--out", help="grid directory (default runs/compare-<preset>)")
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                   help="pathways: prenorm, postnorm, shcN, dhcN, sequential, parallelN "
+                        f"(default {','.join(DEFAULT_ARMS)})")
+    p.add_argument("--seeds", default="3", help="a count (3 = seeds 0,1,2) or a list 0,5,7 (default 3)")
+    p.add_argument("--axis", action="append", default=[], metavar="section.key=V1,V2",
+                   help="another grid axis, e.g. --axis train.lr=1e-3,3e-3 (repeatable)")
+    p.add_argument("--tokens", type=float,
+                   help="training tokens per run (default: the preset's steps x batch x seq)")
+    p.add_argument("--baseline", help="the arm differences are measured against (default: the first)")
+    p.add_argument("--report-only", action="store_true", help="train nothing; report on the runs so far")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every run")
+    p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("inspect", help="what a checkpoint's pathway learned: plots and a JSON summary")
+    _checkpoint_args(p)
+    p.add_argument("--out", metavar="DIR",
+                   help="report directory (default: <run>/inspect/step-<N>)")
+    p.add_argument("--data", metavar="DIR",
+                   help="a prepared dir whose val split to read (default: the run's own data)")
+    p.add_argument("--batch-size", type=int, default=8, help="validation windows to analyse (default 8)")
+    p.add_argument("--seq", type=int, help="tokens per window (default: the run's train.seq_len)")
+    p.add_argument("--json", action="store_true", help="print the JSON summary to stdout")
+    p.set_defaults(fn=cmd_inspect)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
     from .data import DataError
     from .train.checkpoint import CheckpointError
     from .train.loop import TrainingStopped
