@@ -49,3 +49,18 @@ def test_pathway_overhead_quick(tmp_path):
     assert isinstance(targets["dhc4_step"]["passed"], bool)
     assert isinstance(targets["dhc4_peak_memory"]["passed"], bool)
     assert targets["bitlinear_step"]["passed"] is None  # prenorm_bitnet was not run
+
+
+def test_inspect_time_smoke(tmp_path):
+    out = tmp_path / "inspect_time.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "inspect_time.py"), "--repeats", "1",
+                           "--steps", "2", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "hyperbit inspect (whole command)" in proc.stdout and "targets" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "inspect_time" and data["settings"]["repeats"] == 1
+    for key in ("command_s", "import_torch_s", "analysis_s"):
+        assert data[key]["n"] == 1 and data[key]["median"] > 0, key
+    assert data["command_s"]["median"] > data["analysis_s"]["median"]  # start-up and plots on top
+    assert data["targets"][0]["passed"] is (data["command_s"]["median"] < 30.0)

@@ -28,7 +28,6 @@ from ..diagnostics import check_wiring, pathway_summary
 from ..models import build_model
 from ..optim import param_groups
 from . import distributed
-from .sharded_state import ShardedOptimizerLoader, gather_full_state
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import DataConfig, RunConfig
 from .schedule import apply_schedule
@@ -136,7 +135,7 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr,
                                   betas=(t.beta1, t.beta2), fused=device.type == "cuda" or None)
     if ckpt is not None:
-        load_checkpoint(ckpt["path"], None, ShardedOptimizerLoader(model, optimizer) if sharded
+        load_checkpoint(ckpt["path"], None, _sharded().ShardedOptimizerLoader(model, optimizer) if sharded
                         else optimizer, map_location=device)
         restore_rng_state(ckpt)
         log(f"resumed from {ckpt['path']} at step {start}")
@@ -202,7 +201,7 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
                         _write_metrics(metrics_file, {"step": done, "monitor": summary}, board)
             if (t.save_every and done % t.save_every == 0) or done == t.steps:
                 # FSDP2: every rank joins gathering the full state; rank 0 writes it
-                model_state, optim_state = (gather_full_state(model, optimizer) if sharded
+                model_state, optim_state = (_sharded().gather_full_state(model, optimizer) if sharded
                                             else (model, optimizer))
                 if info.is_main:
                     save_checkpoint(out, done, model_state, optim_state, cfg.to_dict(),
@@ -238,6 +237,14 @@ def evaluate(model, data: TokenShards, seq_len: int, batch: int, max_batches: in
     if count == 0:
         raise DataError("the validation split is too small for one evaluation window")
     return {"val_loss": nats / count, "val_bpb": nats / math.log(2) / max(bytes_, 1.0)}
+
+
+def _sharded():
+    """FSDP2 state helpers, imported only by sharded runs: ``torch.distributed.checkpoint`` costs
+    most of a second to import, which every other command would pay through ``TrainingStopped``."""
+    from . import sharded_state
+
+    return sharded_state
 
 
 def _monitor_batch(data: TokenShards, seq_len: int) -> torch.Tensor:
