@@ -397,10 +397,13 @@ def _plot_connections(plt, s: dict[str, Any], labels: list[str]) -> Any:
               ("Post-Norm (idealised)", refs["postnorm"]["C"]), ("parallel n=2", refs["parallel_n2"]["C"])]
     K1 = len(labels)
     size = max(3.5, 0.32 * K1 + 1.5)
-    fig, axes = plt.subplots(1, 4, figsize=(4 * size, size))
+    fig, axes = plt.subplots(2, 2, figsize=(2 * size, 2 * size))
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.92")  # the undefined upper triangle
     rows = labels[1:] + ["out"]
-    for ax, (title, C) in zip(axes, panels):
+    fig.suptitle("unfolded connection matrix C, each row divided by its largest |c| (every branch "
+                 "and the output read through a norm,\nso only a row's relative weights matter; raw "
+                 "values in summary.json)", fontsize=9)
+    for ax, (title, C) in zip(axes.flat, panels):
         ax.set_title(title, fontsize=9)
         if C is None:
             ax.text(0.5, 0.5, "not defined by fixed weights\n(Post-Norm renormalises)", ha="center",
@@ -408,9 +411,9 @@ def _plot_connections(plt, s: dict[str, Any], labels: list[str]) -> Any:
             ax.set_axis_off()
             continue
         arr = np.array([[_nan(v) for v in row] for row in C])
+        arr = arr / np.maximum(np.nanmax(np.abs(np.tril(arr)), axis=1, keepdims=True), 1e-30)
         masked = np.ma.masked_where(np.triu(np.ones_like(arr, dtype=bool), 1), arr)
-        vmax = float(np.nanmax(np.abs(arr))) or 1.0
-        im = ax.imshow(masked, cmap=cmap, vmin=-vmax, vmax=vmax)  # symmetric: 0 is white
+        im = ax.imshow(masked, cmap=cmap, vmin=-1.0, vmax=1.0)  # symmetric: 0 is white
         ax.set_xticks(range(K1), labels, rotation=90, fontsize=7)
         ax.set_yticks(range(K1), rows, fontsize=7)
         ax.set_xlabel("output of", fontsize=8)
