@@ -140,7 +140,11 @@ def test_dynamic_hc_report_equals_the_diagnostics_computed_directly(runs, capsys
         _close(summary["collapse"][key], direct[key])
     with torch.no_grad():
         _, loss = model(x, y)
+        emb = model.embed(x)
     assert summary["loss"] == pytest.approx(loss.item(), abs=1e-5)
+    rms = summary["output_rms"]  # embedding, then every branch output in execution order
+    assert len(rms) == K + 1 and rms[0] == pytest.approx(emb.pow(2).mean(-1).sqrt().mean().item(), rel=1e-5)
+    _close(summary["connection_matrix"]["C_times_rms"], C * torch.tensor(rms, dtype=torch.float64))
 
     gn = summary["grad_norm"]
     per_layer = gn["attn"] + gn["ffn"] + gn["pathway"]

@@ -6,7 +6,9 @@ report computes, in fp32 with the model in eval mode:
 - the unfolded connection matrix ``C`` (spec section 5; dynamic HC: the token-averaged weights)
   beside three references of the same size: Pre-Norm, an idealised Post-Norm and the parallel
   n = 2 preset (:func:`reference_matrices`). The learned matrix is only comparable to them
-  because all four are unfolded the same way;
+  because all four are unfolded the same way. ``C`` weighs outputs of very different sizes (the
+  embedding is usually far smaller than a branch output), so the report also gives each output's
+  RMS and ``C`` times it, column by column: what each branch input is actually made of;
 - representation collapse (spec section 6): cosine of consecutive branch inputs per depth;
 - composite gain: largest absolute row / column sum of the product of stream-mixing matrices;
 - the gradient norm of every block's attention, FFN and pathway parameters, plus embedding and
@@ -39,7 +41,7 @@ from ..config import ConfigError
 from ..data import DataError, TokenShards
 from ..pathways import HyperConnection, parallel_matrix
 from ..plots import pyplot, save
-from .collapse import branch_inputs, consecutive_cosine
+from .collapse import collapse
 from .connections import BranchWeights, composite_gain, from_matrix, model_branch_weights, unfold
 
 SUMMARY_FILE = "summary.json"
@@ -106,6 +108,25 @@ def _captured_states(model: nn.Module) -> Iterator[list[Tensor]]:
              for p in model.pathways()]
     try:
         yield states
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextmanager
+def _output_rms(model: nn.Module) -> Iterator[list[Tensor]]:
+    """The RMS over features of every output the residual pathway carries (embedding, then each
+    branch in execution order), averaged over the tokens: C's coefficients multiply outputs of
+    very different sizes (the embedding is typically far smaller than a branch output)."""
+    rms: list[Tensor] = []
+
+    def record(mod, args, output):
+        rms.append(output.detach().float().pow(2).mean(-1).sqrt().mean().cpu())
+
+    modules = [model.embed] + [m for block in model.blocks for m in (block.attn, block.ffn)]
+    hooks = [m.register_forward_hook(record) for m in modules]
+    try:
+        yield rms
     finally:
         for h in hooks:
             h.remove()
@@ -185,22 +206,22 @@ def analyse(model: nn.Module, idx: Tensor, targets: Tensor) -> dict[str, Any]:
         out["connection_matrix"] = {"C": None, "reason": reason, "token_average": False}
         out["composite_gain"] = {"row": None, "col": None, "max": None, "reason": reason}
     else:
-        # on the CPU: unfold and composite_gain build their ones / identity there
-        branches = [BranchWeights(b.beta.cpu(), b.a_m.cpu(), b.a_r.cpu())
-                    for b in model_branch_weights(model, idx)]
+        branches = model_branch_weights(model, idx)
         C = unfold(branches)
         out["connection_matrix"] = {"C": [_floats(r) for r in C], "reason": None, "token_average": dynamic}
         rows, cols = composite_gain(branches)
         out["composite_gain"] = {"row": _floats(rows), "col": _floats(cols),
                                  "max": _num(max(rows.max(), cols.max())), "reason": None}
-    # = collapse(model, idx), with the quantiles on the CPU (torch.quantile wants q on the input's device)
-    c = consecutive_cosine([x.cpu() for x in branch_inputs(model, idx)])
+    c = collapse(model, idx)
     out["collapse"] = {key: _floats(c[key]) for key in ("median", "p05", "p95")}
-    with _captured_states(model) as states, torch.enable_grad():
+    with _captured_states(model) as states, _output_rms(model) as rms, torch.enable_grad():
         model.zero_grad(set_to_none=True)
         _, loss = model(idx, targets)
         loss.backward()
     out["loss"] = _num(loss.detach())
+    out["output_rms"] = _floats(torch.stack(rms))
+    if not postnorm:  # what row k actually sums: coefficient x the size of what it weights
+        out["connection_matrix"]["C_times_rms"] = [_floats(r) for r in C.cpu() * torch.stack(rms).double()]
     out["grad_norm"] = gradient_norms(model)
     model.zero_grad(set_to_none=True)
     out["dynamic_weights"] = dynamic_weight_quantiles(pathways, states) if dynamic else None
@@ -287,6 +308,7 @@ def inspect_checkpoint(checkpoint: str | Path, *, out: str | Path | None = None,
         "batch": {"data": str(data_dir), "split": "val", "windows": int(x.shape[0]), "seq_len": seq,
                   "tokens": int(x.numel())},
         "loss": result["loss"],
+        "output_rms": result["output_rms"],
         "connection_matrix": learned,
         "embedding_in_output": _embedding_in_output(learned["C"]),
         "references": {name: {"definition": REFERENCE_DEFINITIONS[name], "C": [_floats(r) for r in m]}
@@ -393,11 +415,15 @@ def _plot_connections(plt, s: dict[str, Any], labels: list[str]) -> Any:
                                                   and m["pathway"] != "postnorm" else "")
     learned_title += ", token mean)" if s["connection_matrix"]["token_average"] else ")"
     refs = s["references"]
-    panels = [(learned_title, s["connection_matrix"]["C"]), ("Pre-Norm", refs["prenorm"]["C"]),
-              ("Post-Norm (idealised)", refs["postnorm"]["C"]), ("parallel n=2", refs["parallel_n2"]["C"])]
+    scaled = s["connection_matrix"].get("C_times_rms")
+    panels = [(learned_title, s["connection_matrix"]["C"]),
+              ("learned x output RMS (what each input actually sums)", scaled),
+              ("Pre-Norm", refs["prenorm"]["C"]), ("Post-Norm (idealised)", refs["postnorm"]["C"]),
+              ("parallel n=2", refs["parallel_n2"]["C"])]
     K1 = len(labels)
     size = max(3.5, 0.32 * K1 + 1.5)
-    fig, axes = plt.subplots(2, 2, figsize=(2 * size, 2 * size))
+    fig, axes = plt.subplots(2, 3, figsize=(3 * size, 2 * size))
+    axes.flat[-1].set_axis_off()
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.92")  # the undefined upper triangle
     rows = labels[1:] + ["out"]
     fig.suptitle("unfolded connection matrix C, each row divided by its largest |c| (every branch "
