@@ -104,23 +104,29 @@ def test_grid_killed_mid_run_resumes_and_reports(tmp_path, capsys):
     assert [r["name"] for r in summary["runs"]] == RUNS and summary["unfinished"] == []
 
 
-def test_a_diverged_run_is_recorded_and_not_retried(tmp_path, monkeypatch, capsys):
+def test_a_diverged_run_is_recorded_reported_and_not_retried(tmp_path, monkeypatch):
     from hyperbit.train import loop
 
-    calls = []
+    real_train, calls = loop.train, []
 
-    def fake_train(cfg, out, resume=False):
+    def train_or_diverge(cfg, out, resume=False):  # Post-Norm "diverges" at step 3
         calls.append(Path(out).name)
+        if cfg.model.pathway != "postnorm":
+            return real_train(cfg, out, resume=resume)
         Path(out).mkdir(parents=True)
         (Path(out) / "config.json").write_text(cfg.to_json())
-        raise loop.TrainingStopped("non-finite loss (nan) at step 3")
+        raise loop.TrainingStopped("non-finite loss (nan) or gradient norm at step 3")
 
-    monkeypatch.setattr(loop, "train", fake_train)
-    specs = grid.plan("tiny", [], ["postnorm"], [], [0])
-    assert grid.run_grid(specs, tmp_path, print) == {"postnorm-s0": "diverged"}
-    assert grid.run_grid(specs, tmp_path, print) == {"postnorm-s0": "diverged"}
-    assert calls == ["postnorm-s0"]  # deterministic: resuming would only diverge again
-    assert "non-finite" in json.loads((tmp_path / "runs" / "postnorm-s0" / grid.STOPPED).read_text())["reason"]
+    monkeypatch.setattr(loop, "train", train_or_diverge)
+    args = ("tiny", ["train.steps=3", "train.eval_batches=1"], ["prenorm", "postnorm"], [], [0])
+    report = grid.compare(*args, out=tmp_path)
+    assert calls == ["prenorm-s0", "postnorm-s0"]
+    assert grid.run_status(tmp_path / "runs" / "postnorm-s0", 3) == "diverged"
+    assert grid.compare(*args, out=tmp_path) == report
+    assert calls == ["prenorm-s0", "postnorm-s0"]  # deterministic: resuming would only diverge again
+    text = report.read_text()
+    assert "- postnorm-s0 (arm postnorm, seed 0): **diverged**: non-finite loss" in text
+    assert "| postnorm | 0 (+1 unfinished) |" in text
 
 
 def test_bad_input_is_one_line_and_touches_nothing(tmp_path, capsys):

@@ -214,44 +214,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     import shlex
-    from pathlib import Path
 
-    from .compare.grid import parse_axis, parse_seeds, plan, prepare_shared_data, run_grid, run_status
-    from .compare.report import load_run, write_report
+    from .compare.grid import compare, parse_axis, parse_seeds
 
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    baseline = args.baseline or arms[0] if arms else None
     if args.tokens is not None and args.tokens < 1:
         raise ConfigError(f"--tokens must be >= 1, got {args.tokens}")
-    specs = plan(args.preset, args.overrides, arms, [parse_axis(a) for a in args.axis],
-                 parse_seeds(args.seeds), int(args.tokens) if args.tokens else None)
-    labels = list(dict.fromkeys(s.arm for s in specs))
-    if baseline not in arms:
-        raise ConfigError(f"--baseline {baseline!r} is not one of the arms {arms}")
-    baseline = next(label for label in labels if label.split(",")[0] == baseline)
-    out = Path(args.out or f"runs/compare-{args.preset or 'default'}")
-    if out.exists() and any(out.iterdir()) and not (out / "compare.json").exists():
-        raise ConfigError(f"{out} exists and is not a hyperbit compare directory; choose another --out")
-    command = "hyperbit compare " + shlex.join(args.argv)
-    if args.dry_run:
-        for s in specs:
-            print(f"{s.name}: {s.config.train.steps} steps x {s.config.train.batch_size} x "
-                  f"{s.config.train.seq_len} tokens")
-        return 0
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps({"command": command, "baseline": baseline,
-                                                  "runs": [s.name for s in specs]}, indent=2) + "\n")
-    prepare_shared_data(specs, out, print)
-    if args.report_only:
-        statuses = {s.name: run_status(out / "runs" / s.name, s.config.train.steps) for s in specs}
-    else:
-        statuses = run_grid(specs, out, print)
-    records = [load_run(out / "runs" / s.name, s.name, s.arm, s.seed) for s in specs
-               if statuses[s.name] != "new"]
-    if not records:
-        raise ConfigError(f"no runs in {out} to report on yet; run without --report-only")
-    write_report(records, out / "report", baseline=baseline, command=command)
-    print(f"report: {out / 'report' / 'report.md'}")
+    report = compare(args.preset, args.overrides, [a.strip() for a in args.arms.split(",") if a.strip()],
+                     [parse_axis(a) for a in args.axis], parse_seeds(args.seeds),
+                     tokens=int(args.tokens) if args.tokens else None, out=args.out, baseline=args.baseline,
+                     report_only=args.report_only, dry_run=args.dry_run,
+                     command="hyperbit compare " + shlex.join(args.argv))
+    if report is not None:
+        print(f"report: {report}")
     return 0
 
 

@@ -67,6 +67,7 @@ from pathlib import Path
 
 import numpy as np
 
+STOPPED = "stopped.json"  # in a run dir: the run diverged, {"reason": ...}
 DEFAULT_EMA = 0.98
 DEFAULT_SPIKE_THRESHOLD = 0.5  # nats; see the module docstring for why not 0.1
 WARMUP_FRACTION = 0.05  # the first 5% of steps are ignored when counting spikes
@@ -84,6 +85,7 @@ class RunRecord:
     seed: int
     config: dict  # the run's config.json
     metrics: list[dict]
+    stopped: str | None = None  # why training stopped early (non-finite loss), from stopped.json
 
 
 def load_run(run_dir: str | Path, name: str, arm: str, seed: int) -> RunRecord:
@@ -105,7 +107,13 @@ def load_run(run_dir: str | Path, name: str, arm: str, seed: int) -> RunRecord:
                 continue
             if isinstance(record, dict):
                 metrics.append(record)
-    return RunRecord(name=name, arm=arm, seed=int(seed), config=config, metrics=metrics)
+    stopped = None
+    if (run_dir / STOPPED).exists():  # written by the grid when a run hits a non-finite loss
+        try:
+            stopped = str(json.loads((run_dir / STOPPED).read_text())["reason"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            stopped = "stopped (unreadable reason)"
+    return RunRecord(name=name, arm=arm, seed=int(seed), config=config, metrics=metrics, stopped=stopped)
 
 
 @dataclass
@@ -288,7 +296,7 @@ def analyse(runs: list[RunRecord], baseline: str, *, ema: float = DEFAULT_EMA,
         # every row has every key (None where an unfinished run has no value): one schema to read
         row = {"name": r.name, "arm": r.arm, "seed": r.seed, "finished": s.finished,
                "last_step": s.last_step, "steps": s.steps_total, "val_loss": None, "val_bpb": None,
-               "final_ema_loss": None, "tok_s": None, "spikes": None}
+               "final_ema_loss": None, "tok_s": None, "spikes": None, "stopped": r.stopped}
         if not s.finished:
             unfinished.append(row)
         else:

@@ -26,11 +26,11 @@ from typing import Callable
 from ..config import ConfigError
 from ..train.checkpoint import latest_checkpoint
 from ..train.config import RunConfig, resolve_run_config
+from .analysis import STOPPED
 
 DEFAULT_ARMS = ("prenorm", "postnorm", "shc4", "dhc2", "dhc4")
 # model keys an arm sets; a common override may not set them too (the arm would silently win)
 ARM_KEYS = ("model.pathway", "model.expansion_rate", "model.hc_dynamic")
-STOPPED = "stopped.json"
 
 
 @dataclass
@@ -174,5 +174,50 @@ def run_grid(specs: list[RunSpec], out: Path, log: Callable[[str], None] = print
     return statuses
 
 
-__all__ = ["DEFAULT_ARMS", "RunSpec", "arm_overrides", "parse_axis", "parse_seeds", "plan",
+def compare(preset: str | None, overrides: list[str], arms: list[str], axes: list[tuple[str, list[str]]],
+            seeds: list[int], *, tokens: int | None = None, out: str | Path | None = None,
+            baseline: str | None = None, report_only: bool = False, dry_run: bool = False,
+            command: str | None = None, log: Callable[[str], None] = print) -> Path | None:
+    """``hyperbit compare``: plan the grid, train what is not finished (unless ``report_only``)
+    and write ``OUT/report/``; returns the path of report.md (None for ``dry_run``).
+    ``baseline`` is an arm name (default: the first arm); with override axes, the baseline is
+    that arm's first axis combination."""
+    from .report import load_run, write_report
+
+    specs = plan(preset, overrides, arms, axes, seeds, tokens)
+    baseline = baseline or arms[0]
+    if baseline not in arms:
+        raise ConfigError(f"--baseline {baseline!r} is not one of the arms {arms}")
+    baseline_label = next(s.arm for s in specs if s.arm.split(",")[0] == baseline)
+    out = Path(out or f"runs/compare-{preset or 'default'}")
+    if out.exists() and any(out.iterdir()) and not (out / "compare.json").exists():
+        raise ConfigError(f"{out} exists and is not a hyperbit compare directory; choose another --out")
+    if dry_run:
+        for s in specs:
+            t = s.config.train
+            log(f"{s.name}: {t.steps} steps x {t.batch_size} x {t.seq_len} tokens")
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "compare.json", {"command": command, "baseline": baseline_label,
+                                       "runs": [s.name for s in specs]})
+    prepare_shared_data(specs, out, log)
+    if report_only:
+        statuses = {s.name: run_status(out / "runs" / s.name, s.config.train.steps) for s in specs}
+    else:
+        statuses = run_grid(specs, out, log)
+    records = [load_run(out / "runs" / s.name, s.name, s.arm, s.seed) for s in specs
+               if statuses[s.name] != "new"]
+    if not records:
+        raise ConfigError(f"no runs in {out} to report on yet; run without --report-only")
+    write_report(records, out / "report", baseline=baseline_label, command=command)
+    return out / "report" / "report.md"
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+__all__ = ["DEFAULT_ARMS", "compare", "RunSpec", "arm_overrides", "parse_axis", "parse_seeds", "plan",
            "prepare_shared_data", "run_grid", "run_status"]

@@ -187,8 +187,9 @@ def _markdown(a: dict, title: str, command: str | None, generated: str,
     lines.append("")
     if a["unfinished"]:
         lines += ["## Unfinished runs", ""]
-        lines += [f"- {_cell(u['name'])} (arm {_cell(u['arm'])}, seed {u['seed']}): stopped at step "
-                  f"{u['last_step']} of {u['steps']}" for u in a["unfinished"]]
+        lines += [f"- {_cell(u['name'])} (arm {_cell(u['arm'])}, seed {u['seed']}): "
+                  + (f"**diverged**: {_cell(u['stopped'])}" if u["stopped"] else
+                     f"stopped at step {u['last_step']} of {u['steps']}") for u in a["unfinished"]]
         lines.append("")
     return "\n".join(lines)
 
