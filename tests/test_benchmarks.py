@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "pathway_overhead.py"
 
@@ -64,3 +66,18 @@ def test_inspect_time_smoke(tmp_path):
         assert data[key]["n"] == 1 and data[key]["median"] > 0, key
     assert data["command_s"]["median"] > data["analysis_s"]["median"]  # start-up and plots on top
     assert data["targets"][0]["passed"] is (data["command_s"]["median"] < 30.0)
+
+
+def test_monitor_cost_smoke(tmp_path):
+    out = tmp_path / "monitor_cost.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "monitor_cost.py"), "--preset", "tiny",
+                           "--rounds", "1", "--steps", "1", "--threads", "1", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "monitor/step" in proc.stdout and "targets" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "monitor_cost" and set(data["pathways"]) == {"prenorm", "dhc2", "dhc4"}
+    for name, p in data["pathways"].items():
+        assert p["step_ms"] > 0 and p["monitor_ms"] > 0, name
+        assert p["monitor_share"] == pytest.approx(p["monitor_ms"] / (p["monitor_every"] * p["step_ms"]))
+    assert [t["passed"] for t in data["targets"]] == [p["monitor_share"] < 0.01 for p in data["pathways"].values()]
