@@ -398,7 +398,7 @@ def _human(s: dict[str, Any]) -> str:
     if e is not None:
         verdict = "near 0: the output has dropped the embedding" if e["near_zero"] else "not near 0"
         lines.append(f"  embedding weight in the output row: {_fmt(e['weight'])} "
-                     f"({_fmt(e['relative_to_row_max'])} of the row's largest; {verdict})")
+                     f"({_fmt(e['relative_to_row_max'])} x the row's largest |c|; {verdict})")
     gn = s["grad_norm"]
     lines.append(f"  grad norm: total {_fmt(gn['total'])}, embedding {_fmt(gn['embed'])}, "
                  f"head {'tied' if gn['head'] is None else _fmt(gn['head'])}")
