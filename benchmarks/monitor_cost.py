@@ -9,10 +9,12 @@ Method: the preset's model (``deep`` by default: 16 blocks of width 64), built p
 training step is the full step ``train()`` runs (bf16 autocast forward, backward, AdamW step) on
 the preset's batch; a monitor is ``hyperbit.diagnostics.pathway_summary`` under the same autocast
 on the two validation-sized windows the loop uses (2 x seq_len tokens), exactly as the loop calls
-it. Both are timed round-robin in one process (``_common.interleaved_timing``: the order rotates
-every round), medians over all timed calls.
+it. Done for the five default arms of ``hyperbit compare``, so the table also gives each
+pathway's training-step time on the preset, measured side by side. Everything is timed
+round-robin in one process (``_common.interleaved_timing``: the order rotates every round),
+medians over all timed calls.
 
-    python benchmarks/monitor_cost.py                       # deep preset, prenorm / dhc2 / dhc4
+    python benchmarks/monitor_cost.py                       # deep preset, the five compare arms
     python benchmarks/monitor_cost.py --preset tiny --rounds 2 --steps 2   # smoke run
 """
 
@@ -28,8 +30,6 @@ from _common import (RESULTS_DIR, autocast, busy_warning, fmt, format_table, int
 setup_paths()
 
 TARGET = 0.01
-ARMS = {"prenorm": [], "dhc2": ["model.pathway=hc", "model.expansion_rate=2"],
-        "dhc4": ["model.pathway=hc", "model.expansion_rate=4"]}
 
 
 def main() -> None:
@@ -43,6 +43,7 @@ def main() -> None:
 
     import torch
 
+    from hyperbit.compare.grid import DEFAULT_ARMS, arm_overrides
     from hyperbit.diagnostics import pathway_summary
     from hyperbit.models import build_model
     from hyperbit.optim import param_groups
@@ -53,8 +54,8 @@ def main() -> None:
     info = machine_info()
     digest = source_digest()
     fns, configs = {}, {}
-    for name, overrides in ARMS.items():
-        cfg = resolve_run_config(args.preset, overrides)
+    for name in DEFAULT_ARMS:  # the arms of `hyperbit compare`: the step times are a by-product
+        cfg = resolve_run_config(args.preset, arm_overrides(name))
         t = cfg.train
         torch.manual_seed(0)
         model = build_model(cfg.model)

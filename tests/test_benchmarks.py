@@ -76,7 +76,7 @@ def test_monitor_cost_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "monitor/step" in proc.stdout and "targets" in proc.stdout
     data = json.loads(out.read_text())
-    assert data["benchmark"] == "monitor_cost" and set(data["pathways"]) == {"prenorm", "dhc2", "dhc4"}
+    assert data["benchmark"] == "monitor_cost" and set(data["pathways"]) == {"prenorm", "postnorm", "shc4", "dhc2", "dhc4"}
     for name, p in data["pathways"].items():
         assert p["step_ms"] > 0 and p["monitor_ms"] > 0, name
         assert p["monitor_share"] == pytest.approx(p["monitor_ms"] / (p["monitor_every"] * p["step_ms"]))
