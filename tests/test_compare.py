@@ -54,6 +54,9 @@ def test_plan_gives_every_run_the_same_token_budget():
     assert (hc.pathway, hc.expansion_rate, hc.hc_dynamic) == ("hc", 2, True)
     with pytest.raises(ConfigError, match="conflicts with --arms"):
         grid.plan("tiny", ["model.pathway=hc"], ["prenorm"], [], [0])
+    for own in ("train.seed=3", "train.log_every=10"):  # never silently replaced
+        with pytest.raises(ConfigError, match="compare sets"):
+            grid.plan("tiny", [own], ["prenorm"], [], [0])
     with pytest.raises(ConfigError, match="train.nope"):  # every run is validated before any trains
         grid.plan("tiny", [], ["prenorm"], [("train.nope", ["1"])], [0])
 

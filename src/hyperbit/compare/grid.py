@@ -88,9 +88,13 @@ def plan(preset: str | None, overrides: list[str], arms: list[str], axes: list[t
     tokens per step (an axis may change the batch or the sequence length). Runs log every step
     (the report's spike counts need every loss)."""
     for pair in overrides:
-        if pair.partition("=")[0].strip() in ARM_KEYS:
+        key = pair.partition("=")[0].strip()
+        if key in ARM_KEYS:
             raise ConfigError(f"override {pair!r} conflicts with --arms, which sets the pathway; "
                               "choose pathways with --arms")
+        if key in ("train.seed", "train.log_every"):
+            raise ConfigError(f"override {pair!r}: compare sets {key} itself (seeds come from --seeds; "
+                              "every step is logged for the spike counts)")
     if len(set(arms)) != len(arms) or not arms:
         raise ConfigError(f"--arms must name at least one arm, each once; got {arms}")
     base = resolve_run_config(preset, overrides)

@@ -162,7 +162,8 @@ def _markdown(a: dict, title: str, command: str | None, generated: str,
         "are the mean over seeds, bands the min-max over seeds.",
         "- **Final val loss / bits per byte**: the evaluation at the last step of each run; mean ± sample "
         "std (n-1) over seeds.",
-        "- **Δ vs baseline**: arm mean − baseline mean (negative = lower loss than the baseline). *paired*: "
+        "- **Δ vs baseline**: arm mean − baseline mean (negative = lower loss than the baseline). "
+        "*paired*: "
         "both have the same seeds, so each seed's difference is taken (same data order and init seed) "
         "and SE = std of those differences / √n; *Welch*: SE = √(s1²/n1 + s2²/n2). The 95% CI is "
         "Δ ± t·SE with the t quantile for the degrees of freedom. A Δ whose 95% interval contains 0 "

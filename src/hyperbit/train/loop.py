@@ -69,9 +69,9 @@ def prepare_data(d: DataConfig, data_dir: Path, log: Callable[[str], None]) -> N
     if (data_dir / "meta.json").exists():
         return
     log(f"preparing data: {d.path} -> {data_dir} ({d.tokenizer} tokenizer)")
-    prepare(d.path, data_dir, tokenizer=d.tokenizer, vocab_size=d.vocab_size if d.tokenizer == "bpe" else None,
-            val_fraction=d.val_fraction, max_bytes=d.max_bytes or None, overwrite=True,
-            text_field=d.text_field)
+    prepare(d.path, data_dir, tokenizer=d.tokenizer,
+            vocab_size=d.vocab_size if d.tokenizer == "bpe" else None, val_fraction=d.val_fraction,
+            max_bytes=d.max_bytes or None, overwrite=True, text_field=d.text_field)
 
 
 def load_data(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> tuple[TokenShards, TokenShards]:
