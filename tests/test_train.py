@@ -189,3 +189,20 @@ def test_compiled_training_follows_eager(tmp_path):
     assert main(["train", "--out", str(tmp_path / "compiled"), *args, "train.compile=true"]) == 0
     eager, compiled = _records(tmp_path / "eager"), _records(tmp_path / "compiled")
     assert list(compiled.values()) == pytest.approx(list(eager.values()), rel=1e-4)
+
+
+def test_resume_with_no_checkpoint_restarts_with_a_clean_log(tmp_path, capsys):
+    """A run killed before its first checkpoint restarts from step 0 on --resume; the steps it
+    logged before are dropped (they are logged again), so each step appears once."""
+    import shutil
+
+    run = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--out", str(run), "train.steps=4", "train.save_every=0",
+            "train.eval_every=0", *FAST]
+    assert main(args) == 0
+    first = _records(run)
+    shutil.rmtree(run / "checkpoints")  # as if killed before the end-of-run save
+    assert main([*args, "--resume"]) == 0
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in lines if "loss" in r]
+    assert steps == [1, 2, 3, 4] and _records(run) == first
