@@ -145,3 +145,23 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("hyperbit: error:") and err.count("\n") == 1, err
     assert not (tmp_path / "new").exists()
+
+
+def test_axis_grid_reports_each_combination_against_its_own_baseline(tmp_path, capsys):
+    out = tmp_path / "grid"
+    assert main(["compare", "--preset", "tiny", "--out", str(out), "--arms", "prenorm,dhc2", "--seeds", "1",
+                 "--axis", "train.lr=1e-3,3e-3", "train.steps=6", "train.eval_batches=1"]) == 0
+    capsys.readouterr()
+
+    def val(name: str) -> float:
+        records = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["val_loss"] for r in records if "val_loss" in r][-1]
+
+    for lr in ("1e-3", "3e-3"):
+        summary = json.loads((out / "report" / f"train.lr={lr}" / "report.json").read_text())
+        assert summary["baseline"] == f"prenorm,train.lr={lr}"
+        assert list(summary["arms"]) == [f"prenorm,train.lr={lr}", f"dhc2,train.lr={lr}"]
+        delta = summary["arms"][f"dhc2,train.lr={lr}"]["delta"]["val_loss"]["diff"]
+        assert delta == pytest.approx(val(f"dhc2_train.lr={lr}-s0") - val(f"prenorm_train.lr={lr}-s0"))
+    overall = json.loads((out / "report" / "report.json").read_text())
+    assert overall["baseline"] == "prenorm,train.lr=1e-3" and len(overall["arms"]) == 4

@@ -184,8 +184,10 @@ def compare(preset: str | None, overrides: list[str], arms: list[str], axes: lis
             command: str | None = None, log: Callable[[str], None] = print) -> Path | None:
     """``hyperbit compare``: plan the grid, train what is not finished (unless ``report_only``)
     and write ``OUT/report/``; returns the path of report.md (None for ``dry_run``).
-    ``baseline`` is an arm name (default: the first arm); with override axes, the baseline is
-    that arm's first axis combination."""
+    ``baseline`` is an arm name (default: the first arm). With override axes, ``OUT/report/``
+    measures every run against the baseline arm's first axis combination, and
+    ``OUT/report/<combination>/`` holds one report per combination, measured against the baseline
+    arm at the same axis values."""
     from .report import load_run, write_report
 
     specs = plan(preset, overrides, arms, axes, seeds, tokens)
@@ -214,7 +216,21 @@ def compare(preset: str | None, overrides: list[str], arms: list[str], axes: lis
     if not records:
         raise ConfigError(f"no runs in {out} to report on yet; run without --report-only")
     write_report(records, out / "report", baseline=baseline_label, command=command)
+    combos = list(dict.fromkeys(_combo(s.arm) for s in specs))
+    if len(combos) > 1:  # each axis combination also against the baseline arm at the same values
+        for combo in combos:
+            members = [r for r in records if _combo(r.arm) == combo]
+            if members:
+                path = out / "report" / _dir_name(combo, 0).removesuffix("-s0")
+                write_report(members, path, baseline=f"{baseline},{combo}", command=command,
+                             title=f"hyperbit compare: {combo}")
+                log(f"report for {combo}: {path / 'report.md'}")
     return out / "report" / "report.md"
+
+
+def _combo(label: str) -> str:
+    """The axis part of an arm label (``dhc4,train.lr=1e-3`` -> ``train.lr=1e-3``)."""
+    return label.partition(",")[2]
 
 
 def _write_json(path: Path, obj: dict) -> None:
