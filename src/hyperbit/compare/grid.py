@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import ConfigError
-from ..train.checkpoint import latest_checkpoint
+from ..train.checkpoint import latest_checkpoint, step_of
 from ..train.config import RunConfig, resolve_run_config
 from .analysis import STOPPED
 
@@ -116,7 +116,13 @@ def plan(preset: str | None, overrides: list[str], arms: list[str], axes: list[t
 
 
 def _dir_name(label: str, seed: int) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", label).replace(",", "_") + f"-s{seed}"
+    return f"{_safe_name(label)}-s{seed}"
+
+
+def _safe_name(label: str) -> str:
+    """A file name for an arm label or axis combination (``dhc4,train.lr=1e-3`` ->
+    ``dhc4_train.lr=1e-3``)."""
+    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", label).replace(",", "_")
 
 
 def run_status(run_dir: Path, steps: int) -> str:
@@ -126,7 +132,7 @@ def run_status(run_dir: Path, steps: int) -> str:
     if not (run_dir / "config.json").exists():
         return "new"
     latest = latest_checkpoint(run_dir)
-    done = int(latest.name.rsplit("_", 1)[-1]) if latest is not None else 0
+    done = step_of(latest.name) if latest is not None else 0
     return "finished" if done >= steps else "partial"
 
 
@@ -221,7 +227,7 @@ def compare(preset: str | None, overrides: list[str], arms: list[str], axes: lis
         for combo in combos:
             members = [r for r in records if _combo(r.arm) == combo]
             if members:
-                path = out / "report" / _dir_name(combo, 0).removesuffix("-s0")
+                path = out / "report" / _safe_name(combo)
                 write_report(members, path, baseline=f"{baseline},{combo}", command=command,
                              title=f"hyperbit compare: {combo}")
                 log(f"report for {combo}: {path / 'report.md'}")

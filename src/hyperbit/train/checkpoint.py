@@ -175,7 +175,7 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
     """Delete all but the ``keep_last`` highest steps, never the one ``latest`` names. Each dir is
     first renamed to ``.deleting-...`` so a kill mid-delete never leaves a half step dir."""
     latest = _read_latest(ckpt_dir)
-    steps = sorted(_step_dirs(ckpt_dir), key=lambda p: _step_of(p.name), reverse=True)
+    steps = sorted(_step_dirs(ckpt_dir), key=lambda p: step_of(p.name), reverse=True)
     for path in steps[keep_last:]:
         if path.name == latest:
             continue
@@ -259,7 +259,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             raise CheckpointError(f"{ckpt_dir / LATEST} points to {latest}, which does not exist")
         return target
     # No `latest` (a kill before the first one was written): the highest complete step dir.
-    for candidate in sorted(_step_dirs(ckpt_dir), key=lambda p: _step_of(p.name), reverse=True):
+    for candidate in sorted(_step_dirs(ckpt_dir), key=lambda p: step_of(p.name), reverse=True):
         if (candidate / COMPLETE).is_file():
             return candidate
     raise CheckpointError(f"no checkpoint found in {path}")
@@ -593,7 +593,8 @@ def _step_dirs(ckpt_dir: Path) -> list[Path]:
         return []
 
 
-def _step_of(name: str) -> int:
+def step_of(name: str) -> int:
+    """The step of a step dir name (``step_00000300`` -> 300)."""
     return int(STEP_DIR.match(name).group(1))
 
 
