@@ -110,8 +110,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .data import DataError, TokenShards, prepare
-    from .train.inference import find_run_data, load_trained, same_tokenizer
+    from .data import TokenShards, prepare
+    from .train.inference import check_shards, find_run_data, load_trained
     from .train.loop import evaluate
 
     model, cfg, tok, info = load_trained(args.checkpoint, device=args.device, tokenizer=args.tokenizer)
@@ -150,12 +150,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 raise ConfigError("--split val needs --val-fraction > 0 for a raw corpus "
                                   "(without it the whole corpus is evaluated)")
         shards = TokenShards(data_dir, split)
-        data_tok = shards.load_tokenizer()
-        if not same_tokenizer(data_tok, tok):
-            raise DataError(f"{described} was tokenised with a different tokenizer ({data_tok.kind}, vocab "
-                            f"{data_tok.vocab_size}) than checkpoint {info['path']} ({tok.kind}, vocab "
-                            f"{tok.vocab_size}); pass a raw corpus instead to tokenise it with the right one")
-        shards.check_vocab(cfg.model.vocab_size)
+        check_shards(shards, tok, cfg.model.vocab_size, described, info["path"],
+                     hint="pass a raw corpus instead to tokenise it with the right one")
         result = evaluate(model, shards, seq, batch, batches or None, device, autocast)
         windows = shards.num_eval_windows(seq)
         windows = min(windows, batches * batch) if batches else windows

@@ -265,7 +265,7 @@ def inspect_checkpoint(checkpoint: str | Path, *, out: str | Path | None = None,
     ``summary.json``). ``out`` defaults to ``<run_dir>/inspect/step-<step>``; an existing
     directory is only written into when it is empty or an earlier report (holds summary.json),
     so a mistyped ``--out`` never overwrites someone's files."""
-    from ..train.inference import find_run_data, load_trained, same_tokenizer
+    from ..train.inference import check_shards, find_run_data, load_trained
 
     model, cfg, tok, info = load_trained(checkpoint, device=device, tokenizer=tokenizer)
     seq = cfg.train.seq_len if seq is None else seq
@@ -284,12 +284,7 @@ def inspect_checkpoint(checkpoint: str | Path, *, out: str | Path | None = None,
         raise DataError(f"cannot find the data checkpoint {info['path']} was trained on (data.path="
                         f"{cfg.data.path!r}, or the run's data/ dir); pass a prepared directory with --data")
     shards = TokenShards(data_dir, "val")
-    data_tok = shards.load_tokenizer()
-    if not same_tokenizer(data_tok, tok):
-        raise DataError(f"{data_dir} was tokenised with a different tokenizer ({data_tok.kind}, vocab "
-                        f"{data_tok.vocab_size}) than checkpoint {info['path']} ({tok.kind}, vocab "
-                        f"{tok.vocab_size})")
-    shards.check_vocab(cfg.model.vocab_size)
+    check_shards(shards, tok, cfg.model.vocab_size, str(data_dir), info["path"])
     x, y = next(shards.iter_eval_batches(batch_size, seq, max_batches=1))
     del shards
     dev = info["device"]

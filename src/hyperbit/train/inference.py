@@ -135,6 +135,18 @@ def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
     return to_json_a() == to_json_b()
 
 
+def check_shards(shards: TokenShards, tok: Tokenizer, vocab_size: int, described: str, checkpoint, hint: str = "") -> None:
+    """Refuse token shards the checkpoint cannot read: tokenised with another tokenizer than
+    ``tok`` (one DataError line naming both; ``hint`` says what to do instead) or holding ids at
+    or beyond the model's ``vocab_size``."""
+    data_tok = shards.load_tokenizer()
+    if not same_tokenizer(data_tok, tok):
+        raise DataError(f"{described} was tokenised with a different tokenizer ({data_tok.kind}, vocab "
+                        f"{data_tok.vocab_size}) than checkpoint {checkpoint} ({tok.kind}, vocab "
+                        f"{tok.vocab_size})" + (f"; {hint}" if hint else ""))
+    shards.check_vocab(vocab_size)
+
+
 class VocabMask(nn.Module):
     """Wraps a language model so that logits of ids ``>= vocab`` (embedding rows no tokenizer id
     maps to) are ``-inf``: generation never picks them. Exposes ``cfg`` and ``make_cache`` like
