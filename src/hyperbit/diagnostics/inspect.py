@@ -17,10 +17,11 @@ report computes, in fp32 with the model in eval mode:
   average in ``C`` hides.
 
 Everything goes into ``summary.json`` and a handful of PNGs in the report directory. The model
-runs at most three times on the batch (the dynamic weights for ``C``, which static pathways do not
-need; the branch inputs for collapse; the gradient pass, which also captures the states for the
-dynamic-weight quantiles), so a tiny checkpoint takes well under a second of compute; drawing the
-plots takes longer.
+runs twice on the batch: one forward records every pathway's state and connection weights (the
+same capture as the training monitors, ``pathway_states``), from which ``C``, the gain, collapse
+and the dynamic-weight quantiles all follow; one forward + backward gives the gradients and the
+output sizes. A tiny checkpoint takes well under a second of compute; drawing the plots takes
+longer.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from ..config import ConfigError
 from ..data import DataError, TokenShards
 from ..pathways import HyperConnection, parallel_matrix
 from ..plots import pyplot, save
-from .collapse import collapse
-from .connections import BranchWeights, composite_gain, from_matrix, model_branch_weights, unfold
+from .collapse import consecutive_cosine, inputs_from_states
+from .connections import (BranchWeights, PathwayState, branch_weights_from_states, composite_gain,
+                          from_matrix, pathway_states, unfold)
 
 SUMMARY_FILE = "summary.json"
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -101,19 +103,6 @@ def branch_labels(n_layers: int) -> list[str]:
 
 
 @contextmanager
-def _captured_states(model: nn.Module) -> Iterator[list[Tensor]]:
-    """Collect the state every pathway receives during the forwards run inside the block."""
-    states: list[Tensor] = []
-    hooks = [p.register_forward_pre_hook(lambda mod, args: states.append(args[0].detach()))
-             for p in model.pathways()]
-    try:
-        yield states
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-@contextmanager
 def _output_rms(model: nn.Module) -> Iterator[list[Tensor]]:
     """The RMS over features of every output the residual pathway carries (embedding, then each
     branch in execution order), averaged over the tokens: C's coefficients multiply outputs of
@@ -158,9 +147,9 @@ def gradient_norms(model: nn.Module) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def dynamic_weight_quantiles(pathways: list[nn.Module], states: list[Tensor]) -> dict[str, Any]:
-    """Per branch, quantiles over tokens (and entries) of the per-token DHC weights computed from
-    the states the pathways received. The token average in ``C`` can hide weights that swing
+def dynamic_weight_quantiles(states: list[PathwayState]) -> dict[str, Any]:
+    """Per branch, quantiles over tokens (and entries) of the per-token DHC weights the pathways
+    computed in a forward pass (:func:`~hyperbit.diagnostics.connections.pathway_states`). The token average in ``C`` can hide weights that swing
     widely from token to token; these bands show it.
 
     Groups: ``beta`` (B entries), ``a_r_diag`` / ``a_r_offdiag`` (A_r), and A_m split the same
@@ -168,9 +157,9 @@ def dynamic_weight_quantiles(pathways: list[nn.Module], states: list[Tensor]) ->
     ``a_m_other``: pooled, the 1s and 0s of A_m's init would make one band from 0 to 1 that says
     nothing about the tokens. The ``other`` groups are None for n = 1."""
     per_group: dict[str, list[np.ndarray]] = {g: [] for g in WEIGHT_GROUPS}
-    for p, h in zip(pathways, states, strict=True):
-        n = p.expansion_rate
-        alpha, beta = p.connection_weights(h)  # (B, T, n, n+1), (B, T, n)
+    for st in states:
+        p, n = st.pathway, st.pathway.expansion_rate
+        alpha, beta = st.alpha, st.beta  # (B, T, n, n+1), (B, T, n)
         alpha = alpha.reshape(-1, n, n + 1).double().cpu()
         a_m, a_r = alpha[:, :, 0], alpha[:, :, 1:]
         home = torch.arange(n) == p.branch_index % n
@@ -201,20 +190,21 @@ def analyse(model: nn.Module, idx: Tensor, targets: Tensor) -> dict[str, Any]:
     dynamic = any(isinstance(p, HyperConnection) and p.dynamic for p in pathways)
     postnorm = cfg.pathway == "postnorm"
     out: dict[str, Any] = {}
+    states = pathway_states(model, idx)  # one forward: the connection weights and branch inputs
     if postnorm:
         reason = "Post-Norm renormalises h + T(h) after every branch: no fixed connection weights"
         out["connection_matrix"] = {"C": None, "reason": reason, "token_average": False}
         out["composite_gain"] = {"row": None, "col": None, "max": None, "reason": reason}
     else:
-        branches = model_branch_weights(model, idx)
+        branches = branch_weights_from_states(states)
         C = unfold(branches)
         out["connection_matrix"] = {"C": [_floats(r) for r in C], "reason": None, "token_average": dynamic}
         rows, cols = composite_gain(branches)
         out["composite_gain"] = {"row": _floats(rows), "col": _floats(cols),
                                  "max": _num(max(rows.max(), cols.max())), "reason": None}
-    c = collapse(model, idx)
+    c = consecutive_cosine(inputs_from_states(states))
     out["collapse"] = {key: _floats(c[key]) for key in ("median", "p05", "p95")}
-    with _captured_states(model) as states, _output_rms(model) as rms, torch.enable_grad():
+    with _output_rms(model) as rms, torch.enable_grad():
         model.zero_grad(set_to_none=True)
         _, loss = model(idx, targets)
         loss.backward()
@@ -224,7 +214,7 @@ def analyse(model: nn.Module, idx: Tensor, targets: Tensor) -> dict[str, Any]:
         out["connection_matrix"]["C_times_rms"] = [_floats(r) for r in C.cpu() * torch.stack(rms).double()]
     out["grad_norm"] = gradient_norms(model)
     model.zero_grad(set_to_none=True)
-    out["dynamic_weights"] = dynamic_weight_quantiles(pathways, states) if dynamic else None
+    out["dynamic_weights"] = dynamic_weight_quantiles(states) if dynamic else None
     return out
 
 
