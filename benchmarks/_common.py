@@ -12,7 +12,7 @@ Everything here is deliberately dependency-free beyond torch and the standard li
 * :func:`saved_activation_bytes` - exact bytes held for backward by one forward.
 * :func:`current_rss_bytes`, :func:`peak_rss_bytes` - process memory on Linux.
 * :func:`run_json_child` - run a subprocess that reports one JSON object.
-* :func:`format_table`, :func:`write_json`.
+* :func:`format_table`, :func:`write_json`, :func:`finish` (warning, verdicts, JSON).
 """
 
 from __future__ import annotations
@@ -382,3 +382,18 @@ def report_targets(targets: list[dict], quick: bool, source_changed: bool) -> No
     for t in targets:
         verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[t["passed"]]
         print(f"  [{verdict}] {t['description']}: {fmt(t['ratio'], '.3f', 'x')}")
+
+
+def finish(benchmark: str, info: dict[str, Any], targets: list[dict], out_path: str | os.PathLike, *,
+           quick: bool, source_changed: bool, **sections: Any) -> Path:
+    """The end every benchmark shares: the busy-machine warning (printed, and kept in the JSON),
+    one verdict line per target, then ``{"benchmark", "machine", **sections, "targets"}`` written
+    to ``out_path``."""
+    busy = busy_warning(info)
+    if busy:
+        print(busy)
+        info["busy_warning"] = busy
+    report_targets(targets, quick, source_changed)
+    path = write_json(out_path, {"benchmark": benchmark, "machine": info, **sections, "targets": targets})
+    print(f"\nwrote {path}")
+    return path

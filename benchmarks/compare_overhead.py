@@ -406,16 +406,10 @@ def main(argv=None) -> int:
             msg = f"WARNING: {arm}: the train and compare runs ended on different losses (not the same run?)"
             print(msg)
             info.setdefault("warnings", []).append(msg)
-    busy = C.busy_warning(info)
-    if busy:
-        print(busy)
-        info["busy_warning"] = busy
-    C.report_targets(targets, args.quick, info["source_changed_during_run"])
-
     out_path = Path(args.out) if args.out else (DEFAULT_OUT_QUICK if args.quick else DEFAULT_OUT)
-    C.write_json(out_path, {"benchmark": "compare_overhead", "machine": info, "settings": settings,
-                            "data": data_info, "metrics_line": line, "arms": results, "targets": targets})
-    print(f"\nwrote {out_path}")
+    C.finish("compare_overhead", info, targets, out_path, quick=args.quick,
+             source_changed=info["source_changed_during_run"], settings=settings, data=data_info,
+             metrics_line=line, arms=results)
     return 0
 
 

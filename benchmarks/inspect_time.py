@@ -28,8 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import (RESULTS_DIR, busy_warning, fmt, format_table, machine_info, median, report_targets,
-                     setup_paths, source_digest, summarize, write_json)
+from _common import (RESULTS_DIR, finish, fmt, format_table, machine_info, median, setup_paths, source_digest,
+                     summarize)
 
 setup_paths()
 
@@ -93,18 +93,14 @@ def main() -> None:
     print(f"hyperbit inspect on a tiny DHC x2 checkpoint ({cfg.model.n_layers} blocks, d {cfg.model.dim}, "
           f"8 x {cfg.train.seq_len} tokens), {args.repeats} repeats, torch threads {torch.get_num_threads()}")
     print(format_table(["", "median", "min", "max"], rows))
-    if warning := busy_warning(info):
-        print(warning)
     passed = median(command) < TARGET_S
     targets = [{"description": f"hyperbit inspect wall time / {TARGET_S:.0f} s", "ratio": median(command) / TARGET_S,
                 "threshold": 1.0, "passed": passed}]
-    report_targets(targets, quick=args.repeats < 3, source_changed=source_digest() != digest)
-    path = write_json(args.out, {"benchmark": "inspect_time", "machine": info,
-                                 "settings": {"repeats": args.repeats, "steps": args.steps,
-                                              "model": cfg.model.to_dict(), "batch": [8, cfg.train.seq_len]},
-                                 "command_s": summarize(command), "import_torch_s": summarize(floor),
-                                 "analysis_s": summarize(analysis), "targets": targets})
-    print(f"wrote {path}")
+    finish("inspect_time", info, targets, args.out, quick=args.repeats < 3,
+           source_changed=source_digest() != digest,
+           settings={"repeats": args.repeats, "steps": args.steps, "model": cfg.model.to_dict(),
+                     "batch": [8, cfg.train.seq_len]},
+           command_s=summarize(command), import_torch_s=summarize(floor), analysis_s=summarize(analysis))
 
 
 if __name__ == "__main__":

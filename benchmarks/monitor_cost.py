@@ -24,8 +24,8 @@ import argparse
 import os
 from pathlib import Path
 
-from _common import (RESULTS_DIR, autocast, busy_warning, fmt, format_table, interleaved_timing, machine_info,
-                     make_train_step, median, report_targets, setup_paths, source_digest, warmup, write_json)
+from _common import (RESULTS_DIR, autocast, finish, fmt, format_table, interleaved_timing, machine_info,
+                     make_train_step, median, setup_paths, source_digest, warmup)
 
 setup_paths()
 
@@ -91,13 +91,9 @@ def main() -> None:
     print(f"training monitors vs training steps, preset {args.preset}, torch threads {torch.get_num_threads()}, "
           f"{args.rounds} rounds x {args.steps} calls")
     print(format_table(["pathway", "step ms", "monitor ms", "monitor/step", "every", "share"], rows))
-    if warning := busy_warning(info):
-        print(warning)
-    report_targets(targets, quick=args.rounds < 3, source_changed=source_digest() != digest)
-    path = write_json(args.out, {"benchmark": "monitor_cost", "machine": info,
-                                 "settings": {"preset": args.preset, "rounds": args.rounds, "steps": args.steps},
-                                 "pathways": results, "targets": targets})
-    print(f"wrote {path}")
+    finish("monitor_cost", info, targets, args.out, quick=args.rounds < 3,
+           source_changed=source_digest() != digest,
+           settings={"preset": args.preset, "rounds": args.rounds, "steps": args.steps}, pathways=results)
 
 
 if __name__ == "__main__":

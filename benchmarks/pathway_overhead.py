@@ -373,17 +373,10 @@ def main(argv=None) -> int:
            "config); ") + "saved-act: bytes saved for backward by one forward")
     digests = {m.get("source_digest") for m in mem.values()} | {info["source_digest"], info["source_digest_end"]}
     info["source_changed_during_run"] = len(digests) > 1
-    busy = C.busy_warning(info)
-    if busy:
-        print(busy)
-        info["busy_warning"] = busy
-    C.report_targets(targets_eval, args.quick, len(digests) > 1)
-
     out_path = Path(args.out) if args.out else (
         DEFAULT_OUT_QUICK if args.quick else DEFAULT_OUT_COMPILE if args.compile else DEFAULT_OUT)
-    C.write_json(out_path, {"benchmark": "pathway_overhead", "machine": info, "settings": s,
-                            "baseline": BASELINE, "configs": results, "targets": targets_eval})
-    print(f"\nwrote {out_path}")
+    C.finish("pathway_overhead", info, targets_eval, out_path, quick=args.quick,
+             source_changed=len(digests) > 1, settings=s, baseline=BASELINE, configs=results)
     return 0
 
 

@@ -410,16 +410,10 @@ def main(argv=None) -> int:
                        f"N2 - N1 = {n2 - n1} steps: raise --steps N2 or --rounds")
                 print(msg)
                 info.setdefault("stability_warnings", []).append(msg)
-    busy = C.busy_warning(info)
-    if busy:
-        print(busy)
-        info["busy_warning"] = busy
-    C.report_targets(targets, args.quick, info["source_changed_during_run"])
-
     out_path = Path(args.out) if args.out else (DEFAULT_OUT_QUICK if args.quick else DEFAULT_OUT)
-    C.write_json(out_path, {"benchmark": "train_throughput", "machine": info, "settings": settings,
-                            "data": data_info, "pathways": results, "cli": cli, "targets": targets})
-    print(f"\nwrote {out_path}")
+    C.finish("train_throughput", info, targets, out_path, quick=args.quick,
+             source_changed=info["source_changed_during_run"], settings=settings, data=data_info,
+             pathways=results, cli=cli)
     return 0
 
 
