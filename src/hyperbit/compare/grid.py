@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .._io import atomic_write_text
 from ..config import ConfigError
 from ..train.checkpoint import latest_checkpoint, step_of
 from ..train.config import RunConfig, resolve_run_config
@@ -210,8 +211,8 @@ def compare(preset: str | None, overrides: list[str], arms: list[str], axes: lis
             log(f"{s.name}: {t.steps} steps x {t.batch_size} x {t.seq_len} tokens")
         return None
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "compare.json", {"command": command, "baseline": baseline_label,
-                                       "runs": [s.name for s in specs]})
+    atomic_write_text(out / "compare.json", json.dumps({"command": command, "baseline": baseline_label,
+                                                        "runs": [s.name for s in specs]}, indent=2) + "\n")
     prepare_shared_data(specs, out, log)
     if report_only:
         statuses = {s.name: run_status(out / "runs" / s.name, s.config.train.steps) for s in specs}
@@ -237,12 +238,6 @@ def compare(preset: str | None, overrides: list[str], arms: list[str], axes: lis
 def _combo(label: str) -> str:
     """The axis part of an arm label (``dhc4,train.lr=1e-3`` -> ``train.lr=1e-3``)."""
     return label.partition(",")[2]
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 __all__ = ["DEFAULT_ARMS", "compare", "RunSpec", "arm_overrides", "parse_axis", "parse_seeds", "plan",

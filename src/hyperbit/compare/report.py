@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from .._io import atomic_write_text
 from ..plots import pyplot, save
 from .analysis import DEFAULT_EMA, DEFAULT_SPIKE_THRESHOLD, RunRecord, analyse, load_run
 
@@ -39,18 +39,12 @@ def write_report(runs: list[RunRecord], out_dir: str | Path, *, baseline: str, c
         _plot_collapse(analysis, out / "collapse.png")
         plots.append(("Representation collapse per depth at the last monitor", "collapse.png"))
     generated = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    _atomic_write(out / "report.md", _markdown(analysis, title, command, generated, plots))
+    atomic_write_text(out / "report.md", _markdown(analysis, title, command, generated, plots))
     meta = {"title": title, "command": command, "generated": generated}
     # compact: the curves hold a number per logged step and arm
-    _atomic_write(out / "report.json", json.dumps({**meta, **analysis}, allow_nan=False,
+    atomic_write_text(out / "report.json", json.dumps({**meta, **analysis}, allow_nan=False,
                                                   separators=(",", ":")) + "\n")
     return analysis
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _tokens(n: float | None) -> str:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._io import atomic_write_text
 from ..config import ConfigError
 from ..data import DataError, TokenShards
 from ..pathways import HyperConnection, parallel_matrix
@@ -344,9 +344,7 @@ def _write_report(out_dir: Path, summary: dict[str, Any], labels: list[str]) -> 
     names = [name for name in PLOT_FILES if _PLOTS[name][1](summary)]
     summary["files"] = [SUMMARY_FILE, *names]
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{SUMMARY_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / SUMMARY_FILE)
+    atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     plt = pyplot()
     for name in PLOT_FILES:
         if name in names:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from .._io import atomic_write_text
 from ..config import ConfigError
 from ..data import DataError, TokenShards, prepare
 from ..diagnostics import check_wiring, pathway_summary
@@ -60,7 +60,7 @@ def prepare_run_dir(out: Path, cfg: RunConfig | None, resume: bool, overwrite: b
             raise ConfigError(f"refusing to overwrite {out}: it is not a hyperbit run directory")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(config_file, cfg.to_json() + "\n")
+    atomic_write_text(config_file, cfg.to_json() + "\n")
     return cfg
 
 
@@ -330,13 +330,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip()
             and json.loads(line).get("step", 0) <= step]
-    _atomic_write(path, "".join(line + "\n" for line in kept))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
