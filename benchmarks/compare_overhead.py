@@ -5,7 +5,7 @@ trained by compare / the same run trained by ``train()`` with the preset's own l
 per arm (reported as pass/fail, never an error exit).
 
 ``hyperbit compare`` trains every run of its grid in-process with the ordinary
-``hyperbit.train.loop.train``; the only differences from ``hyperbit train`` are
+``hyperbit.train.train``; the only differences from ``hyperbit train`` are
 ``train.log_every=1`` (one metrics.jsonl line per step, for the report's spike counts) and the
 token budget (here the same number of steps). Both sides, in one process, on the same data:
 
@@ -16,7 +16,7 @@ token budget (here the same number of steps). Both sides, in one process, on the
                ``prepare_shared_data(specs, out, log)``, ``run_grid(specs, out, log)``
                (a fresh grid directory every time, so nothing is skipped or resumed).
 
-The model overrides come from ``hyperbit.compare.grid.arm_overrides(arm)``, so both sides build the
+The model overrides come from ``hyperbit.reports.compare.grid.arm_overrides(arm)``, so both sides build the
 same model; the script asserts that the two resolved configs differ only in ``train.log_every``.
 Common overrides: ``train.steps=--steps``, ``train.warmup_steps=min(preset's, steps)`` (compare
 clips it the same way) and ``data.path=<prepared dir>``; everything else (evaluation, checkpoint,
@@ -36,7 +36,7 @@ Method
       hits both alike. One untimed short run of each side and arm first. Reported per arm: the
       median over rounds of the per-round ratio compare / train, the median step ms of each side,
       and the median over rounds of the extra ms per step (compare - train).
-    * Context: the cost of one metrics line, ``hyperbit.train.loop._write_metrics`` (json.dumps +
+    * Context: the cost of one metrics line, ``hyperbit.train.metrics.write_metrics`` (json.dumps +
       write + flush; plus TensorBoard scalars when tensorboard is installed, which it is not in
       the measurement unless ``settings.tensorboard`` says so) on a record taken from a compare
       run, timed over many repeats into a file next to the runs; times (1 - 1/log_every) it is
@@ -72,12 +72,13 @@ C.setup_paths()
 
 import torch  # noqa: E402
 
-from hyperbit.compare.grid import arm_overrides, plan, prepare_shared_data, run_grid  # noqa: E402
+from hyperbit.reports.compare.grid import arm_overrides, plan, prepare_shared_data, run_grid  # noqa: E402
 from hyperbit.config import ConfigError  # noqa: E402
 from hyperbit.data import prepare  # noqa: E402
 from hyperbit.models import build_model  # noqa: E402
-from hyperbit.train.config import RunConfig, resolve_run_config  # noqa: E402
-from hyperbit.train.loop import _write_metrics, train  # noqa: E402
+from hyperbit.train import RunConfig, resolve_run_config  # noqa: E402
+from hyperbit.train import train  # noqa: E402
+from hyperbit.train.metrics import write_metrics  # noqa: E402
 from train_throughput import log, resolve_device  # noqa: E402
 
 TARGET_RATIO = 1.02
@@ -244,18 +245,18 @@ def steady_step_s(run: dict, start: int, end: int) -> float:
 # --- the cost of one metrics line -------------------------------------------------------------
 
 def metrics_line_cost(record: dict, path: Path, repeats: int, batches: int = LINE_BATCHES) -> dict:
-    """Seconds per ``_write_metrics(f, record)`` (json.dumps + write + flush), median of batches."""
+    """Seconds per ``write_metrics(f, record)`` (json.dumps + write + flush), median of batches."""
     per_line = []
     with open(path, "a") as f:
         for _ in range(10):
-            _write_metrics(f, record)
+            write_metrics(f, record)
         gc.collect()
         gc.disable()
         try:
             for _ in range(batches):
                 t0 = time.perf_counter()
                 for _ in range(repeats):
-                    _write_metrics(f, record)
+                    write_metrics(f, record)
                 per_line.append((time.perf_counter() - t0) / repeats)
         finally:
             gc.enable()

@@ -11,7 +11,7 @@ Method
     * ``--repeats`` runs of the command in a fresh process, each into a fresh ``--out``; reported:
       the median and the spread of the wall times, next to ``python -c "import torch"`` (the floor
       any command pays) measured the same way, interleaved.
-    * The analysis alone, in-process, without the plots: ``hyperbit.diagnostics.inspect.analyse``
+    * The analysis alone, in-process, without the plots: ``hyperbit.analysis.inspect.analyse``
       on the same batch (median of the repeats), to separate the model work from start-up and
       drawing.
 
@@ -56,8 +56,8 @@ def main() -> None:
 
     from hyperbit.cli import main as cli
     from hyperbit.data import TokenShards
-    from hyperbit.diagnostics.inspect import analyse
-    from hyperbit.train.inference import find_run_data, load_trained
+    from hyperbit.analysis.inspect import analyse
+    from hyperbit.runs import find_run_data, load_trained
 
     info = machine_info()
     digest = source_digest()

@@ -7,7 +7,7 @@ under 1% of the training time it is spread over, i.e.
 
 Method: the preset's model (``deep`` by default: 16 blocks of width 64), built per pathway; a
 training step is the full step ``train()`` runs (bf16 autocast forward, backward, AdamW step) on
-the preset's batch; a monitor is ``hyperbit.diagnostics.pathway_summary`` under the same autocast
+the preset's batch; a monitor is ``hyperbit.analysis.pathway_summary`` under the same autocast
 on the two validation-sized windows the loop uses (2 x seq_len tokens), exactly as the loop calls
 it. Done for the five default arms of ``hyperbit compare``, so the table also gives each
 pathway's training-step time on the preset, measured side by side. Everything is timed
@@ -43,11 +43,11 @@ def main() -> None:
 
     import torch
 
-    from hyperbit.compare.grid import DEFAULT_ARMS, arm_overrides
-    from hyperbit.diagnostics import pathway_summary
+    from hyperbit.reports.compare.grid import DEFAULT_ARMS, arm_overrides
+    from hyperbit.analysis import pathway_summary
     from hyperbit.models import build_model
-    from hyperbit.optim import param_groups
-    from hyperbit.train.config import resolve_run_config
+    from hyperbit.train import param_groups
+    from hyperbit.train import resolve_run_config
 
     if args.threads:
         torch.set_num_threads(args.threads)

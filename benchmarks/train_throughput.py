@@ -5,13 +5,13 @@ loop, per pathway (reported as pass/fail, never an error exit).
 
 Both sides, in one process, on the same data and model config:
 
-    hyperbit   ``hyperbit.train.loop.train(cfg, run_dir)``, the function behind ``hyperbit train``,
+    hyperbit   ``hyperbit.train.train(cfg, run_dir)``, the function behind ``hyperbit train``,
                unmodified: LR schedule, batches from ``TokenShards.get_batch``, bf16 autocast,
                backward, grad clipping, non-finite guard, AdamW step, metrics.jsonl every
                ``train.log_every`` steps (the preset's value), progress lines, and one final
                evaluation + checkpoint (``train.eval_every=0``, ``train.save_every=0``).
     bare       the same model (``build_model(cfg.model)``, same seed), ``torch.optim.AdamW`` with
-               the same param groups (``hyperbit.optim.param_groups``) and hyper-parameters, the
+               the same param groups (``hyperbit.train.param_groups``) and hyper-parameters, the
                same batches from ``TokenShards.get_batch``, bf16 autocast, backward,
                ``clip_grad_norm_``, step, ``zero_grad`` - nothing else (constant LR, no logging,
                no evaluation, no checkpoint).
@@ -69,9 +69,9 @@ import torch  # noqa: E402
 
 from hyperbit.data import TokenShards, prepare  # noqa: E402
 from hyperbit.models import build_model  # noqa: E402
-from hyperbit.optim import param_groups  # noqa: E402
-from hyperbit.train.config import RUN_PRESETS, RunConfig, resolve_run_config  # noqa: E402
-from hyperbit.train.loop import train  # noqa: E402
+from hyperbit.train import param_groups  # noqa: E402
+from hyperbit.train import RUN_PRESETS, RunConfig, resolve_run_config  # noqa: E402
+from hyperbit.train import train  # noqa: E402
 
 # name -> (display label, model.* overrides on top of the run preset)
 PATHWAYS: dict[str, tuple[str, list[str]]] = {

@@ -18,7 +18,7 @@ import torch
 
 import hyperbit as hb
 from hyperbit.data import load_pystdlib
-from hyperbit.diagnostics import check_wiring
+from hyperbit.analysis import check_wiring
 
 
 def batches(data: torch.Tensor, batch: int, seq: int, gen: torch.Generator):
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model = hb.build_model(cfg)
-    print(f"model: {cfg.pathway} (n={cfg.streams}, dynamic={cfg.hc_dynamic}), linear={cfg.linear}, "
+    print(f"model: {cfg.pathway} (n={cfg.expansion_rate}, dynamic={cfg.hc_dynamic}), linear={cfg.linear}, "
           f"{model.num_params() / 1e6:.2f}M parameters")
 
     report = check_wiring(model)

@@ -3,6 +3,8 @@ choice, the allowed values); ``key=value`` overrides parse every field type."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from hyperbit import ConfigError, ModelConfig, preset
@@ -102,7 +104,7 @@ def test_plain_residual_needs_one_stream(pathway, n):
 
 def test_sequential_needs_two_streams():
     assert "expansion_rate must be 2" in config_error(pathway="sequential", expansion_rate=4)
-    assert ModelConfig(pathway="sequential", expansion_rate=2).streams == 2
+    assert ModelConfig(pathway="sequential", expansion_rate=2).expansion_rate == 2
 
 
 def test_parallel_needs_at_least_two_streams():
@@ -140,12 +142,39 @@ def test_preset_overrides_are_validated():
 
 
 def test_derived_defaults():
-    cfg = ModelConfig(dim=96, n_heads=4)
+    cfg = ModelConfig(dim=96, n_heads=4).resolved()
     assert cfg.n_kv_heads == 4
     assert cfg.ffn_hidden == 256  # 8/3 * 96 = 256, already a multiple of 64
-    assert ModelConfig(dim=64).ffn_hidden == 192  # 170.7 rounded up to a multiple of 64
-    assert cfg.subln is False and ModelConfig(linear="bitnet").subln is True
-    assert ModelConfig(linear="bitnet", subln=False).subln is False
+    assert ModelConfig(dim=64).resolved().ffn_hidden == 192  # 170.7 rounded up to a multiple of 64
+    assert cfg.subln is False and ModelConfig(linear="bitnet").resolved().subln is True
+    assert ModelConfig(linear="bitnet", subln=False).resolved().subln is False
+
+
+def test_derived_fields_stay_derived_through_replace_from_dict_and_overrides():
+    """A config holds only what was specified: every way of changing one gives the config that
+    building it fresh gives (the derived fields follow the new values)."""
+    base = preset("small")  # n_kv_heads, ffn_hidden and subln derived
+    changes = [dict(linear="bitnet"), dict(dim=512, n_heads=8), dict(n_heads=8)]
+    for change in changes:
+        fresh = preset("small", **change)
+        pairs = [f"{k}={v}" for k, v in change.items()]
+        assert dataclasses.replace(base, **change) == fresh, change
+        assert parse_overrides(base, pairs) == fresh, change
+        assert ModelConfig.from_dict({**base.to_dict(), **change}) == fresh, change
+        assert dataclasses.replace(base, **change).resolved() == fresh.resolved(), change
+    bitnet = dataclasses.replace(base, linear="bitnet").resolved()
+    assert bitnet.subln is True and bitnet.ffn_hidden == 704
+    wide = dataclasses.replace(base, dim=512, n_heads=8).resolved()
+    assert wide.ffn_hidden == 1408 and wide.n_kv_heads == 8
+    # a field that was set stays set, whatever else changes
+    pinned = ModelConfig(subln=False, ffn_hidden=100, n_kv_heads=2)
+    moved = dataclasses.replace(pinned, linear="bitnet", dim=512).resolved()
+    assert (moved.subln, moved.ffn_hidden, moved.n_kv_heads) == (False, 100, 2)
+    # nothing else is kept: the config is its fields
+    assert set(vars(base)) == {f.name for f in dataclasses.fields(ModelConfig)}
+    # resolving is idempotent and a resolved config round-trips as it is
+    assert base.resolved().resolved() == base.resolved()
+    assert ModelConfig.from_dict(base.resolved().to_dict()) == base.resolved()
 
 
 # --- parse_overrides ------------------------------------------------------------------------------
@@ -177,7 +206,7 @@ def test_override_bool_spellings(raw, expected):
 
 def test_override_none_for_optional_fields():
     cfg = parse_overrides(ModelConfig(n_heads=4, n_kv_heads=2, subln=True),
-                          ["n_kv_heads=none", "subln=None"])
+                          ["n_kv_heads=none", "subln=None"]).resolved()
     assert cfg.n_kv_heads == 4  # None -> derived from n_heads again
     assert cfg.subln is False  # None -> derived from linear="fp"
 
@@ -189,13 +218,14 @@ def test_no_overrides_is_identity():
 
 def test_overrides_rederive_defaulted_fields():
     # Fields left at their derived default follow the overridden values ...
-    assert parse_overrides(ModelConfig(), ["linear=bitnet"]).subln is True
-    assert parse_overrides(ModelConfig(dim=64), ["dim=128"]).ffn_hidden == ModelConfig(dim=128).ffn_hidden
-    assert parse_overrides(ModelConfig(n_heads=4), ["n_heads=8"]).n_kv_heads == 8
+    assert parse_overrides(ModelConfig(), ["linear=bitnet"]).resolved().subln is True
+    assert (parse_overrides(ModelConfig(dim=64), ["dim=128"]).resolved().ffn_hidden
+            == ModelConfig(dim=128).resolved().ffn_hidden)
+    assert parse_overrides(ModelConfig(n_heads=4), ["n_heads=8"]).resolved().n_kv_heads == 8
     # ... while explicitly set ones are kept.
-    assert parse_overrides(preset("tiny"), ["n_heads=8"]).n_kv_heads == 2
-    assert parse_overrides(ModelConfig(ffn_hidden=100), ["dim=128"]).ffn_hidden == 100
-    assert parse_overrides(ModelConfig(subln=False), ["linear=bitnet"]).subln is False
+    assert parse_overrides(preset("tiny"), ["n_heads=8"]).resolved().n_kv_heads == 2
+    assert parse_overrides(ModelConfig(ffn_hidden=100), ["dim=128"]).resolved().ffn_hidden == 100
+    assert parse_overrides(ModelConfig(subln=False), ["linear=bitnet"]).resolved().subln is False
 
 
 def test_override_bad_key_lists_allowed():

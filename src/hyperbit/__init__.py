@@ -3,11 +3,12 @@
 from .config import ConfigError, ModelConfig, preset
 from .models import TransformerLM, build_model, count_params
 from .nn import BitLinear, convert_to_bitlinear
-from .optim import make_optimizer, param_groups
 from .pathways import HyperConnection, expand_streams, make_pathway, reduce_streams
+from .runs import load_trained
+from .train import make_optimizer, param_groups
 
 __version__ = "0.1.0"
 
 __all__ = ["BitLinear", "ConfigError", "HyperConnection", "ModelConfig", "TransformerLM",
-           "build_model", "convert_to_bitlinear", "count_params", "expand_streams",
+           "build_model", "convert_to_bitlinear", "count_params", "expand_streams", "load_trained",
            "make_optimizer", "make_pathway", "param_groups", "preset", "reduce_streams"]

@@ -11,10 +11,11 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, get_type_hints
 
-PATHWAYS = ("prenorm", "postnorm", "hc", "sequential", "parallel")
+from .pathways import KINDS as PATHWAYS
+
 LINEARS = ("fp", "bitnet")
 FFNS = ("swiglu", "relu2")
-# Fields whose None default is derived from others (n_heads, dim, linear) in __post_init__.
+# Fields whose None means "derived from other fields" (see ModelConfig.resolved).
 DERIVED = ("n_kv_heads", "ffn_hidden", "subln")
 
 
@@ -24,14 +25,21 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    """What a model is, as specified. A field left at None is *derived* (the comment says from
+    what); :meth:`resolved` fills every derived field in. The config holds nothing else, so
+    ``dataclasses.replace``, :meth:`from_dict` and :func:`parse_overrides` give exactly the
+    config that building it fresh with the same fields gives (``replace(cfg, linear="bitnet")``
+    turns SubLN on unless ``subln`` was set). A model built from a config stores the resolved one.
+    """
+
     # --- shape ---------------------------------------------------------------------------------
     vocab_size: int = 256  # byte-level tokenizer by default
     dim: int = 256  # hidden size d
     n_layers: int = 6  # transformer blocks L (2L branches: attention and FFN of each block)
     n_heads: int = 4  # query heads; head_dim = dim // n_heads
-    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads (plain multi-head)
+    n_kv_heads: int | None = None  # grouped-query attention; derived: n_heads (plain multi-head)
     ffn: str = "swiglu"  # gated FFN: "swiglu" or "relu2" (squared-ReLU gate, BitNet b1.58 2B4T)
-    ffn_hidden: int | None = None  # None = 8/3 * dim rounded up to a multiple of 64
+    ffn_hidden: int | None = None  # derived: 8/3 * dim rounded up to a multiple of 64
     max_seq_len: int = 256  # longest sequence RoPE tables are built for
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
@@ -39,40 +47,46 @@ class ModelConfig:
     init_std: float = 0.02  # std of every linear / embedding weight at init
     # --- residual pathway ----------------------------------------------------------------------
     pathway: str = "prenorm"  # one of PATHWAYS
-    expansion_rate: int = 1  # n, number of residual streams (hc, sequential, parallel)
+    expansion_rate: int = 1  # n, the number of residual streams (1 for prenorm / postnorm)
     hc_dynamic: bool = True  # hc: input-dependent connection weights (DHC) or static (SHC)
     hc_tanh: bool = True  # hc: tanh on the dynamic projections
     # --- linear layers -------------------------------------------------------------------------
     linear: str = "fp"  # "fp" (nn.Linear) or "bitnet" (BitLinear b1.58, W1.58 A8)
-    subln: bool | None = None  # extra RMSNorm before attn out / FFN down; None = (linear == bitnet)
+    subln: bool | None = None  # extra RMSNorm before attn out / FFN down; derived: linear == bitnet
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        # Fields left to their derived default; overrides re-derive them (see parse_overrides).
-        self._derived = tuple(name for name in DERIVED if getattr(self, name) is None)
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.ffn_hidden is None:
-            self.ffn_hidden = 64 * math.ceil(8 * self.dim / 3 / 64)
-        if self.subln is None:
-            self.subln = self.linear == "bitnet"
+        check_types(self)
         self.validate()
 
+    def derived_values(self) -> dict[str, Any]:
+        """The value of every derived field: the field itself when set, else derived from the
+        others."""
+        return {"n_kv_heads": self.n_heads if self.n_kv_heads is None else self.n_kv_heads,
+                "ffn_hidden": (64 * math.ceil(8 * self.dim / 3 / 64) if self.ffn_hidden is None
+                               else self.ffn_hidden),
+                "subln": self.linear == "bitnet" if self.subln is None else self.subln}
+
+    def resolved(self) -> "ModelConfig":
+        """The same config with every derived field filled in (what a model is built from)."""
+        return dataclasses.replace(self, **self.derived_values())
+
     def validate(self) -> None:
-        _choice("pathway", self.pathway, PATHWAYS)
-        _choice("linear", self.linear, LINEARS)
-        _choice("ffn", self.ffn, FFNS)
+        check_choice("pathway", self.pathway, PATHWAYS)
+        check_choice("linear", self.linear, LINEARS)
+        check_choice("ffn", self.ffn, FFNS)
+        derived = self.derived_values()
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
                      "max_seq_len", "expansion_rate"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+            value = derived.get(name, getattr(self, name))
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
         for name in ("rope_theta", "norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.dim % self.n_heads:
             raise ConfigError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+        if self.n_heads % derived["n_kv_heads"]:
+            raise ConfigError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={derived['n_kv_heads']}")
         if (self.dim // self.n_heads) % 2:
             raise ConfigError(f"head_dim = dim / n_heads = {self.dim // self.n_heads} must be even for RoPE")
         if self.pathway in ("prenorm", "postnorm") and self.expansion_rate != 1:
@@ -92,11 +106,6 @@ class ModelConfig:
     @property
     def n_branches(self) -> int:
         return 2 * self.n_layers
-
-    @property
-    def streams(self) -> int:
-        """Width of the residual state: 1 for plain residuals, n for hyper-connections."""
-        return 1 if self.pathway in ("prenorm", "postnorm") else self.expansion_rate
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,14 +141,12 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 def parse_overrides(cfg: ModelConfig, pairs: list[str]) -> ModelConfig:
     """Apply ``key=value`` strings (``dim=128``, ``pathway=hc``, ``n_kv_heads=none``).
 
-    Fields ``cfg`` derived from others (``n_kv_heads``, ``ffn_hidden``, ``subln`` left at None) are
-    derived again from the overridden values: ``linear=bitnet`` turns SubLN on, ``dim=512``
-    resizes the FFN, ``n_heads=8`` keeps plain multi-head attention.
+    Derived fields (``n_kv_heads``, ``ffn_hidden``, ``subln`` left at None, or set to ``none``)
+    follow the overridden values: ``linear=bitnet`` turns SubLN on, ``dim=512`` resizes the FFN,
+    ``n_heads=8`` keeps plain multi-head attention.
     """
     hints = get_type_hints(ModelConfig)
     values = dataclasses.asdict(cfg)
-    for name in getattr(cfg, "_derived", ()):
-        values[name] = None
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         key = key.strip().removeprefix("model.")
@@ -147,11 +154,11 @@ def parse_overrides(cfg: ModelConfig, pairs: list[str]) -> ModelConfig:
             raise ConfigError(f"override {pair!r} must look like key=value")
         if key not in hints:
             raise ConfigError(f"unknown model config key {key!r}; allowed: {sorted(hints)}")
-        values[key] = _parse_value(key, raw.strip(), hints[key])
+        values[key] = parse_value(key, raw.strip(), hints[key])
     return ModelConfig.from_dict(values)
 
 
-def _parse_value(key: str, raw: str, hint: Any) -> Any:
+def parse_value(key: str, raw: str, hint: Any) -> Any:
     text = str(hint)
     if raw.lower() == "none" and "None" in text:
         return None
@@ -167,16 +174,16 @@ def _parse_value(key: str, raw: str, hint: Any) -> Any:
         if "float" in text:
             return float(raw)
     except ValueError:
-        raise ConfigError(f"{key}={raw!r} is not a valid {_type_name(hint)}") from None
+        raise ConfigError(f"{key}={raw!r} is not a valid {type_name(hint)}") from None
     return raw
 
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
 
 
-def _check_types(cfg: ModelConfig) -> None:
+def check_types(cfg: ModelConfig) -> None:
     hints = get_type_hints(type(cfg))
     for f in fields(cfg):
         value, text = getattr(cfg, f.name), str(hints[f.name])
@@ -187,9 +194,9 @@ def _check_types(cfg: ModelConfig) -> None:
               else isinstance(value, (int, float)) and not isinstance(value, bool) if "float" in text
               else isinstance(value, str))
         if not ok:
-            raise ConfigError(f"{f.name}={value!r} has the wrong type; expected {_type_name(hints[f.name])}")
+            raise ConfigError(f"{f.name}={value!r} has the wrong type; expected {type_name(hints[f.name])}")
 
 
-def _type_name(hint: Any) -> str:
+def type_name(hint: Any) -> str:
     """``int`` for ``<class 'int'>``, ``int | None`` for unions."""
     return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")

@@ -181,3 +181,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if isinstance(model, dict) and model.get("type") == "BPE":
         return BPETokenizer.from_json(text, where=str(path))
     raise DataError(f"{path}: unknown tokenizer file (expected a byte tokenizer or a tokenizers BPE JSON)")
+
+
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether two tokenizers map text to the same ids (byte == byte; BPE: identical JSON)."""
+    if a.kind != b.kind or a.vocab_size != b.vocab_size or a.eot_id != b.eot_id:
+        return False
+    if isinstance(a, ByteTokenizer):
+        return True
+    to_json_a, to_json_b = getattr(a, "to_json", None), getattr(b, "to_json", None)
+    if to_json_a is None or to_json_b is None:
+        return a == b
+    return to_json_a() == to_json_b()

@@ -1,6 +1,9 @@
-from .generate import filter_logits, generate, generate_with_logits, sample_next
-from .lm import Block, TransformerLM, build_model, count_params, pathway_params
-from ..nn.attention import KVCache, LayerKVCache
+"""Models built from a :class:`~hyperbit.config.ModelConfig`, and decoding."""
 
-__all__ = ["Block", "KVCache", "LayerKVCache", "TransformerLM", "build_model", "count_params",
-           "filter_logits", "generate", "generate_with_logits", "pathway_params", "sample_next"]
+from ..nn.attention import KVCache, LayerKVCache
+from .generate import VocabMask, filter_logits, generate, generate_with_logits, sample_next
+from .lm import Block, TransformerLM, build_model, count_params, pathway_params
+
+__all__ = ["Block", "KVCache", "LayerKVCache", "TransformerLM", "VocabMask", "build_model",
+           "count_params", "filter_logits", "generate", "generate_with_logits", "pathway_params",
+           "sample_next"]

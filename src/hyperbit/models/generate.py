@@ -10,10 +10,12 @@ Sampling order per step (as in Hugging Face): logits / temperature -> top-k -> t
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["filter_logits", "generate", "generate_with_logits", "sample_next"]
+__all__ = ["VocabMask", "filter_logits", "generate", "generate_with_logits", "sample_next"]
 
 
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
@@ -126,3 +128,23 @@ def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, temperature:
     """
     return generate_with_logits(model, prompt, max_new_tokens, temperature, top_k, top_p,
                                 generator, use_cache, stop_token)[0]
+
+
+class VocabMask(nn.Module):
+    """Wraps a language model so that logits of ids ``>= vocab`` (embedding rows no tokenizer id
+    maps to) are ``-inf``: generation never picks them. Exposes ``cfg`` and ``make_cache`` like
+    the model it wraps, so :func:`generate` accepts it."""
+
+    def __init__(self, model: nn.Module, vocab: int):
+        super().__init__()
+        self.model = model
+        self.cfg = model.cfg
+        self.vocab = vocab
+
+    def make_cache(self, max_len: int | None = None):
+        return self.model.make_cache(max_len)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, **kwargs: Any):
+        logits, loss = self.model(idx, targets, **kwargs)
+        return logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= self.vocab,
+                                  float("-inf")), loss

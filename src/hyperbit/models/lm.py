@@ -3,6 +3,8 @@
     tokens -> embed -> expand to n streams -> [Block] x L -> reduce (sum) -> final norm -> head
 
 A block never adds anything itself; its two pathways own the norms and the residual additions.
+The model is where a :class:`~hyperbit.config.ModelConfig` turns into modules: it chooses the
+pathway of every branch and the linear layers of every projection.
 """
 
 from __future__ import annotations
@@ -16,19 +18,32 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..nn.attention import Attention, KVCache, LayerKVCache
+from ..nn.branch import output_projections
 from ..nn.ffn import FeedForward
 from ..nn.norm import RMSNorm
-from ..pathways import expand_streams, make_pathway, reduce_streams
+from ..pathways import Pathway, make_pathway
+
+
+def _pathway(cfg: ModelConfig, branch_index: int) -> Pathway:
+    return make_pathway(cfg.pathway, cfg.dim, branch_index, expansion_rate=cfg.expansion_rate,
+                        dynamic=cfg.hc_dynamic, use_tanh=cfg.hc_tanh, eps=cfg.norm_eps)
 
 
 class Block(nn.Module):
+    """Attention then FFN, each wrapped by its own pathway. ``cfg`` must be resolved."""
+
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.max_seq_len, cfg.rope_theta,
                               cfg.linear, cfg.subln, cfg.norm_eps)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_hidden, cfg.ffn, cfg.linear, cfg.subln, cfg.norm_eps)
-        self.attn_path = make_pathway(cfg, branch_index=2 * layer_index)
-        self.ffn_path = make_pathway(cfg, branch_index=2 * layer_index + 1)
+        self.attn_path = _pathway(cfg, branch_index=2 * layer_index)
+        self.ffn_path = _pathway(cfg, branch_index=2 * layer_index + 1)
+
+    def branches(self) -> list[tuple[Pathway, nn.Module]]:
+        """``(pathway, branch)`` pairs in execution order: what the wiring check and the init
+        walk instead of attribute names."""
+        return [(self.attn_path, self.attn), (self.ffn_path, self.ffn)]
 
     def forward(self, h: Tensor, cache: LayerKVCache | None = None) -> Tensor:
         # With a KV cache the attention branch is bound to it; pathways only ever call branch(x)
@@ -42,7 +57,7 @@ class Block(nn.Module):
 class TransformerLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = cfg.resolved()  # the sizes that were built
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -51,24 +66,30 @@ class TransformerLM(nn.Module):
             self.head.weight = self.embed.weight
         self.reset_parameters()
 
-    @property
-    def multi_stream(self) -> bool:
-        return self.blocks[0].attn_path.uses_streams
-
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) everywhere; branch output projections additionally scaled by
-        1/sqrt(2L) (depth) and 1/sqrt(n) (n summed streams, spec section 2)."""
+        """Normal(0, init_std) everywhere; the output projection each branch declares
+        (:mod:`hyperbit.nn.branch`) additionally scaled by 1/sqrt(2L) (depth) and 1/sqrt(n)
+        (n summed streams, spec section 2)."""
         cfg = self.cfg
         std = cfg.init_std
-        out_std = std / math.sqrt(2 * cfg.n_layers) / math.sqrt(cfg.streams)
+        out_std = std / math.sqrt(2 * cfg.n_layers) / math.sqrt(cfg.expansion_rate)
         nn.init.normal_(self.embed.weight, 0.0, std)
         if not cfg.tie_embeddings:
             nn.init.normal_(self.head.weight, 0.0, std)
         for block in self.blocks:
-            for name, module in block.named_modules():
-                if isinstance(module, nn.Linear):
-                    is_out = name.endswith(("o_proj", "down_proj"))
-                    nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
+            for _, branch in block.branches():
+                outputs = {id(m) for m in output_projections(branch)}
+                for module in branch.modules():
+                    if isinstance(module, nn.Linear):
+                        nn.init.normal_(module.weight, 0.0, out_std if id(module) in outputs else std)
+
+    def expand(self, h: Tensor) -> Tensor:
+        """The embedding ``(B, T, d)`` as the pathways' state (``(B, T, n, d)`` for HC)."""
+        return self.blocks[0].attn_path.expand(h)
+
+    def reduce(self, h: Tensor) -> Tensor:
+        """The pathways' state back to one ``(B, T, d)`` hidden state (the sum of the streams)."""
+        return self.blocks[0].attn_path.reduce(h)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
@@ -76,15 +97,12 @@ class TransformerLM(nn.Module):
 
         With ``cache`` (from :meth:`make_cache`) the tokens continue the cached sequence: they sit
         at positions ``cache.pos ..`` and their keys/values are appended (incremental decoding)."""
-        h = self.embed(idx)  # (B, T, d)
-        if self.multi_stream:
-            h = expand_streams(h, self.cfg.streams)  # (B, T, n, d)
+        h = self.expand(self.embed(idx))  # (B, T, d), or (B, T, n, d) streams
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"KV cache has {len(cache)} layers, the model {len(self.blocks)} blocks")
         for i, block in enumerate(self.blocks):
             h = block(h) if cache is None else block(h, cache.layers[i])
-        if self.multi_stream:
-            h = reduce_streams(h)  # (B, T, d)
+        h = self.reduce(h)  # (B, T, d)
         logits = self.head(self.final_norm(h))
         loss = None
         if targets is not None:
@@ -95,9 +113,9 @@ class TransformerLM(nn.Module):
         """An empty KV cache for up to ``max_len`` tokens (default ``cfg.max_seq_len``)."""
         return KVCache(len(self.blocks), self.cfg.max_seq_len if max_len is None else max_len)
 
-    def pathways(self) -> list[nn.Module]:
+    def pathways(self) -> list[Pathway]:
         """All 2L pathways in execution order."""
-        return [p for b in self.blocks for p in (b.attn_path, b.ffn_path)]
+        return [p for b in self.blocks for p, _ in b.branches()]
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """The real parameter count (shared tensors counted once)."""
@@ -108,6 +126,7 @@ class TransformerLM(nn.Module):
 
 def count_params(cfg: ModelConfig) -> int:
     """Parameter count computed analytically from the config (tested against the real count)."""
+    cfg = cfg.resolved()
     d, L, V, hidden = cfg.dim, cfg.n_layers, cfg.vocab_size, cfg.ffn_hidden
     kv = cfg.n_kv_heads * cfg.head_dim
     attn = 2 * d * d + 2 * d * kv + (d if cfg.subln else 0)

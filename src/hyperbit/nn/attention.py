@@ -19,6 +19,8 @@ class Attention(nn.Module):
     projection and the parameter names match the Hugging Face LLaMA / BitNet layout.
     """
 
+    output_projection = "o_proj"  # what writes into the residual pathway (hyperbit.nn.branch)
+
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, max_seq_len: int,
                  rope_theta: float = 10000.0, linear: str = "fp", subln: bool = False,
                  norm_eps: float = 1e-6):

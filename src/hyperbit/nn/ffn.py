@@ -12,6 +12,8 @@ from .norm import RMSNorm
 class FeedForward(nn.Module):
     """``down_proj(sub_norm?(act(gate_proj x) * up_proj x))`` with act = SiLU or ReLU²."""
 
+    output_projection = "down_proj"  # what writes into the residual pathway (hyperbit.nn.branch)
+
     def __init__(self, dim: int, hidden: int, kind: str = "swiglu", linear: str = "fp",
                  subln: bool = False, norm_eps: float = 1e-6):
         super().__init__()

@@ -1,34 +1,42 @@
 """Residual pathways: one interface for Pre-Norm, Post-Norm and hyper-connections.
 
-``make_pathway(cfg, branch_index)`` builds the pathway a :class:`~hyperbit.config.ModelConfig`
-asks for; users bringing their own model use :class:`HyperConnection`, :func:`expand_streams` and
-:func:`reduce_streams` directly.
+Plain tensors in, tensors out: a pathway knows nothing of model configs or training.
+:func:`make_pathway` builds one by name; users bringing their own model use
+:class:`HyperConnection`, :func:`expand_streams` and :func:`reduce_streams` directly.
 """
 
 from __future__ import annotations
 
-from ..config import ModelConfig
 from .base import Branch, Pathway, expand_streams, reduce_streams
 from .hyper import (HyperConnection, output_std_scale, parallel_matrix, pre_norm_matrix,
                     sequential_matrix)
 from .residual import PostNorm, PreNorm
 
+KINDS = ("prenorm", "postnorm", "hc", "sequential", "parallel")
 
-def make_pathway(cfg: ModelConfig, branch_index: int) -> Pathway:
-    """The pathway for branch ``branch_index`` (0 .. 2L-1, attention and FFN alternating)."""
-    if cfg.pathway == "prenorm":
-        return PreNorm(cfg.dim, cfg.norm_eps)
-    if cfg.pathway == "postnorm":
-        return PostNorm(cfg.dim, cfg.norm_eps)
-    n = cfg.expansion_rate
-    if cfg.pathway == "hc":
-        return HyperConnection(cfg.dim, n, branch_index, dynamic=cfg.hc_dynamic,
-                               use_tanh=cfg.hc_tanh, eps=cfg.norm_eps)
-    matrix = sequential_matrix() if cfg.pathway == "sequential" else parallel_matrix(n, branch_index)
-    return HyperConnection(cfg.dim, n, branch_index, dynamic=False, eps=cfg.norm_eps,
+
+def make_pathway(kind: str, dim: int, branch_index: int, *, expansion_rate: int = 1,
+                 dynamic: bool = True, use_tanh: bool = True, eps: float = 1e-6) -> Pathway:
+    """The pathway ``kind`` (one of :data:`KINDS`) for branch ``branch_index`` (0, 1, ... in
+    execution order). ``expansion_rate``, ``dynamic`` and ``use_tanh`` apply to hyper-connections;
+    ``sequential`` (n = 2) and ``parallel`` are hyper-connections with fixed matrices."""
+    if kind == "prenorm":
+        return PreNorm(dim, eps)
+    if kind == "postnorm":
+        return PostNorm(dim, eps)
+    if kind == "hc":
+        return HyperConnection(dim, expansion_rate, branch_index, dynamic=dynamic,
+                               use_tanh=use_tanh, eps=eps)
+    if kind == "sequential":
+        matrix = sequential_matrix()
+    elif kind == "parallel":
+        matrix = parallel_matrix(expansion_rate, branch_index)
+    else:
+        raise ValueError(f"pathway={kind!r} is not allowed; choose one of {list(KINDS)}")
+    return HyperConnection(dim, matrix.shape[0] - 1, branch_index, dynamic=False, eps=eps,
                            matrix=matrix, learnable=False)
 
 
-__all__ = ["Branch", "HyperConnection", "Pathway", "PostNorm", "PreNorm", "expand_streams",
-           "make_pathway", "output_std_scale", "parallel_matrix", "pre_norm_matrix",
-           "reduce_streams", "sequential_matrix"]
+__all__ = ["Branch", "HyperConnection", "KINDS", "Pathway", "PostNorm", "PreNorm",
+           "expand_streams", "make_pathway", "output_std_scale", "parallel_matrix",
+           "pre_norm_matrix", "reduce_streams", "sequential_matrix"]

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..nn.norm import RMSNorm
 from ._hc_fused import DepthConnection, WidthConnection
-from .base import Branch, Pathway
+from .base import Branch, Pathway, expand_streams, reduce_streams
 
 
 class HyperConnection(Pathway):
@@ -47,7 +47,6 @@ class HyperConnection(Pathway):
         learnable: whether the static connection weights are trained (False for fixed presets).
     """
 
-    uses_streams = True
     #: use the memory-lean autograd nodes of ``_hc_fused`` (False: plain autograd, e.g. to let
     #: torch.compile fuse and rematerialise the reference computation itself)
     fused: bool = True
@@ -147,6 +146,14 @@ class HyperConnection(Pathway):
         x, ctx = self.width_connection(h)
         return self.depth_connection(ctx, branch(x))
 
+    def expand(self, h: Tensor) -> Tensor:
+        """``(B, T, d) -> (B, T, n, d)``: n identical streams."""
+        return expand_streams(h, self.expansion_rate)
+
+    def reduce(self, h: Tensor) -> Tensor:
+        """``(B, T, n, d) -> (B, T, d)``: the sum of the streams."""
+        return reduce_streams(h)
+
     # -- introspection ---------------------------------------------------------------------------
     def matrix(self) -> Tensor:
         """The static connection matrix ``[[0, B], [A_m, A_r]]`` (n+1, n+1)."""
@@ -165,7 +172,7 @@ class HyperConnection(Pathway):
 
     def extra_repr(self) -> str:
         kind = "dynamic" if self.dynamic else "static"
-        return f"dim={self.dim}, n={self.expansion_rate}, branch={self.branch_index}, {kind}, tanh={self.use_tanh}"
+        return f"dim={self.dim}, expansion_rate={self.expansion_rate}, branch={self.branch_index}, {kind}, tanh={self.use_tanh}"
 
 
 def _compute_dtype(h: Tensor) -> torch.dtype:
@@ -173,8 +180,9 @@ def _compute_dtype(h: Tensor) -> torch.dtype:
     return torch.promote_types(h.dtype, torch.float32)
 
 
-def pre_norm_matrix(n: int, branch_index: int) -> Tensor:
+def pre_norm_matrix(expansion_rate: int, branch_index: int) -> Tensor:
     """The init that makes HC equal Pre-Norm: ``B = 1``, ``A_m = e_{k mod n}``, ``A_r = I``."""
+    n = expansion_rate
     m = torch.zeros(n + 1, n + 1)
     m[0, 1:] = 1.0
     m[1 + branch_index % n, 0] = 1.0
@@ -187,13 +195,14 @@ def sequential_matrix() -> Tensor:
     return torch.tensor([[0.0, 1, 1], [1, 1, 0], [0, 0, 1]])
 
 
-def parallel_matrix(n: int, branch_index: int) -> Tensor:
+def parallel_matrix(expansion_rate: int, branch_index: int) -> Tensor:
     """Fixed matrices that run every group of n consecutive branches in parallel (spec section 4).
 
     The first branch of a group reads the sum of the streams and resets every stream to that sum
     (``A_m = 1``, ``A_r = 1``); the i-th writes only to stream i and reads stream i, which still
     holds the group's input. A group therefore maps the stream sum ``s`` to ``n s + sum_i T_i(s)``.
     """
+    n = expansion_rate
     i = branch_index % n
     m = torch.zeros(n + 1, n + 1)
     m[0, 1 + i] = 1.0  # B = e_i

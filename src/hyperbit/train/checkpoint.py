@@ -24,45 +24,36 @@ truncated, flipped or half-written file, or a checkpoint of another model shape,
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import random
 import re
 import secrets
 import shutil
-import sys
 import warnings
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-FORMAT = "hyperbit-checkpoint"
+from .._io import fsync_dir, hash_and_sync, sha256_file, write_new_file
+from .errors import CheckpointError, first_line
+from .rng import capture_rng_state
+from .state_codec import (FORMAT, OPTIM_TENSORS, decode_optimizer, dedupe, encode_optimizer, identity,
+                          json_bytes, read_json, read_tensors)
+
 VERSION = 1
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 MODEL_FILE = "model.safetensors"
-OPTIM_TENSORS = "optimizer.safetensors"
 OPTIM_JSON = "optimizer.json"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
 REQUIRED = (MODEL_FILE, CONFIG_FILE, STATE_FILE)
 RESERVED_STATE_KEYS = ("step", "rng")
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
-_CHUNK = 1 << 20
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, corrupt or does not fit the model. One-line message."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))  # guarantee a single line
 
 
 # ================================================================================================
@@ -96,23 +87,16 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
         raise CheckpointError(f"config must be a dict (e.g. ModelConfig.to_dict()), got {type(config).__name__}")
 
     # Everything that can fail on bad input is serialised before anything touches the disk.
-    config_bytes = _json_bytes(config, "config", indent=2)
-    state_bytes = _json_bytes({"step": step, **state, "rng": capture_rng_state()}, "state")
-    model_tensors, model_meta = _dedupe(model.state_dict(), "model")
+    config_bytes = json_bytes(config, "config", indent=2)
+    state_bytes = json_bytes({"step": step, **state, "rng": capture_rng_state()}, "state")
+    model_tensors, model_meta = dedupe(model.state_dict(), "model")
     optim_tensors: dict[str, Tensor] = {}
     optim_meta: dict[str, str] = {}
     optim_bytes = None
     if optimizer is not None:
-        osd = optimizer.state_dict()
-        encoded = {
-            "param_groups": [_encode(g, f"param_groups.{i}", optim_tensors)
-                             for i, g in enumerate(osd["param_groups"])],
-            "state": {str(i): {name: _encode(v, f"state.{i}.{name}", optim_tensors)
-                               for name, v in s.items()}
-                      for i, s in osd["state"].items()},
-        }
-        optim_bytes = _json_bytes(encoded, "optimizer state")
-        optim_tensors, optim_meta = _dedupe(optim_tensors, "optimizer")
+        encoded, optim_tensors = encode_optimizer(optimizer.state_dict())
+        optim_bytes = json_bytes(encoded, "optimizer state")
+        optim_tensors, optim_meta = dedupe(optim_tensors, "optimizer")
 
     ckpt_dir = Path(run_dir) / CHECKPOINTS
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -125,22 +109,22 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
         files = [MODEL_FILE]
         if optimizer is not None:
             save_file(optim_tensors, str(tmp / OPTIM_TENSORS), metadata=optim_meta)
-            _write_bytes(tmp / OPTIM_JSON, optim_bytes)
+            write_new_file(tmp / OPTIM_JSON, optim_bytes)
             files += [OPTIM_TENSORS, OPTIM_JSON]
-        _write_bytes(tmp / CONFIG_FILE, config_bytes)
-        _write_bytes(tmp / STATE_FILE, state_bytes)
+        write_new_file(tmp / CONFIG_FILE, config_bytes)
+        write_new_file(tmp / STATE_FILE, state_bytes)
         files += [CONFIG_FILE, STATE_FILE]
         manifest = {"format": FORMAT, "version": VERSION, "step": step,
-                    "files": {f: _hash_and_sync(tmp / f) for f in files}}
-        _write_bytes(tmp / COMPLETE, _json_bytes(manifest, "manifest", indent=1))
-        _fsync_dir(tmp)
+                    "files": {f: hash_and_sync(tmp / f) for f in files}}
+        write_new_file(tmp / COMPLETE, json_bytes(manifest, "manifest", indent=1))
+        fsync_dir(tmp)
         if final.exists() or final.is_symlink():
             _move_aside(ckpt_dir, name)
         os.rename(tmp, final)
     except BaseException:
         _remove_tree(tmp)
         raise
-    _fsync_dir(ckpt_dir)
+    fsync_dir(ckpt_dir)
     _write_latest(ckpt_dir, name)
     if keep_last is not None:
         _prune(ckpt_dir, keep_last)
@@ -163,12 +147,12 @@ def _move_aside(ckpt_dir: Path, name: str) -> None:
 def _write_latest(ckpt_dir: Path, name: str) -> None:
     tmp = ckpt_dir / f".tmp-{LATEST}-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        _write_bytes(tmp, (name + "\n").encode())
+        write_new_file(tmp, (name + "\n").encode())
         os.replace(tmp, ckpt_dir / LATEST)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(ckpt_dir)
+    fsync_dir(ckpt_dir)
 
 
 def _prune(ckpt_dir: Path, keep_last: int) -> None:
@@ -182,7 +166,7 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
         doomed = ckpt_dir / f".deleting-{path.name}-{secrets.token_hex(4)}"
         os.rename(path, doomed)
         _remove_tree(doomed)
-    _fsync_dir(ckpt_dir)
+    fsync_dir(ckpt_dir)
 
 
 # ================================================================================================
@@ -203,34 +187,34 @@ def load_checkpoint(path_or_run_dir: str | os.PathLike, model: nn.Module | None 
     """
     step_dir = resolve_checkpoint(path_or_run_dir)
     manifest = _verify(step_dir)
-    config = _read_json(step_dir / CONFIG_FILE)
-    state = _read_json(step_dir / STATE_FILE)
+    config = read_json(step_dir / CONFIG_FILE)
+    state = read_json(step_dir / STATE_FILE)
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"corrupt checkpoint file {step_dir / STATE_FILE}: no integer 'step'")
     device = str(map_location) if not isinstance(map_location, int) else map_location
 
     model_sd = None
     if model is not None:
-        model_sd = _read_tensors(step_dir / MODEL_FILE, device)
+        model_sd = read_tensors(step_dir / MODEL_FILE, device)
         _check_model(model, model_sd, step_dir)
     optim_sd = None
     if optimizer is not None:
         if OPTIM_JSON not in manifest["files"] or OPTIM_TENSORS not in manifest["files"]:
             raise CheckpointError(f"checkpoint {step_dir} has no optimizer state (saved with optimizer=None)")
-        tensors = _read_tensors(step_dir / OPTIM_TENSORS, device)
-        optim_sd = _decode_optimizer(_read_json(step_dir / OPTIM_JSON), tensors, step_dir / OPTIM_JSON)
+        tensors = read_tensors(step_dir / OPTIM_TENSORS, device)
+        optim_sd = decode_optimizer(read_json(step_dir / OPTIM_JSON), tensors, step_dir / OPTIM_JSON)
         _check_optimizer(optimizer, optim_sd, step_dir)
 
     if model_sd is not None:
         try:
             model.load_state_dict(model_sd, strict=True)
         except RuntimeError as e:  # pre-checked above; kept as a guard
-            raise CheckpointError(f"checkpoint {step_dir} does not match the model: {_first_line(e)}") from None
+            raise CheckpointError(f"checkpoint {step_dir} does not match the model: {first_line(e)}") from None
     if optim_sd is not None:
         try:
             optimizer.load_state_dict(optim_sd)
         except (ValueError, KeyError, RuntimeError, TypeError) as e:
-            raise CheckpointError(f"checkpoint {step_dir} does not match the optimizer: {_first_line(e)}") from None
+            raise CheckpointError(f"checkpoint {step_dir} does not match the optimizer: {first_line(e)}") from None
     return {"path": step_dir, "step": state["step"], "config": config, "state": state}
 
 
@@ -286,7 +270,7 @@ def _read_latest(ckpt_dir: Path) -> str | None:
     try:
         name = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"unreadable {path}: {_first_line(e)}") from None
+        raise CheckpointError(f"unreadable {path}: {first_line(e)}") from None
     if not STEP_DIR.match(name):
         raise CheckpointError(f"corrupt {path}: expected a step dir name like step_00000100, got {name[:40]!r}")
     return name
@@ -296,7 +280,7 @@ def _verify(step_dir: Path) -> dict:
     marker = step_dir / COMPLETE
     if not marker.is_file():
         raise CheckpointError(f"incomplete checkpoint {step_dir}: no {COMPLETE} marker")
-    manifest = _read_json(marker)
+    manifest = read_json(marker)
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if (not isinstance(files, dict) or manifest.get("format") != FORMAT
             or not all(isinstance(v, dict) and isinstance(v.get("size"), int)
@@ -319,7 +303,7 @@ def _verify(step_dir: Path) -> dict:
             raise CheckpointError(f"truncated checkpoint file {path}: {size} bytes, expected {entry['size']}")
         if size != entry["size"]:
             raise CheckpointError(f"corrupt checkpoint file {path}: {size} bytes, expected {entry['size']}")
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest != entry["sha256"]:
             raise CheckpointError(f"corrupt checkpoint file {path}: sha256 mismatch "
                                   f"(expected {entry['sha256'][:12]}..., got {digest[:12]}...)")
@@ -344,7 +328,7 @@ def _check_model(model: nn.Module, loaded: dict[str, Tensor], step_dir: Path) ->
     # Tied parameters (e.g. embed/head) must not receive two different tensors.
     groups: dict[tuple, list[str]] = {}
     for key, ref in expected.items():
-        groups.setdefault(_identity(ref), []).append(key)
+        groups.setdefault(identity(ref), []).append(key)
     for keys in groups.values():
         for other in keys[1:]:
             if not torch.equal(loaded[keys[0]], loaded[other]):
@@ -375,212 +359,8 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, sd: dict, step_dir: Path)
 
 
 # ================================================================================================
-# RNG
-# ================================================================================================
-
-def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy (if imported), torch CPU and every CUDA device's RNG state, as JSON-able lists."""
-    version, internal, gauss = random.getstate()
-    rng: dict[str, Any] = {"python": [version, list(internal), gauss],
-                           "torch": torch.get_rng_state().tolist()}
-    np = sys.modules.get("numpy")
-    if np is not None:
-        name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-        rng["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-    if torch.cuda.is_available():
-        rng["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return rng
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Restore the RNG states recorded by save_checkpoint. Accepts state.json's dict or the whole
-    dict load_checkpoint returns. CUDA states are skipped (with a warning) without CUDA."""
-    if "rng" not in state and isinstance(state.get("state"), dict):
-        state = state["state"]
-    rng = state.get("rng")
-    if not isinstance(rng, dict):
-        raise CheckpointError("state has no 'rng' entry to restore")
-    try:
-        if "python" in rng:
-            version, internal, gauss = rng["python"]
-            random.setstate((version, tuple(internal), gauss))
-        if "torch" in rng:
-            torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-        if "numpy" in rng:
-            import numpy as np
-            name, keys, pos, has_gauss, cached = rng["numpy"]
-            np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-        if "cuda" in rng:
-            saved = [torch.tensor(s, dtype=torch.uint8) for s in rng["cuda"]]
-            available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if available != len(saved):
-                warnings.warn(f"checkpoint has CUDA RNG states for {len(saved)} device(s), "
-                              f"{available} available; restoring {min(available, len(saved))}",
-                              stacklevel=2)
-            for i in range(min(available, len(saved))):
-                torch.cuda.set_rng_state(saved[i], i)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"corrupt RNG state in checkpoint: {_first_line(e)}") from None
-
-
-# ================================================================================================
 # helpers
 # ================================================================================================
-
-def _identity(t: Tensor) -> tuple:
-    if t.numel() == 0 or t.device.type == "meta":
-        return ("unique", id(t))
-    return (str(t.device), t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-            tuple(t.stride()), t.dtype)
-
-
-def _dedupe(tensors: dict[str, Tensor], what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Distinct tensors once (CPU, contiguous, own storage) + ``{"aliases": json}`` metadata for
-    the names that are the very same tensor (tied weights). safetensors refuses shared storage."""
-    unique: dict[str, Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    storages: set[tuple] = set()
-    for name, t in tensors.items():
-        t = t.detach()
-        if t.device.type == "meta":
-            raise CheckpointError(f"cannot save {what} tensor {name}: it is on the meta device")
-        ident = _identity(t)
-        if ident in seen:
-            aliases[name] = seen[ident]
-            continue
-        seen[ident] = name
-        storage = (str(t.device), t.untyped_storage().data_ptr())
-        shares = t.numel() > 0 and storage in storages
-        storages.add(storage)
-        t = t.cpu()
-        if shares or not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone(memory_format=torch.contiguous_format)
-        unique[name] = t
-    return unique, {"format": FORMAT, "aliases": json.dumps(aliases, sort_keys=True)}
-
-
-def _read_tensors(path: Path, device: str | int) -> dict[str, Tensor]:
-    try:
-        with safe_open(str(path), framework="pt", device=device) as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        aliases = json.loads(meta.get("aliases", "{}"))
-        if not isinstance(aliases, dict):
-            raise ValueError("aliases metadata is not a JSON object")
-    except Exception as e:  # SafetensorError, JSON errors, OSError, device errors
-        raise CheckpointError(f"corrupt checkpoint file {path}: not a readable safetensors file "
-                              f"({_first_line(e)})") from None
-    for name, target in aliases.items():
-        if target not in tensors:
-            raise CheckpointError(f"corrupt checkpoint file {path}: alias {name} -> missing {target}")
-        tensors[name] = tensors[target]
-    return tensors
-
-
-def _encode(value: Any, key: str, tensors: dict[str, Tensor]) -> Any:
-    """JSON-able form of an optimizer state_dict value; tensors go to ``tensors[key]``."""
-    if isinstance(value, Tensor):
-        tensors[key] = value
-        return {"__tensor__": key}
-    if isinstance(value, tuple):
-        return {"__tuple__": [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]}
-    if isinstance(value, list):
-        return [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        bad = [k for k in value if not isinstance(k, str)]
-        if bad:
-            raise CheckpointError(f"cannot store optimizer value {key}: non-string key {bad[0]!r}")
-        return {k: _encode(v, f"{key}.{k}", tensors) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise CheckpointError(f"cannot store optimizer value {key} of type {type(value).__name__}")
-
-
-def _decode(value: Any, tensors: dict[str, Tensor], path: Path) -> Any:
-    if isinstance(value, list):
-        return [_decode(v, tensors, path) for v in value]
-    if isinstance(value, dict):
-        if set(value) == {"__tensor__"}:
-            if value["__tensor__"] not in tensors:
-                raise CheckpointError(f"corrupt checkpoint file {path}: tensor {value['__tensor__']!r} "
-                                      f"is not in {OPTIM_TENSORS}")
-            return tensors[value["__tensor__"]]
-        if set(value) == {"__tuple__"}:
-            return tuple(_decode(v, tensors, path) for v in value["__tuple__"])
-        return {k: _decode(v, tensors, path) for k, v in value.items()}
-    return value
-
-
-def _decode_optimizer(data: Any, tensors: dict[str, Tensor], path: Path) -> dict:
-    if (not isinstance(data, dict) or not isinstance(data.get("param_groups"), list)
-            or not isinstance(data.get("state"), dict)):
-        raise CheckpointError(f"corrupt checkpoint file {path}: expected param_groups and state")
-    groups = _decode(data["param_groups"], tensors, path)
-    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
-        raise CheckpointError(f"corrupt checkpoint file {path}: a param group has no params list")
-    state = {}
-    for k, v in data["state"].items():
-        if not isinstance(v, dict):
-            raise CheckpointError(f"corrupt checkpoint file {path}: state {k!r} is not an object")
-        state[int(k) if k.lstrip("-").isdigit() else k] = _decode(v, tensors, path)
-    return {"state": state, "param_groups": groups}
-
-
-def _json_bytes(obj: Any, what: str, indent: int | None = None) -> bytes:
-    try:
-        text = json.dumps(obj, indent=indent, separators=None if indent else (",", ":"))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{what} is not JSON-serialisable: {_first_line(e)}") from None
-    return (text + "\n").encode("utf-8")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"missing checkpoint file {path}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"corrupt checkpoint file {path}: invalid JSON ({_first_line(e)})") from None
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _hash_and_sync(path: Path) -> dict[str, Any]:
-    """Size and sha256 of what is on disk, and make sure it is durable."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-        os.fsync(f.fileno())
-    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:  # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
@@ -596,8 +376,3 @@ def _step_dirs(ckpt_dir: Path) -> list[Path]:
 def step_of(name: str) -> int:
     """The step of a step dir name (``step_00000300`` -> 300)."""
     return int(STEP_DIR.match(name).group(1))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]

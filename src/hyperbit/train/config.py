@@ -3,6 +3,12 @@
 A run directory stores the resolved configuration as ``config.json``::
 
     {"model": {...ModelConfig...}, "train": {...TrainConfig...}, "data": {...DataConfig...}}
+
+A run directory, as training lays it out (:mod:`hyperbit.runs` reads it)::
+
+    config.json      the RunConfig             checkpoints/   hyperbit.train.checkpoint
+    metrics.jsonl    one JSON object a record  data/          token shards, unless data.path is
+                                                              a prepared directory
 """
 
 from __future__ import annotations
@@ -13,8 +19,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, ModelConfig, _check_types, _choice, _parse_value, parse_overrides
+from ..config import ConfigError, ModelConfig, check_choice, check_types, parse_overrides, parse_value
+from ..data import DataConfig
 from .schedule import SCHEDULES, Schedule
+
+RUN_CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+DATA_DIR = "data"
 
 
 @dataclass
@@ -45,11 +56,11 @@ class TrainConfig:
     check_wiring: bool = True  # run the wiring check on the model before the first step
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _choice("train.schedule", self.schedule, SCHEDULES)
-        _choice("train.precision", self.precision, ("bf16", "fp32"))
-        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
-        _choice("train.distributed", self.distributed, ("ddp", "fsdp2"))
+        check_types(self)
+        check_choice("train.schedule", self.schedule, SCHEDULES)
+        check_choice("train.precision", self.precision, ("bf16", "fp32"))
+        check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("train.distributed", self.distributed, ("ddp", "fsdp2"))
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -71,30 +82,16 @@ class TrainConfig:
 
 
 @dataclass
-class DataConfig:
-    path: str = "pystdlib"  # corpus spec (pystdlib, a file, dir, glob, .jsonl, HF dataset dir)
-    # or a directory prepared by `hyperbit prepare`
-    tokenizer: str = "byte"  # "byte" or "bpe" (trained locally) or a saved tokenizer file
-    vocab_size: int = 8192  # BPE only
-    text_field: str = "text"  # JSON Lines / HF datasets
-    val_fraction: float = 0.01  # non-pystdlib sources
-    max_bytes: int = 0  # cap per split while preparing; 0 = everything
-
-    def __post_init__(self) -> None:
-        _check_types(self)
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.max_bytes < 0 or self.vocab_size < 2:
-            raise ConfigError("data.max_bytes must be >= 0 and data.vocab_size >= 2")
-
-
-@dataclass
 class RunConfig:
+    """Model, training and data. A run records the model it builds, so ``model`` is held resolved
+    (:meth:`ModelConfig.resolved`): ``config.json`` names every size."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
+        self.model = self.model.resolved()
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}; raise model.max_seq_len or shorten train.seq_len")
@@ -118,7 +115,7 @@ class RunConfig:
         source = Path(self.data.path)
         if source.is_dir() and (source / "meta.json").exists():
             return source
-        return Path(run_dir) / "data"
+        return Path(run_dir) / DATA_DIR
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -188,5 +185,5 @@ def _apply(cls, section: str, values: dict[str, Any], pairs: list[str]):
         key = key.strip()
         if key not in hints:
             raise ConfigError(f"unknown {section} config key '{section}.{key}'; allowed: {sorted(hints)}")
-        values[key] = _parse_value(f"{section}.{key}", raw.strip(), types[key])
+        values[key] = parse_value(f"{section}.{key}", raw.strip(), types[key])
     return _section(cls, section, values)

@@ -10,11 +10,8 @@ bit for bit.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
-import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -22,25 +19,25 @@ from typing import Callable
 import torch
 
 from .._io import atomic_write_text
+from ..analysis import check_wiring, pathway_summary
 from ..config import ConfigError
-from ..data import DataError, TokenShards, prepare
-from ..diagnostics import check_wiring, pathway_summary
+from ..data import DataError, TokenShards, prepare_data
 from ..models import build_model
-from ..optim import param_groups
 from . import distributed
-from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
-from .config import DataConfig, RunConfig
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import METRICS_FILE, RUN_CONFIG_FILE, RunConfig
+from .errors import TrainingStopped
+from .evaluate import evaluate
+from .metrics import Progress, open_tensorboard, truncate_metrics, write_metrics
+from .optim import param_groups
+from .rng import restore_rng_state
 from .schedule import apply_schedule
-
-
-class TrainingStopped(RuntimeError):
-    """Training stopped on purpose (non-finite loss); the last good checkpoint is kept."""
 
 
 def prepare_run_dir(out: Path, cfg: RunConfig | None, resume: bool, overwrite: bool) -> RunConfig:
     """Create, resume or replace the run directory; never touches a directory that is not ours.
     With ``resume`` and ``cfg=None`` the run's saved config is used; a given ``cfg`` must match it."""
-    config_file = out / "config.json"
+    config_file = out / RUN_CONFIG_FILE
     if cfg is None and not (resume and config_file.exists()):
         raise ConfigError(f"nothing to resume in {out}: no config.json there")
     if out.exists() and any(out.iterdir()):
@@ -62,16 +59,6 @@ def prepare_run_dir(out: Path, cfg: RunConfig | None, resume: bool, overwrite: b
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_file, cfg.to_json() + "\n")
     return cfg
-
-
-def prepare_data(d: DataConfig, data_dir: Path, log: Callable[[str], None]) -> None:
-    """Tokenise the corpus ``d`` describes into ``data_dir``, once (kept if already there)."""
-    if (data_dir / "meta.json").exists():
-        return
-    log(f"preparing data: {d.path} -> {data_dir} ({d.tokenizer} tokenizer)")
-    prepare(d.path, data_dir, tokenizer=d.tokenizer,
-            vocab_size=d.vocab_size if d.tokenizer == "bpe" else None, val_fraction=d.val_fraction,
-            max_bytes=d.max_bytes or None, overwrite=True, text_field=d.text_field)
 
 
 def load_data(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> tuple[TokenShards, TokenShards]:
@@ -104,7 +91,7 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
         cfg = prepare_run_dir(out, cfg, resume, overwrite)
     distributed.barrier(info)
     if not info.is_main:
-        cfg = RunConfig.load(out / "config.json")
+        cfg = RunConfig.load(out / RUN_CONFIG_FILE)
     t = cfg.train
     if info.is_main:
         train_data, val_data = load_data(cfg, out, log)
@@ -123,7 +110,7 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
     if t.check_wiring and info.is_main and resume_from is None:
         report = check_wiring(model)
         log(f"wiring check: {'PASS' if report.ok else 'FAIL'} ({cfg.model.pathway}, "
-            f"n={cfg.model.streams}, {cfg.model.linear})")
+            f"n={cfg.model.expansion_rate}, {cfg.model.linear})")
         if not report.ok:
             raise ConfigError(f"the model fails the wiring check: {report.problems[0]}")
     start, ckpt = 0, None
@@ -143,16 +130,16 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
             log(f"run already complete at step {start} of {t.steps}")
             return {}
     if info.is_main:  # metrics logged after the checkpoint (or, with none, at all) are logged again
-        _truncate_metrics(out / "metrics.jsonl", start)
+        truncate_metrics(out / METRICS_FILE, start)
     if t.compile:
         runner = torch.compile(runner)
     schedule = t.schedule_obj()
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16"
                 else nullcontext())
     tokens_per_step = t.batch_size * t.seq_len
-    metrics_file = (out / "metrics.jsonl").open("a") if info.is_main else None
-    board = _tensorboard(out) if info.is_main else None
-    progress = _Progress(t.steps, start, tokens_per_step, log, enabled=info.is_main)
+    metrics_file = (out / METRICS_FILE).open("a") if info.is_main else None
+    board = open_tensorboard(out) if info.is_main else None
+    progress = Progress(t.steps, start, tokens_per_step, log, enabled=info.is_main)
     monitor_idx = _monitor_batch(val_data, t.seq_len).to(device) if t.monitor_every else None
     last = {}
     try:
@@ -182,13 +169,13 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
             if info.is_main and (done % max(1, t.log_every) == 0 or done == t.steps):
                 last = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_value,
                         "tokens": done * tokens_per_step, **progress.rates(done)}
-                _write_metrics(metrics_file, last, board)
+                write_metrics(metrics_file, last, board)
             progress.update(done, loss_value)
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
                 if info.is_main or sharded:  # a sharded model needs every rank in its forward
                     evaluation = evaluate(model, val_data, t.seq_len, micro, t.eval_batches, device, autocast)
                     if info.is_main:
-                        _write_metrics(metrics_file, {"step": done, **evaluation}, board)
+                        write_metrics(metrics_file, {"step": done, **evaluation}, board)
                         progress.note(f"step {done}: val loss {evaluation['val_loss']:.4f}, "
                                       f"{evaluation['val_bpb']:.4f} bits/byte")
                         last.update(evaluation)
@@ -198,7 +185,7 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
                     with autocast:
                         summary = pathway_summary(model, monitor_idx)
                     if info.is_main:
-                        _write_metrics(metrics_file, {"step": done, "monitor": summary}, board)
+                        write_metrics(metrics_file, {"step": done, "monitor": summary}, board)
             if (t.save_every and done % t.save_every == 0) or done == t.steps:
                 # FSDP2: every rank joins gathering the full state; rank 0 writes it
                 model_state, optim_state = (_sharded().gather_full_state(model, optimizer) if sharded
@@ -214,29 +201,6 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
             board.close()
         progress.close()
     return last
-
-
-@torch.no_grad()
-def evaluate(model, data: TokenShards, seq_len: int, batch: int, max_batches: int, device,
-             autocast) -> dict:
-    """Mean next-token loss over the first ``max_batches`` validation windows, and bits per byte
-    (total nats / ln 2 / total UTF-8 bytes of the predicted tokens)."""
-    was_training = model.training
-    model.eval()
-    tokenizer = data.load_tokenizer()
-    nats = count = bytes_ = 0.0
-    for x, y in data.iter_eval_batches(batch, seq_len, max_batches=max_batches):
-        with autocast:
-            logits, _ = model(x.to(device))
-        losses = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(),
-                                                   reduction="sum")
-        nats += float(losses)
-        count += y.numel()
-        bytes_ += sum(len(tokenizer.decode(row.tolist()).encode("utf-8")) for row in y)
-    model.train(was_training)
-    if count == 0:
-        raise DataError("the validation split is too small for one evaluation window")
-    return {"val_loss": nats / count, "val_bpb": nats / math.log(2) / max(bytes_, 1.0)}
 
 
 def _sharded():
@@ -256,83 +220,6 @@ def _monitor_batch(data: TokenShards, seq_len: int) -> torch.Tensor:
     return first[0]
 
 
-class _Progress:
-    """A one-line progress bar on a terminal; plain log lines otherwise."""
-
-    def __init__(self, total: int, start: int, tokens_per_step: int, log: Callable[[str], None],
-                 enabled: bool = True):
-        self.total, self.start, self.tokens_per_step, self.log = total, start, tokens_per_step, log
-        self.t0 = time.perf_counter()
-        self.enabled = enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.last_print = 0.0
-
-    def rates(self, done: int) -> dict:
-        elapsed = time.perf_counter() - self.t0
-        steps = max(done - self.start, 1)
-        return {"tok_s": steps * self.tokens_per_step / max(elapsed, 1e-9), "elapsed_s": elapsed}
-
-    def update(self, done: int, loss: float) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if not self.tty and done % max(1, self.total // 20) and done != self.total:
-            return
-        if self.tty and now - self.last_print < 0.2 and done != self.total:
-            return
-        self.last_print = now
-        r = self.rates(done)
-        eta = (self.total - done) * r["elapsed_s"] / max(done - self.start, 1)
-        width = 24
-        filled = int(width * done / self.total)
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}  loss {loss:.4f}  "
-                f"{r['tok_s']:,.0f} tok/s  ETA {eta:4.0f}s")
-        if self.tty:
-            sys.stderr.write("\r" + line)
-            sys.stderr.flush()
-        else:
-            self.log(line)
-
-    def note(self, text: str) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-        self.log(text)
-
-    def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-
-
-def _write_metrics(f, record: dict, board=None) -> None:
-    f.write(json.dumps(record) + "\n")
-    f.flush()
-    if board is not None:
-        for key, value in record.items():
-            if key == "monitor":  # per-depth lists: the deepest value of each
-                for name, values in value.items():
-                    board.add_scalar(f"monitor/{name}_last", values[-1], record["step"])
-            elif key != "step":
-                board.add_scalar(key, value, record["step"])
-
-
-def _tensorboard(out: Path):
-    """A TensorBoard writer in ``out/tensorboard`` when tensorboard is installed, else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional; metrics.jsonl is always written
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after the checkpoint a run resumes from (they will be logged again)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip()
-            and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
@@ -345,4 +232,4 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
     return ""
 
 
-__all__ = ["TrainingStopped", "evaluate", "load_data", "prepare_data", "prepare_run_dir", "train"]
+__all__ = ["TrainingStopped", "load_data", "prepare_run_dir", "train"]

@@ -68,7 +68,7 @@ def _cosine(step: int, start: int, end: int, high: float, low: float) -> float:
 
 def apply_schedule(optimizer, schedule: Schedule, step: int) -> float:
     """Set every group's lr, and the weight decay of the group named ``"decay"`` (see
-    :func:`hyperbit.optim.param_groups`), for ``step``; returns the lr."""
+    :func:`hyperbit.train.optim.param_groups`), for ``step``; returns the lr."""
     lr, wd = schedule.lr_at(step), schedule.weight_decay_at(step)
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -1,0 +1,73 @@
+"""Training monitors: composite gain and collapse logged every k steps, equal to the offline metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import hyperbit as hb
+from hyperbit.cli import main
+from hyperbit.analysis import collapse, composite_gain, model_branch_weights, pathway_summary
+from hyperbit.runs import find_run_data, load_trained
+
+
+def _monitors(run) -> dict[int, dict]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["monitor"] for r in lines if "monitor" in r}
+
+
+def test_summary_matches_the_offline_metrics():
+    torch.manual_seed(0)
+    cfg = hb.ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=16, pathway="hc",
+                         expansion_rate=2)
+    model = hb.build_model(cfg)
+    with torch.no_grad():  # move away from init so gain and collapse are not trivial
+        for name, p in model.named_parameters():
+            if "dynamic_" in name or "static_" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    idx = torch.randint(0, 64, (2, 8))
+    got = pathway_summary(model, idx)
+    rows, cols = composite_gain(model_branch_weights(model, idx))
+    stats = collapse(model, idx)
+    assert got["gain_row"] == pytest.approx(rows.tolist(), abs=1e-6)
+    assert got["gain_col"] == pytest.approx(cols.tolist(), abs=1e-6)
+    assert max(got["gain_row"]) > 1.01  # the mixing moved: a non-trivial check
+    for key in ("median", "p05", "p95"):
+        assert got[f"collapse_{key}"] == pytest.approx(stats[key].tolist(), abs=1e-6)
+    assert model.training  # the summary leaves the mode as it found it
+
+
+def test_prenorm_has_unit_gain():
+    torch.manual_seed(0)
+    model = hb.build_model(hb.ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, max_seq_len=16))
+    got = pathway_summary(model, torch.randint(0, 64, (1, 8)))
+    assert got["gain_row"] == [1.0] * 6 and got["gain_col"] == [1.0] * 6
+    assert len(got["collapse_median"]) == 5
+
+
+def test_training_logs_monitors_every_k_steps(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(run), "model.pathway=hc",
+                 "model.expansion_rate=2", "train.steps=6", "train.monitor_every=4",
+                 "train.eval_every=0", "train.save_every=0", "train.eval_batches=1"]) == 0
+    monitors = _monitors(run)
+    assert sorted(monitors) == [4, 6]  # every 4 steps, and at the end
+    K = 4
+    assert len(monitors[6]["gain_row"]) == K and len(monitors[6]["collapse_median"]) == K - 1
+    # the logged final summary is what the saved model gives on the first two validation windows
+    model, cfg, _, info = load_trained(run)
+    shards = hb.data.TokenShards(find_run_data(cfg, info["run_dir"]), "val")
+    idx = next(shards.iter_eval_batches(2, cfg.train.seq_len, max_batches=1))[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = pathway_summary(model, idx)
+    assert monitors[6] == expected
+    assert monitors[4] != monitors[6]
+
+
+def test_monitors_can_be_turned_off(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(run), "train.steps=3", "train.monitor_every=0",
+                 "train.eval_every=0", "train.save_every=0", "train.eval_batches=1"]) == 0
+    assert _monitors(run) == {}
