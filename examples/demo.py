@@ -17,8 +17,8 @@ import time
 import torch
 
 import hyperbit as hb
-from hyperbit.data import load_pystdlib
 from hyperbit.analysis import check_wiring
+from hyperbit.data import load_pystdlib
 
 
 def batches(data: torch.Tensor, batch: int, seq: int, gen: torch.Generator):
