@@ -6,10 +6,10 @@ shape: ``embed``, ``blocks`` whose ``branches()`` give ``(pathway, branch)`` pai
 reported per block:
 
 1. **skip path** - with the output projection every branch declares (:mod:`hyperbit.nn.branch`)
-   zeroed, each block must map its input
-   exactly as its pathways' skip paths say (identity for Pre-Norm and HC at init, the norm for
-   Post-Norm), and the final-norm input must be ``reduce(...(expand(embedding)))``. Catches a block
-   that doubles (``x = x + x``) or drops its input.
+   zeroed, each block must map its input exactly as its pathways' skip paths say (identity for
+   Pre-Norm and HC at init, the norm for Post-Norm), and the final-norm input must be
+   ``reduce(...(expand(embedding)))``. Catches a block that doubles (``x = x + x``) or drops its
+   input.
 2. **chain** - with live branches, every pathway is called exactly once, in order, and each one
    receives exactly the state the previous one returned (the first one ``expand(embedding)``; the
    final norm ``reduce`` of the last). Catches stale tensors (a skip captured once and re-added),
@@ -50,7 +50,8 @@ class WiringReport:
 def check_wiring(model: nn.Module, idx: Tensor | None = None, rtol: float = 1e-4,
                  atol: float = 1e-5) -> WiringReport:
     """Run all four checks on ``model`` (a TransformerLM) and return a report; never raises on a
-    mis-wired model. ``idx`` defaults to a small random batch of token ids."""
+    mis-wired model (a branch that declares no output projection is a ValueError: there is no skip
+    path to isolate). ``idx`` defaults to a small random batch of token ids."""
     if idx is None:
         g = torch.Generator().manual_seed(0)
         idx = torch.randint(0, model.cfg.vocab_size, (2, min(16, model.cfg.max_seq_len)), generator=g)
@@ -70,10 +71,10 @@ def check_wiring(model: nn.Module, idx: Tensor | None = None, rtol: float = 1e-4
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _where(model: nn.Module, pathway: nn.Module) -> str:
+def _where(model: nn.Module, part: nn.Module) -> str:
     for b, block in enumerate(model.blocks):
         for name, module in block.named_modules():
-            if module is pathway:
+            if module is part:
                 return f"block {b} ({name})"
     return "outside the blocks"
 
