@@ -17,6 +17,10 @@ LINEARS = ("fp", "bitnet")
 FFNS = ("swiglu", "relu2")
 # Fields whose None means "derived from other fields" (see ModelConfig.resolved).
 DERIVED = ("n_kv_heads", "ffn_hidden", "subln")
+# Upper bounds: far above any model this library trains, low enough that a typo (an extra zero)
+# fails at once instead of allocating for minutes.
+MODEL_LIMITS = {"vocab_size": 2**32, "dim": 65536, "n_layers": 1024, "n_heads": 4096,
+                "n_kv_heads": 4096, "ffn_hidden": 2**20, "max_seq_len": 2**20, "expansion_rate": 32}
 
 
 class ConfigError(ValueError):
@@ -75,11 +79,11 @@ class ModelConfig:
         check_choice("linear", self.linear, LINEARS)
         check_choice("ffn", self.ffn, FFNS)
         derived = self.derived_values()
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
-                     "max_seq_len", "expansion_rate"):
+        for name, upper in MODEL_LIMITS.items():
             value = derived.get(name, getattr(self, name))
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
+            check_upper(name, value, 1, upper)
         for name in ("rope_theta", "norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -183,7 +187,15 @@ def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
 
 
-def check_types(cfg: ModelConfig) -> None:
+def check_upper(name: str, value: float, lower: float, upper: float) -> None:
+    """A ConfigError naming the allowed range when ``value`` exceeds ``upper``."""
+    if value > upper:
+        raise ConfigError(f"{name} must be <= {upper} (allowed: {lower} .. {upper}), got {value}")
+
+
+def check_types(cfg: Any, prefix: str = "") -> None:
+    """Every field of the dataclass ``cfg`` has its annotated type, and no float is infinite
+    (``inf`` parses as a float but is never a usable setting; NaN fails every range check)."""
     hints = get_type_hints(type(cfg))
     for f in fields(cfg):
         value, text = getattr(cfg, f.name), str(hints[f.name])
@@ -194,7 +206,10 @@ def check_types(cfg: ModelConfig) -> None:
               else isinstance(value, (int, float)) and not isinstance(value, bool) if "float" in text
               else isinstance(value, str))
         if not ok:
-            raise ConfigError(f"{f.name}={value!r} has the wrong type; expected {type_name(hints[f.name])}")
+            raise ConfigError(f"{prefix}{f.name}={value!r} has the wrong type; expected "
+                              f"{type_name(hints[f.name])}")
+        if isinstance(value, float) and math.isinf(value):
+            raise ConfigError(f"{prefix}{f.name}={value!r} must be a finite number")
 
 
 def type_name(hint: Any) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,6 +34,8 @@ from .train.config import METRICS_FILE, RunConfig
 from .train.distributed import pick_device
 from .train.errors import CheckpointError
 from .train.evaluate import evaluate
+from .train.precision import autocast as precision_autocast
+from .train.precision import resolve_precision
 
 __all__ = ["check_shards", "eval_data", "evaluate_checkpoint", "find_run_data", "generate_text",
            "load_trained", "prepared_run_data", "read_metrics", "run_dir_of"]
@@ -232,21 +234,22 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data: str | Path | None = Non
                         tokenizer: str | Path | None = None, **data_options: Any) -> dict[str, Any]:
     """``hyperbit eval``: the validation loss and bits per byte of a checkpoint, as a dict.
 
-    Defaults come from the run: ``train.seq_len``, its micro-batch, ``train.eval_batches``
-    (0 = the whole split) and ``train.precision``; the data from :func:`eval_data`
+    Defaults come from the run: ``train.seq_len``, its micro-batch and ``train.eval_batches``
+    (0 = the whole split); the precision is ``auto`` (bf16 where this device computes it natively,
+    else fp32; :mod:`hyperbit.train.precision`); the data from :func:`eval_data`
     (``data_options``: ``val_fraction``, ``text_field``, ``max_bytes`` for a raw corpus)."""
     model, cfg, tok, info = load_trained(checkpoint, device=device, tokenizer=tokenizer)
     t = cfg.train
     seq = t.seq_len if seq is None else seq
     batch = t.batch_size // t.grad_accum if batch_size is None else batch_size
     batches = t.eval_batches if batches is None else batches
-    precision = precision or t.precision
     if not 1 <= seq <= cfg.model.max_seq_len:
         raise ConfigError(f"--seq must be in [1, {cfg.model.max_seq_len}] (the model's max_seq_len), got {seq}")
     if batch < 1 or batches < 0:
         raise ConfigError("--batch-size must be >= 1 and --batches >= 0 (0 = the whole split)")
     dev = info["device"]
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    precision = resolve_precision(precision or "auto", dev)
+    autocast = precision_autocast(precision, dev)
     with eval_data(cfg, tok, info, data, split=split, **data_options) as (shards, described, split):
         result = evaluate(model, shards, seq, batch, batches or None, dev, autocast)
         windows = shards.num_eval_windows(seq)

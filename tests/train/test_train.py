@@ -90,9 +90,10 @@ def test_existing_run_needs_resume_or_overwrite_and_is_left_untouched(tmp_path, 
     capsys.readouterr()
     assert main(["train", "--preset", "tiny", "--out", str(run), "train.steps=2", *FAST]) == 2
     assert "already exists; pass --resume" in _error(capsys)
-    assert main(["train", "--preset", "tiny", "--out", str(run), "--resume", "train.steps=3", *FAST]) == 2
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--resume", "train.steps=2",
+                 "train.lr=1e-3", *FAST]) == 2
     err = _error(capsys)
-    assert "different config" in err and "train.steps: saved 2, given 3" in err
+    assert "different config" in err and "train.lr: saved 0.003, given 0.001" in err
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
     assert main(["train", "--out", str(run), "--resume"]) == 0  # bare resume: the saved config
     assert "run already complete at step 2 of 2" in capsys.readouterr().out

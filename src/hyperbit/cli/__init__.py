@@ -19,8 +19,12 @@
 
 CKPT is a run directory (its latest checkpoint), its checkpoints/ directory or one step directory.
 
-Bad input (configs, paths, data, checkpoints) ends in one line on stderr and exit code 2; a run
-stopped by a non-finite loss exits with 3 and keeps its last good checkpoint.
+    hyperbit presets                                   list the run and model presets
+
+Overrides (``section.key=value``) may stand anywhere on the line. Exit codes: 0 success; 1 a
+failed check (``params``, ``wiring``); 2 bad input (configs, paths, data, checkpoints: one line on
+stderr); 3 a run stopped by a non-finite loss (its last good checkpoint is kept); 130 / 143 a run
+stopped by Ctrl-C / SIGTERM (after saving a checkpoint at the end of the current step).
 
 Each command is a small module here that only parses its arguments and calls the library function
 that does the work (``hyperbit.train.train``, ``hyperbit.runs.evaluate_checkpoint``, ...).
@@ -29,26 +33,41 @@ that does the work (``hyperbit.train.train``, ``hyperbit.runs.evaluate_checkpoin
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
+from .. import __version__
 from ..config import ConfigError
 from ..data import DataError
-from ..train.errors import CheckpointError, TrainingStopped
-from . import compare, data, evaluate, generate, inspect, model, train
+from ..train.errors import CheckpointError, TrainingInterrupted, TrainingStopped
+from . import compare, data, evaluate, generate, inspect, model, presets, train
 
-COMMANDS = (model, train, data, evaluate, generate, compare, inspect)
+COMMANDS = (model, train, data, evaluate, generate, compare, inspect, presets)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyperbit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"hyperbit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parsers(sub)
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; ``section.key=value`` overrides may stand after options too."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        stray = [a for a in extra if a.startswith("-") or "=" not in a]
+        if stray or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
     try:
         return args.fn(args)
@@ -56,11 +75,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hyperbit: error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
-        print(f"hyperbit: stopped: {e}", file=sys.stderr)
+        print(f"hyperbit: training stopped: {e} (exit code 3)", file=sys.stderr)
         return 3
+    except TrainingInterrupted as e:
+        print(f"hyperbit: {_interrupted(e, getattr(args, 'out', None))}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("hyperbit: interrupted", file=sys.stderr)
         return 130
+
+
+def _interrupted(e: TrainingInterrupted, out: str | None) -> str:
+    name = signal.Signals(e.signum).name
+    if e.checkpoint is None:
+        return f"interrupted ({name}) before the first step; nothing to keep"
+    again = f"hyperbit train --out {out} --resume" if out else "hyperbit train --out RUN --resume"
+    return f"interrupted ({name}) at step {e.step}; checkpoint saved to {e.checkpoint}; continue with: {again}"
 
 
 __all__ = ["build_parser", "main"]

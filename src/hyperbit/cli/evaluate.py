@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..runs import evaluate_checkpoint
+from ..train.precision import PRECISIONS
 from .common import checkpoint_args
 
 
@@ -24,7 +25,8 @@ def add_parsers(sub) -> None:
                    help="batches to evaluate (default: the run's train.eval_batches; 0 = the whole split)")
     p.add_argument("--batch-size", type=int, help="windows per batch (default: the run's micro-batch)")
     p.add_argument("--seq", type=int, help="tokens per window (default: the run's train.seq_len)")
-    p.add_argument("--precision", choices=("bf16", "fp32"), help="default: the run's train.precision")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="default auto: bf16 where this device computes it natively, else fp32")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(fn=cmd_eval)
 

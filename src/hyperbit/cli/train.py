@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from ..config import ConfigError
-from ..train import RUN_PRESETS, resolve_run_config, train
+from ..config import ConfigError, ModelConfig
+from ..data import DataConfig
+from ..train import RUN_PRESETS, TrainConfig, resolve_run_config, train
+from ..train.rundir import RESUMABLE, resume_config
+
+
+def _keys_help() -> str:
+    lines = ["override keys (section.key=value, anywhere on the line; defaults in brackets):"]
+    for section, cls in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig)):
+        keys = [f"{section}.{f.name} [{f.default}]" for f in dataclasses.fields(cls)]
+        lines.append("  " + ", ".join(keys))
+    lines.append("with --resume only these may differ from the saved run: " + ", ".join(sorted(RESUMABLE)))
+    return "\n".join(lines)
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("train", help="train a model (resumable)")
-    p.add_argument("--preset", choices=sorted(RUN_PRESETS), help="start from a named run preset")
+    p = sub.add_parser("train", help="train a model (resumable)", epilog=_keys_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(RUN_PRESETS), help="start from a named run preset "
+                   "(`hyperbit presets` lists them)")
     p.add_argument("--out", help="run directory (default runs/<preset>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out: its saved config, with the overrides on top")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -21,14 +36,16 @@ def add_parsers(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    bare_resume = args.resume and not args.preset and not args.overrides
-    cfg = None if bare_resume else resolve_run_config(args.preset, args.overrides)
+    out = args.out = args.out or f"runs/{args.preset or 'default'}"
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: choose one")
+    if args.resume and not args.preset:  # the saved run, with the overrides on top
+        cfg = resume_config(out, args.overrides) if args.overrides or args.dry_run else None
+    else:
+        cfg = resolve_run_config(args.preset, args.overrides)
     if args.dry_run:
-        if cfg is None:
-            raise ConfigError("--dry-run needs a preset or overrides (a bare --resume uses the run's config)")
         print(cfg.to_json())
         return 0
-    out = args.out or f"runs/{args.preset or 'default'}"  # --resume alone: the run's own config
     result = train(cfg, out, resume=args.resume, overwrite=args.overwrite)
     if "val_bpb" in result:
         print(f"done: step {result['step']}, train loss {result['loss']:.4f}, "

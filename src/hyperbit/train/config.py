@@ -19,13 +19,21 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, ModelConfig, check_choice, check_types, parse_overrides, parse_value
+from ..config import (ConfigError, ModelConfig, check_choice, check_types, check_upper, parse_overrides,
+                      parse_value)
 from ..data import DataConfig
+from .precision import PRECISIONS
 from .schedule import SCHEDULES, Schedule
 
 RUN_CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 DATA_DIR = "data"
+
+
+# Upper bounds on what allocates or loops: a typo (an extra few zeros) fails at once instead of
+# running out of memory or time. A ratio above 1 has no meaning.
+TRAIN_LIMITS = {"steps": 10**9, "batch_size": 2**20, "seq_len": 2**20, "grad_accum": 2**20,
+                "eval_batches": 10**6, "keep_last": 10**4, "min_lr_ratio": 1.0}
 
 
 @dataclass
@@ -43,7 +51,7 @@ class TrainConfig:
     beta2: float = 0.95
     clip: float = 1.0  # max global grad norm; 0 = off
     seed: int = 0
-    precision: str = "bf16"  # "bf16" autocast or "fp32"
+    precision: str = "auto"  # "auto" (bf16 where native, else fp32), "bf16", "fp16" or "fp32"
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # "auto", "cpu" or "cuda"
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp2" (fully_shard per block, then root)
@@ -56,9 +64,9 @@ class TrainConfig:
     check_wiring: bool = True  # run the wiring check on the model before the first step
 
     def __post_init__(self) -> None:
-        check_types(self)
+        check_types(self, "train.")
         check_choice("train.schedule", self.schedule, SCHEDULES)
-        check_choice("train.precision", self.precision, ("bf16", "fp32"))
+        check_choice("train.precision", self.precision, PRECISIONS)
         check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
         check_choice("train.distributed", self.distributed, ("ddp", "fsdp2"))
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last"):
@@ -72,8 +80,16 @@ class TrainConfig:
                               f"train.grad_accum={self.grad_accum}")
         if self.warmup_steps > self.steps:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps} exceeds train.steps={self.steps}")
-        if not self.lr > 0 or self.weight_decay < 0 or self.clip < 0:
-            raise ConfigError("train.lr must be > 0, train.weight_decay and train.clip >= 0")
+        for name, upper in TRAIN_LIMITS.items():
+            check_upper(f"train.{name}", getattr(self, name), 0, upper)
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        for name in ("weight_decay", "clip", "min_lr_ratio", "beta1", "beta2"):
+            if not getattr(self, name) >= 0:  # NaN fails too
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be < 1 (allowed: 0 .. <1), got {getattr(self, name)}")
 
     def schedule_obj(self) -> Schedule:
         return Schedule(self.schedule, lr=self.lr, max_steps=self.steps,
@@ -153,7 +169,15 @@ def resolve_run_config(preset_name: str | None, overrides: list[str]) -> RunConf
     """A run preset (or the defaults) plus ``section.key=value`` overrides, validated."""
     if preset_name is not None and preset_name not in RUN_PRESETS:
         raise ConfigError(f"unknown run preset {preset_name!r}; allowed: {sorted(RUN_PRESETS)}")
-    base = RUN_PRESETS.get(preset_name, {}) if preset_name else {}
+    return _build(RUN_PRESETS.get(preset_name, {}) if preset_name else {}, overrides)
+
+
+def override_run_config(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """``cfg`` with ``section.key=value`` overrides on top, validated (``cfg`` is not changed)."""
+    return _build(cfg.to_dict(), overrides)
+
+
+def _build(base: dict[str, dict[str, Any]], overrides: list[str]) -> RunConfig:
     by_section: dict[str, list[str]] = {"model": [], "train": [], "data": []}
     for pair in overrides:
         key = pair.partition("=")[0].strip()

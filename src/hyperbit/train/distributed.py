@@ -94,3 +94,14 @@ def wrap(model: nn.Module, strategy: str, info: DistInfo, device: torch.device) 
         fully_shard(model)
         return model
     raise ConfigError(f"train.distributed={strategy!r} is not allowed; choose one of ['ddp', 'fsdp2']")
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """Whether ``flag`` is set on any rank (every rank must call it: a collective)."""
+    if not info.enabled:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        value = value.cuda()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
