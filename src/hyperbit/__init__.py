@@ -1,5 +1,6 @@
 """hyperbit: transformers with swappable, tested residual pathways and BitNet b1.58 linears."""
 
+from ._version import __version__
 from .config import ConfigError, ModelConfig, preset
 from .models import TransformerLM, build_model, count_params
 from .nn import BitLinear, convert_to_bitlinear
@@ -7,8 +8,7 @@ from .pathways import HyperConnection, expand_streams, make_pathway, reduce_stre
 from .runs import load_trained
 from .train import make_optimizer, param_groups
 
-__version__ = "0.1.0"
-
 __all__ = ["BitLinear", "ConfigError", "HyperConnection", "ModelConfig", "TransformerLM",
-           "build_model", "convert_to_bitlinear", "count_params", "expand_streams", "load_trained",
-           "make_optimizer", "make_pathway", "param_groups", "preset", "reduce_streams"]
+           "__version__", "build_model", "convert_to_bitlinear", "count_params", "expand_streams",
+           "load_trained", "make_optimizer", "make_pathway", "param_groups", "preset",
+           "reduce_streams"]

@@ -10,6 +10,7 @@ import torch
 import hyperbit as hb
 from hyperbit.cli import main
 from hyperbit.analysis import collapse, composite_gain, model_branch_weights, pathway_summary
+from hyperbit.analysis.monitor import MONITOR_WINDOWS
 from hyperbit.runs import find_run_data, load_trained
 
 
@@ -47,6 +48,22 @@ def test_prenorm_has_unit_gain():
     assert len(got["collapse_median"]) == 5
 
 
+def test_postnorm_gain_is_undefined_not_one():
+    """Post-Norm renormalises after every branch: no fixed connection weights, so no composite gain
+    (null in metrics.jsonl, as inspect reports it); its collapse is measured as for any pathway."""
+    torch.manual_seed(0)
+    model = hb.build_model(hb.ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, max_seq_len=16,
+                                          pathway="postnorm"))
+    idx = torch.randint(0, 64, (2, 8))
+    got = pathway_summary(model, idx)
+    assert got["gain_row"] is None and got["gain_col"] is None
+    assert json.loads(json.dumps(got))["gain_row"] is None  # null in JSON
+    stats = collapse(model, idx)
+    for key in ("median", "p05", "p95"):
+        assert got[f"collapse_{key}"] == pytest.approx(stats[key].tolist(), abs=1e-6)
+    assert len(got["collapse_median"]) == 5
+
+
 def test_training_logs_monitors_every_k_steps(tmp_path):
     run = tmp_path / "run"
     assert main(["train", "--preset", "tiny", "--out", str(run), "model.pathway=hc",
@@ -56,10 +73,12 @@ def test_training_logs_monitors_every_k_steps(tmp_path):
     assert sorted(monitors) == [4, 6]  # every 4 steps, and at the end
     K = 4
     assert len(monitors[6]["gain_row"]) == K and len(monitors[6]["collapse_median"]) == K - 1
-    # the logged final summary is what the saved model gives on the first two validation windows
+    # the logged final summary is what the saved model gives on the first MONITOR_WINDOWS (two)
+    # validation windows, the batch inspect's summary.json says the monitors used
     model, cfg, _, info = load_trained(run)
     shards = hb.data.TokenShards(find_run_data(cfg, info["run_dir"]), "val")
-    idx = next(shards.iter_eval_batches(2, cfg.train.seq_len, max_batches=1))[0]
+    assert MONITOR_WINDOWS == 2
+    idx = next(shards.iter_eval_batches(MONITOR_WINDOWS, cfg.train.seq_len, max_batches=1))[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = pathway_summary(model, idx)
     assert monitors[6] == expected

@@ -165,3 +165,51 @@ def test_axis_grid_reports_each_combination_against_its_own_baseline(tmp_path, c
         assert delta == pytest.approx(val(f"dhc2_train.lr={lr}-s0") - val(f"prenorm_train.lr={lr}-s0"))
     overall = json.loads((out / "report" / "report.json").read_text())
     assert overall["baseline"] == "prenorm,train.lr=1e-3" and len(overall["arms"]) == 4
+
+
+def test_report_only_with_no_runs_says_so_at_once(tmp_path, capsys, monkeypatch):
+    """Nothing to report on: one line and exit 2 before any corpus is tokenised or file written."""
+    prepared = []
+    monkeypatch.setattr(grid, "prepare_data", lambda *args, **kwargs: prepared.append(args))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (tmp_path / "new", empty):
+        assert main(["compare", "--preset", "tiny", "--seeds", "1", "--out", str(out), "--report-only"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"hyperbit: error: no runs in {out} to report on yet; run without --report-only\n"
+    assert prepared == []
+    assert not (tmp_path / "new").exists() and list(empty.iterdir()) == []
+
+
+def test_a_budget_below_one_step_is_refused_with_the_minimum(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"token budget 1 \(--tokens\) is less than one training step of "
+                                          r"prenorm \(4 x 32 = 128 tokens\); use --tokens 128 or more"):
+        grid.plan("tiny", [], ["prenorm"], [], [0], tokens=1)
+    # the minimum is the largest step of the grid: here the batch-8 runs' 256 tokens
+    with pytest.raises(ConfigError,
+                       match=r"prenorm,train.batch_size=8 \(8 x 32 = 256 tokens\); use --tokens 256"):
+        grid.plan("tiny", [], ["prenorm", "dhc2"], [("train.batch_size", ["4", "8"])], [0], tokens=200)
+    assert [s.config.train.steps for s in grid.plan("tiny", [], ["prenorm"], [], [0], tokens=128)] == [1]
+    assert main(["compare", "--preset", "tiny", "--seeds", "1", "--out", str(tmp_path / "g"),
+                 "--tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "use --tokens 128 or more" in err
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_budget_rounded_noticeably_is_noted_in_the_log(tmp_path):
+    lines = []
+    specs = grid.plan("tiny", [], ["prenorm", "dhc2"], [], [0, 1], tokens=1000, log=lines.append)
+    assert [s.config.train.steps for s in specs] == [8] * 4  # 1000 / 128 = 7.8 steps
+    assert lines == [f"note: {arm} trains 8 steps x 4 x 32 = 1,024 tokens, +2.4% off the budget of 1,000 "
+                     "(whole steps only)" for arm in ("prenorm", "dhc2")]  # once per arm, not per seed
+    lines.clear()  # 1030 -> 1,024 tokens (-0.6%) and an exact budget: nothing to say
+    grid.plan("tiny", [], ["prenorm"], [], [0], tokens=1030, log=lines.append)
+    grid.plan("tiny", [], ["prenorm"], [], [0], tokens=1024, log=lines.append)
+    assert lines == []
+    # only the runs that miss it: the batch-8 runs take 256 tokens a step, 1,152 = 4.5 of them
+    grid.compare("tiny", [], ["prenorm"], [("train.batch_size", ["4", "8"])], [0], tokens=1152,
+                 out=tmp_path / "g", dry_run=True, log=lines.append)
+    assert lines[0] == ("note: prenorm,train.batch_size=8 trains 4 steps x 8 x 32 = 1,024 tokens, -11.1% off "
+                        "the budget of 1,152 (whole steps only)")
+    assert len(lines) == 1 + 2  # the note, then the dry run's two runs

@@ -210,3 +210,90 @@ def test_unknown_baseline_is_a_clear_error(tmp_path):
     runs = [make_run(tmp_path, "a-s0", "a", 0, decay)]
     with pytest.raises(ValueError, match=r"baseline arm 'b' is not one of the arms \['a'\]"):
         analyse(runs, "b")
+
+
+def test_postnorm_monitors_have_no_gain(tmp_path, monkeypatch):
+    """Post-Norm logs null gains (no fixed connection weights); a record from before, which logged
+    1s, counts as null too. Collapse is still averaged, and the plot's legend says why."""
+    from hyperbit.reports.compare import figures
+
+    null = {**MONITOR, "gain_row": None, "gain_col": None}
+    old = {**MONITOR, "gain_row": [1.0] * 3, "gain_col": [1.0] * 3}
+    runs = [make_run(tmp_path, "pre-s0", "prenorm", 0, decay, monitor=old),
+            make_run(tmp_path, "post-s0", "postnorm", 0, decay, monitor=null, pathway="postnorm"),
+            make_run(tmp_path, "post-s1", "postnorm", 1, decay, monitor=old, pathway="postnorm"),
+            make_run(tmp_path, "dhc-s0", "dhc", 0, decay, monitor=MONITOR, pathway="hc")]
+    figs = []
+    monkeypatch.setattr(figures, "save", lambda fig, path: figs.append((path.name, fig)))
+    a = write_report(runs, tmp_path / "report", baseline="prenorm")
+    post = a["arms"]["postnorm"]["monitor"]
+    assert post["max_gain"] is None and post["median"] == pytest.approx([0.5, 0.7])
+    assert a["arms"]["prenorm"]["monitor"]["max_gain"] == 1.0  # Pre-Norm's gain is 1 by definition
+    assert a["arms"]["dhc"]["monitor"]["max_gain"] == 3.0
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert saved["arms"]["postnorm"]["monitor"]["max_gain"] is None
+    legend = [t.get_text() for t in dict(figs)["collapse.png"].axes[0].get_legend().get_texts()]
+    assert legend == ["prenorm, max gain 1.00", "postnorm, gain undefined", "dhc, max gain 3.00"]
+
+
+def _figures(monkeypatch, runs, baseline, out) -> dict:
+    """Write the report with ``save`` replaced: each figure laid out and drawn as it would be
+    saved, then kept open to be measured."""
+    from hyperbit.reports.compare import figures
+
+    figs = {}
+
+    def keep(fig, path):
+        fig.tight_layout()
+        fig.canvas.draw()
+        figs[path.name] = fig
+
+    monkeypatch.setattr(figures, "save", keep)
+    write_report(runs, out, baseline=baseline)
+    return figs
+
+
+def test_final_val_title_fits_and_the_baselines_val_dots_are_on_top(tmp_path, monkeypatch):
+    runs = []
+    for s in (0, 1):  # two arms: the narrowest figure
+        runs.append(make_run(tmp_path, f"pre-s{s}", "prenorm", s, decay,
+                             evals={100: 2.5, 200: 2.0 + s / 100}))
+        runs.append(make_run(tmp_path, f"dhc-s{s}", "dhc2", s, decay, evals={100: 2.5, 200: 2.0 + s / 100},
+                             pathway="hc"))
+    figs = _figures(monkeypatch, runs, "prenorm", tmp_path / "report")
+    fig = figs["final_val.png"]
+    ax = fig.axes[0]
+    width, height = fig.canvas.get_width_height()
+    box = ax.title.get_window_extent()
+    assert 0 <= box.x0 and box.x1 <= width and box.y1 <= height  # the whole title is in the figure
+    assert ax.get_xlim() == (-0.5, 1.5)  # half a slot either side of the two arms
+    # validation dots: both arms evaluate at the same tokens with the same losses here, so the
+    # baseline's are hollow rings drawn above the other arm's dots
+    left = figs["loss_vs_tokens.png"].axes[0]
+    dots = {line.get_markeredgecolor(): line for line in left.get_lines() if line.get_marker() == "o"
+            and line.get_linestyle() == "None"}
+    base, other = dots["black"], dots["white"]
+    assert list(base.get_xdata()) == list(other.get_xdata()) == [100 * 32, 200 * 32]
+    assert base.get_zorder() > other.get_zorder() and base.get_markerfacecolor() == "none"
+    assert base.get_markersize() > other.get_markersize()
+
+
+def test_one_logged_point_and_one_depth_get_sensible_axes(tmp_path, monkeypatch):
+    """A run of one step: one logged loss, one eval, one monitor; a one-block model: one depth pair."""
+    monitor = {"gain_row": [1.0, 1.0], "gain_col": [1.0, 1.0], "collapse_median": [0.5],
+               "collapse_p05": [0.3], "collapse_p95": [0.6]}
+    runs = [make_run(tmp_path, f"{arm}-s{s}", arm, s, decay, steps=1, evals={1: 2.5 + s / 10},
+                     monitor=monitor, partial=False, pathway=pathway)
+            for s in (0, 1) for arm, pathway in (("prenorm", "prenorm"), ("dhc2", "hc"))]
+    figs = _figures(monkeypatch, runs, "prenorm", tmp_path / "report")
+    left, right = figs["loss_vs_tokens.png"].axes
+    for ax in (left, right):  # 0 .. the one token count (32), not 30.4 .. 33.6 around it
+        assert ax.get_xlim() == pytest.approx((0.0, 1.05 * 32))
+        assert all(float(t).is_integer() for t in ax.get_xticks())
+    # the one-point curves are drawn (a line through one point draws nothing): a marker each
+    points = [line for line in left.get_lines()
+              if list(line.get_xdata()) == [32] and line.get_marker() == "o"]
+    assert len(points) == 2 + 2  # two arms' EMA loss and two arms' val loss
+    assert right.get_ylim()[1] - right.get_ylim()[0] >= 0.01  # a flat difference: a readable axis
+    assert figs["collapse.png"].axes[0].get_xlim() == (0.5, 1.5)
+    assert figs["final_val.png"].axes[0].get_xlim() == (-0.5, 1.5)

@@ -16,7 +16,7 @@ import torch
 
 from hyperbit.cli import main
 from hyperbit.data import TokenShards, prepare
-from hyperbit.analysis import collapse, composite_gain, model_branch_weights, unfold
+from hyperbit.analysis import collapse, composite_gain, model_branch_weights, pathway_summary, unfold
 from hyperbit.analysis.connections import from_matrix
 from hyperbit.analysis.inspect import analyse, branch_labels, reference_matrices
 from hyperbit.reports.inspect import read_monitors
@@ -31,7 +31,7 @@ R = 2 ** -0.5
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Tiny runs, trained once for the module: DHCx2 (which prepares the byte-level data the
-    others reuse), SHCx2, Pre-Norm and Post-Norm."""
+    others reuse), SHCx2, Pre-Norm, Post-Norm and a monitored DHCx2."""
     base = tmp_path_factory.mktemp("inspect")
     out = {"dhc": base / "dhc"}
     assert main(["train", "--preset", "tiny", "--out", str(out["dhc"]), "train.steps=4", *FAST,
@@ -39,7 +39,12 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     data = f"data.path={out['dhc'] / 'data'}"
     for name, steps, overrides in (("shc", 4, ["model.pathway=hc", "model.expansion_rate=2",
                                                 "model.hc_dynamic=false"]),
-                                   ("prenorm", 2, []), ("postnorm", 2, ["model.pathway=postnorm"])):
+                                   ("prenorm", 2, []), ("postnorm", 2, ["model.pathway=postnorm"]),
+                                   # monitored at steps 3 and 6, in fp32, with dynamic weights that
+                                   # have moved: the monitor's gain can be recomputed exactly
+                                   ("dhc_monitored", 6, ["model.pathway=hc", "model.expansion_rate=2",
+                                                         "train.monitor_every=3", "train.lr=1e-2",
+                                                         "train.precision=fp32"])):
         out[name] = base / name
         assert main(["train", "--preset", "tiny", "--out", str(out[name]), f"train.steps={steps}", *FAST,
                      data, *overrides]) == 0
@@ -291,3 +296,116 @@ def test_bad_input_is_one_line_and_exit_2(runs, capsys, tmp_path):
         assert "--data" in _error(capsys, str(step), "--out", str(tmp_path / "b"))
     summary = _inspect(capsys, str(step), "--out", str(tmp_path / "b"), "--data", str(runs["dhc"] / "data"))
     assert summary["run_dir"] is None and summary["monitors"] is None
+
+
+# --- the monitors beside this report ------------------------------------------------------------
+
+
+def _monitor_figure(gain_row, gain_col, mon_row, mon_col, dynamic=True):
+    """monitors.png's figure for a summary with one monitor record, at the inspected step 30."""
+    from hyperbit.reports.inspect_figures import PLOTS
+    from hyperbit.reports.plots import pyplot
+
+    summary = {"step": 30, "batch": {"windows": 8, "seq_len": 32}, "dynamic_weights": {} if dynamic else None,
+               "composite_gain": {"row": gain_row, "col": gain_col},
+               "monitors": {"step": [30], "gain_row_last": mon_row, "gain_col_last": mon_col,
+                            "collapse_median_mean": [0.8], "batch": {"windows": 2, "seq_len": 32}}}
+    fig = PLOTS["monitors.png"][0](pyplot(), summary, branch_labels(2))
+    fig.tight_layout()
+    fig.canvas.draw()
+    return fig
+
+
+def test_monitors_panel_one_record_and_this_reports_gain():
+    fig = _monitor_figure([1.0, 1.25], [1.0, 1.5], [1.2], [1.4])
+    left, right = fig.axes
+    for ax in (left, right):  # one record at step 30: 0 .. 31.5 with whole steps, not 28.5 .. 31.5
+        assert ax.get_xlim() == pytest.approx((0.0, 31.5))
+        assert all(float(t).is_integer() for t in ax.get_xticks())
+    points = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in left.get_lines()}
+    assert points["max abs row sum (monitor)"] == ([30], [1.2])
+    assert points["row sum (this report)"] == ([30], [1.25])  # the report's own gain beside it
+    assert points["column sum (this report)"] == ([30], [1.5])
+    title = fig._suptitle.get_text()
+    assert "each on 2 val windows x 32 tokens" in title and "8 x 32 tokens" in title
+    assert "dynamic weights are averaged over a batch's tokens" in title
+    static = _monitor_figure([1.0, 1.25], [1.0, 1.5], [1.25], [1.5], dynamic=False)
+    assert "dynamic" not in static._suptitle.get_text()
+
+
+def test_postnorm_monitors_panel_draws_no_gain():
+    """Post-Norm has no gain: none is drawn, even from records written before the monitor knew
+    (gain 1): inspect's own gain is undefined, so is the panel's."""
+    for logged in ([None], [1.0]):
+        left = _monitor_figure(None, None, logged, logged).axes[0]
+        assert [line.get_label() for line in left.get_lines() if not line.get_label().startswith("_")] == []
+        assert [line.get_xdata()[0] for line in left.get_lines()] == [30]  # the inspected step's line only
+        assert "not defined" in " ".join(t.get_text() for t in left.texts)
+
+
+def test_one_pair_collapse_axis():
+    from matplotlib.collections import LineCollection
+
+    from hyperbit.reports.inspect_figures import PLOTS
+    from hyperbit.reports.plots import pyplot
+
+    summary = {"collapse": {"pairs": ["a1-f1"], "median": [0.9], "p05": [0.8], "p95": [0.97]}}
+    ax = PLOTS["collapse.png"][0](pyplot(), summary, branch_labels(1)).axes[0]
+    assert ax.get_xlim() == (0.5, 1.5)
+    bars = [c for c in ax.collections if isinstance(c, LineCollection)]  # a band of one pair: a bar
+    assert [list(s[:, 1]) for c in bars for s in c.get_segments()] == [pytest.approx([0.8, 0.97])]
+
+
+def test_monitor_gain_batch_is_stated_and_each_gain_is_its_own_batchs(runs, capsys):
+    """The monitor's gain at the inspected step differs from inspect's for dynamic HC: summary.json
+    states the batch of each, and recomputing each gain on the batch it names gives that gain."""
+    run = runs["dhc_monitored"]
+    capsys.readouterr()
+    assert main(["inspect", str(run), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    summary = json.loads((run / "inspect" / "step-6" / "summary.json").read_text())
+    mon = summary["monitors"]
+    assert mon["batch"] == {"split": "val", "windows": 2, "seq_len": 32, "tokens": 64, "precision": "fp32"}
+    assert summary["batch"]["windows"] == 8 and summary["batch"]["seq_len"] == 32
+    assert "monitors.batch" in mon["note"] and "Dynamic hyper-connections" in mon["note"]
+    assert mon["step"] == [3, 6]
+    model, _, _, _ = load_trained(run, device="cpu")
+    x, _ = _batch(run)
+    b = mon["batch"]
+    own = pathway_summary(model, x[: b["windows"], : b["seq_len"]])
+    assert mon["gain_row_last"][-1] == pytest.approx(own["gain_row"][-1], abs=1e-6)
+    assert mon["gain_col_last"][-1] == pytest.approx(own["gain_col"][-1], abs=1e-6)
+    mine = summary["composite_gain"]["row"][-1]
+    assert mine == pytest.approx(pathway_summary(model, x)["gain_row"][-1], abs=1e-6)
+    assert abs(mine - mon["gain_row_last"][-1]) > 1e-5  # the two batches give different gains (6e-5)
+    g = mon["gain_row_last"][-1], mon["gain_col_last"][-1]
+    assert (f"training monitor at step 6: gain row {g[0]:.4g}, column {g[1]:.4g} on its own batch "
+            "(2 val windows x 32 tokens, this report 8 x 32; dynamic weights are averaged over each "
+            "batch's tokens, so the gains can differ)") in text
+
+
+def test_postnorm_monitor_gain_is_null(runs, capsys, tmp_path):
+    run = runs["postnorm"]
+    metrics = run / "metrics.jsonl"
+    logged = [json.loads(line)["monitor"] for line in metrics.read_text().splitlines() if '"monitor"' in line]
+    assert logged[-1]["gain_row"] is None and logged[-1]["gain_col"] is None  # null in metrics.jsonl
+    assert len(logged[-1]["collapse_median"]) == 3
+    summary = _inspect(capsys, str(run), "--out", str(tmp_path / "a"))
+    assert summary["monitors"]["gain_row_last"] == summary["monitors"]["gain_col_last"] == [None]
+    mean = np.mean(logged[-1]["collapse_median"])
+    assert summary["monitors"]["collapse_median_mean"][0] == pytest.approx(mean)
+    # a record from before the monitor knew Post-Norm (gain 1) is not read as a gain either
+    original = metrics.read_text()
+    old = {**logged[-1], "gain_row": [1.0] * 4, "gain_col": [1.0] * 4}
+    try:
+        metrics.write_text(original + json.dumps({"step": 1001, "monitor": old}) + "\n")
+        summary = _inspect(capsys, str(run), "--out", str(tmp_path / "b"))
+        capsys.readouterr()
+        assert main(["inspect", str(run), "--device", "cpu", "--out", str(tmp_path / "c")]) == 0
+        text = capsys.readouterr().out
+    finally:
+        metrics.write_text(original)
+    assert summary["monitors"]["step"] == [2, 1001]
+    assert summary["monitors"]["gain_row_last"] == summary["monitors"]["gain_col_last"] == [None, None]
+    assert ("training monitors: 2 records, each on 2 val windows x 32 tokens, this report 8 x 32; "
+            "no gain") in text

@@ -238,3 +238,21 @@ def test_divergence_names_what_was_not_finite(tmp_path, capsys):
     loss = float(err.split("(loss ")[1].split(",")[0])
     what = "gradient norm" if torch.isfinite(torch.tensor(loss)) else "loss"
     assert f"non-finite {what} at step" in err and "last good checkpoint" in err
+
+
+def test_data_prepared_without_a_validation_split_trains_without_evaluations(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(400)))
+    prepared = tmp_path / "prepared"
+    assert main(["prepare", str(corpus), str(prepared), "--val-fraction", "0"]) == 0
+    printed = capsys.readouterr().out.splitlines()[-1]  # the train command prepare suggests
+    assert printed.startswith("train on it: hyperbit train ")
+    run = tmp_path / "run"
+    suggested = printed.removeprefix("train on it: hyperbit ").split()
+    assert main([*suggested, "--preset", "tiny", "--out", str(run), "train.steps=3", *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "has no validation split: training without evaluations or monitors" in out
+    assert "done: step 3, train loss" in out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert not [r for r in records if "val_loss" in r or "monitor" in r]

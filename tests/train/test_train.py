@@ -163,6 +163,13 @@ def test_tensorboard_gets_every_metric_when_installed(tmp_path, monkeypatch):
     assert [(s, v) for k, v, s in scalars if k == "loss"] == sorted(losses.items())
     assert any(k == "val_bpb" and s == 4 for k, _, s in scalars)
     assert closed == [str(run / "tensorboard")]
+    # Post-Norm's composite gain is undefined (null): the writer gets collapse, and no gain
+    scalars.clear()
+    post = tmp_path / "post"
+    assert main(["train", "--preset", "tiny", "--out", str(post), "train.steps=4", "train.monitor_every=2",
+                 "model.pathway=postnorm", *FAST]) == 0
+    keys = {k for k, _, _ in scalars}
+    assert "monitor/collapse_median_last" in keys and "monitor/gain_row_last" not in keys
 
 
 def test_empty_data_is_exit_2(tmp_path, capsys):

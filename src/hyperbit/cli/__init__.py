@@ -36,7 +36,7 @@ import argparse
 import signal
 import sys
 
-from .. import __version__
+from .._version import __version__
 from ..config import ConfigError
 from ..data import DataError
 from ..train.errors import CheckpointError, TrainingInterrupted, TrainingStopped

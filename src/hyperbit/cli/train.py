@@ -50,4 +50,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "val_bpb" in result:
         print(f"done: step {result['step']}, train loss {result['loss']:.4f}, "
               f"val loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits/byte -> {out}")
+    elif "loss" in result:
+        print(f"done: step {result['step']}, train loss {result['loss']:.4f} -> {out}")
     return 0

@@ -17,6 +17,7 @@ from typing import Any
 from .._io import atomic_write_text
 from ..analysis.inspect import (REFERENCE_DEFINITIONS, analyse, branch_labels, floats, num,
                                 reference_matrices)
+from ..analysis.monitor import MONITOR_WINDOWS
 from ..config import ConfigError
 from ..data import TokenShards
 from ..runs import check_shards, load_trained, prepared_run_data, read_metrics
@@ -24,6 +25,11 @@ from .inspect_figures import PLOTS, fmt, to_float
 from .plots import pyplot, save
 
 SUMMARY_FILE = "summary.json"
+MONITOR_NOTE = ("The training monitors were computed during training on their own batch (monitors.batch: "
+                "the first validation windows of the run's data, under its train.precision), this "
+                "report on its batch (batch, in fp32). Dynamic hyper-connections average their per-token "
+                "weights over the batch's tokens, so their composite gain can differ between the two "
+                "at the same step; fixed weights (static HC, Pre-Norm) do not depend on the batch.")
 #: the output row's embedding coefficient counts as "near 0" below this fraction of the row's
 #: largest absolute coefficient (the learned HC of the paper removes the embedding from the output)
 NEAR_ZERO = 0.1
@@ -32,14 +38,16 @@ NEAR_ZERO = 0.1
 def read_monitors(run_dir: str | Path) -> dict[str, list] | None:
     """The training monitors a run logged to ``metrics.jsonl`` (``{"step": s, "monitor": {...}}``
     records), reduced to what is plotted: the deepest composite gains and the collapse median
-    averaged over depth, per step (the last record of a step wins). None when there are none.
-    Unreadable lines (e.g. one being written right now) are skipped."""
+    averaged over depth, per step (the last record of a step wins); null gains stay null. None
+    when there are none. Unreadable lines (e.g. one being written right now) are skipped."""
     by_step: dict[int, tuple[float, float, float]] = {}
     for record in read_metrics(run_dir) or []:
         try:
             step, mon = record["step"], record["monitor"]
             median = [float(v) for v in mon["collapse_median"] if v is not None]
-            by_step[int(step)] = (to_float(mon["gain_row"][-1]), to_float(mon["gain_col"][-1]),
+            # a null gain (Post-Norm: no fixed connection weights) stays null
+            row, col = (None if mon[key] is None else mon[key][-1] for key in ("gain_row", "gain_col"))
+            by_step[int(step)] = (to_float(row), to_float(col),
                                   sum(median) / len(median) if median else math.nan)
         except (ValueError, TypeError, KeyError, IndexError):
             continue
@@ -98,11 +106,25 @@ def inspect_checkpoint(checkpoint: str | Path, *, out: str | Path | None = None,
         "composite_gain": result["composite_gain"],
         "grad_norm": result["grad_norm"],
         "dynamic_weights": result["dynamic_weights"],
-        "monitors": None if run_dir is None else read_monitors(run_dir),
+        "monitors": None if run_dir is None else _monitors(read_monitors(run_dir), cfg, result),
     }
     summary["out_dir"] = str(out_dir)
     _write_report(out_dir, summary, labels)
     return summary
+
+
+def _monitors(monitors: dict[str, list] | None, cfg, result: dict[str, Any]) -> dict[str, Any] | None:
+    """The training monitors with the batch they were computed on and why their gain can differ
+    from this report's: a different batch (and precision) averages dynamic weights differently."""
+    if monitors is None:
+        return None
+    if result["composite_gain"]["row"] is None:  # Post-Norm (older runs logged a gain of 1 for it)
+        monitors["gain_row_last"] = monitors["gain_col_last"] = [None] * len(monitors["step"])
+    seq = cfg.train.seq_len
+    monitors["batch"] = {"split": "val", "windows": MONITOR_WINDOWS, "seq_len": seq,
+                         "tokens": MONITOR_WINDOWS * seq, "precision": cfg.train.precision}
+    monitors["note"] = MONITOR_NOTE
+    return monitors
 
 
 def _report_dir(out: str | Path | None, info: dict[str, Any]) -> Path:
@@ -162,6 +184,8 @@ def human_summary(s: dict[str, Any]) -> str:
     lines.append(f"  composite gain at the last depth: row {fmt(g['row'][-1])}, column {fmt(g['col'][-1])}"
                  f"; max over depths {fmt(g['max'])}" if g["row"] is not None
                  else f"  composite gain: not defined ({g['reason']})")
+    if s["monitors"] is not None:
+        lines.append(_monitor_line(s))
     e = s["embedding_in_output"]
     if e is not None:
         verdict = "near 0: the output has dropped the embedding" if e["near_zero"] else "not near 0"
@@ -172,3 +196,21 @@ def human_summary(s: dict[str, Any]) -> str:
                  f"head {'tied' if gn['head'] is None else fmt(gn['head'])}")
     lines.append(f"  wrote {len(s['files'])} files to {s['out_dir']}: {', '.join(s['files'])}")
     return "\n".join(lines)
+
+
+def _monitor_line(s: dict[str, Any]) -> str:
+    """The training monitor's gain at the inspected step (when it logged one) and its batch beside
+    this report's, so a different number does not go unexplained."""
+    mon, mb, b = s["monitors"], s["monitors"]["batch"], s["batch"]
+    batches = (f"{mb['windows']} val windows x {mb['seq_len']} tokens, this report "
+               f"{b['windows']} x {b['seq_len']}")
+    records = f"{len(mon['step'])} record{'' if len(mon['step']) == 1 else 's'}"
+    if s["composite_gain"]["row"] is None:
+        return f"  training monitors: {records}, each on {batches}; no gain (as above)"
+    why = ("dynamic weights are averaged over each batch's tokens, so the gains can differ"
+           if s["dynamic_weights"] is not None else "fixed weights: the batch does not change the gain")
+    if s["step"] in mon["step"]:
+        i = mon["step"].index(s["step"])
+        return (f"  training monitor at step {s['step']}: gain row {fmt(mon['gain_row_last'][i])}, column "
+                f"{fmt(mon['gain_col_last'][i])} on its own batch ({batches}; {why})")
+    return f"  training monitors: {records}, each on {batches} ({why})"

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..analysis.inspect import WEIGHT_GROUPS
+from .plots import position_axis, progress_axis
 
 # --- figures --------------------------------------------------------------------------------------
 
@@ -61,7 +62,11 @@ def _plot_collapse(plt, s: dict[str, Any], labels: list[str]) -> Any:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(x) + 2), 3.6))
     ax.fill_between(x, _arr(c["p05"]), _arr(c["p95"]), alpha=0.3, label="5-95%")
     ax.plot(x, _arr(c["median"]), marker="o", label="median")
+    if len(x) == 1:  # a band over one pair draws nothing: an error bar instead
+        m = _arr(c["median"])
+        ax.errorbar(x, m, yerr=[m - _arr(c["p05"]), _arr(c["p95"]) - m], fmt="none", capsize=5, alpha=0.5)
     ax.set_xticks(x, c["pairs"], rotation=60, fontsize=7)
+    position_axis(ax, len(x))
     ax.set_xlabel("consecutive branches (k, k+1)")
     ax.set_ylabel("cos(x_k, x_k+1)")
     ax.set_title("representation collapse (1: consecutive branches read the same input)", fontsize=9)
@@ -76,7 +81,9 @@ def _plot_gain(plt, s: dict[str, Any], labels: list[str]) -> Any:
     ax.plot(x, _arr(g["row"]), marker="o", label="max abs row sum")
     ax.plot(x, _arr(g["col"]), marker="s", label="max abs column sum")
     _log_if_wide(ax, g["row"] + g["col"])
+    _plain_y(ax)
     ax.set_xticks(x, labels[1:], fontsize=7)
+    position_axis(ax, len(x))
     ax.set_xlabel("depth (branch)")
     ax.set_ylabel("composite gain of A_r^1 ... A_r^k")
     ax.set_title("composite gain (1 = no amplification by stream mixing)", fontsize=9)
@@ -93,6 +100,7 @@ def _plot_grads(plt, s: dict[str, Any], labels: list[str]) -> Any:
         ax.bar(x + (i - 1) * 0.27, _arr(gn[key]), width=0.27, label=key)
     _log_if_wide(ax, gn["attn"] + gn["ffn"] + gn["pathway"])
     ax.set_xticks(x, [str(i) for i in x])
+    position_axis(ax, L)
     ax.set_xlabel("block")
     ax.set_ylabel("gradient L2 norm")
     head = "tied" if gn["head"] is None else fmt(gn["head"])
@@ -121,6 +129,7 @@ def _plot_dynamic(plt, s: dict[str, Any], labels: list[str]) -> Any:
         ax.fill_between(x, _arr(q["p25"]), _arr(q["p75"]), alpha=0.4, color="C0", label="25-75%")
         ax.plot(x, _arr(q["median"]), color="C0", marker="o", markersize=3, label="median")
         ax.set_xticks(x, labels[1:], fontsize=7)
+        position_axis(ax, K)
     handles, names = axes.flat[0].get_legend_handles_labels()
     axes.flat[-1].legend(handles, names, loc="center")
     fig.suptitle("dynamic connection weights over the batch's tokens", fontsize=10)
@@ -129,17 +138,39 @@ def _plot_dynamic(plt, s: dict[str, Any], labels: list[str]) -> Any:
 
 def _plot_monitors(plt, s: dict[str, Any], labels: list[str]) -> Any:
     mon = s["monitors"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    left.plot(mon["step"], _arr(mon["gain_row_last"]), marker=".", label="max abs row sum")
-    left.plot(mon["step"], _arr(mon["gain_col_last"]), marker=".", label="max abs column sum")
-    _log_if_wide(left, mon["gain_row_last"] + mon["gain_col_last"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.0))
+    steps = mon["step"]
+    gain = s["composite_gain"]
+    if gain["row"] is None or all(v is None for v in mon["gain_row_last"] + mon["gain_col_last"]):
+        left.text(0.5, 0.5, "not defined: no fixed connection weights\n(Post-Norm renormalises)",
+                  ha="center", va="center", transform=left.transAxes, fontsize=9)
+    else:
+        for key, name, color in (("row", "row", "C0"), ("col", "column", "C1")):
+            left.plot(steps, _arr(mon[f"gain_{key}_last"]), marker="o", ms=4, color=color,
+                      label=f"max abs {name} sum (monitor)")
+            # this report's own gain at the inspected step, on its batch: a hollow star around
+            # the monitor's dot when both are logged at the same step
+            left.plot([s["step"]], [to_float(gain[key][-1])], "*", mfc="none", mec=color, mew=1.2,
+                      ms=14, zorder=3, label=f"{name} sum (this report)")
+        _log_if_wide(left, mon["gain_row_last"] + mon["gain_col_last"] + gain["row"][-1:] + gain["col"][-1:])
+        _plain_y(left)
+        left.legend(fontsize=7)
     left.set_title("composite gain at the last depth", fontsize=9)
-    left.legend(fontsize=8)
-    right.plot(mon["step"], _arr(mon["collapse_median_mean"]), marker=".", color="C2")
+    right.plot(steps, _arr(mon["collapse_median_mean"]), marker="o", ms=4, color="C2")
     right.set_title("collapse: median cosine, mean over depth", fontsize=9)
     for ax in (left, right):
         ax.axvline(s["step"], color="0.5", linestyle="--", linewidth=1)  # the inspected checkpoint
         ax.set_xlabel("training step")
+        progress_axis(ax, [*steps, s["step"]])
+    mb, b = mon.get("batch"), s["batch"]
+    if mb is not None:
+        text = (f"training monitors: each on {mb['windows']} val windows x {mb['seq_len']} tokens; "
+                f"this report (dashed line{', stars' if gain['row'] is not None else ''}): "
+                f"{b['windows']} x {b['seq_len']} tokens")
+        if s["dynamic_weights"] is not None:
+            text += ("\ndynamic weights are averaged over a batch's tokens, so the two gains differ "
+                     "with the batch")
+        fig.suptitle(text, fontsize=9)
     return fig
 
 
@@ -164,6 +195,13 @@ def _arr(values: list[float | None]) -> np.ndarray:
 
 def fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4g}"
+
+
+def _plain_y(ax) -> None:
+    """Tick labels as the values themselves: a gain of 1 + 1e-6 reads 1.000001, not "+1" above the
+    axis and 1e-6 steps on it."""
+    if ax.get_yscale() == "linear":
+        ax.ticklabel_format(axis="y", useOffset=False)
 
 
 def _log_if_wide(ax, values: list[float | None]) -> None:

@@ -23,8 +23,9 @@ from typing import Callable
 import torch
 
 from ..analysis import check_wiring, pathway_summary
+from ..analysis.monitor import MONITOR_WINDOWS
 from ..config import ConfigError
-from ..data import DataError, TokenShards, prepare_data
+from ..data import DataError, TokenShards, prepare_data, read_meta
 from ..models import build_model
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -41,13 +42,18 @@ from .rundir import open_run, remove_unstarted
 from .schedule import apply_schedule
 
 
-def load_data(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> tuple[TokenShards, TokenShards]:
-    """Token shards for the run: a prepared directory, or the corpus tokenised once into out/data."""
+def load_data(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> tuple[TokenShards, TokenShards | None]:
+    """Token shards for the run: a prepared directory, or the corpus tokenised once into out/data.
+    The validation split is None when the prepared directory has none (``--val-fraction 0``):
+    the run then trains without evaluations and monitors, and says so."""
     data_dir = cfg.prepared_data_dir(out)
     prepare_data(cfg.data, data_dir, log)
-    train, val = TokenShards(data_dir, "train"), TokenShards(data_dir, "val")
+    train = TokenShards(data_dir, "train")
     train.check_vocab(cfg.model.vocab_size)
-    return train, val
+    if not read_meta(data_dir)["tokens"].get("val"):
+        log(f"{data_dir} has no validation split: training without evaluations or monitors")
+        return train, None
+    return train, TokenShards(data_dir, "val")
 
 
 def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -159,7 +165,8 @@ class _Loop:
         metrics_file = (out / METRICS_FILE).open("a") if info.is_main else None
         board = open_tensorboard(out) if info.is_main else None
         progress = Progress(t.steps, self.start, tokens_per_step, self.log, enabled=info.is_main)
-        monitor_idx = _monitor_batch(self.val_data, t.seq_len).to(self.device) if t.monitor_every else None
+        monitor_idx = (_monitor_batch(self.val_data, t.seq_len).to(self.device)
+                       if t.monitor_every and self.val_data is not None else None)
         last: dict = {}
 
         def record(entry: dict) -> None:
@@ -236,6 +243,8 @@ class _Loop:
     def _evaluate(self) -> dict | None:
         """The validation loss (on rank 0; a sharded model needs every rank in its forward)."""
         evaluation = None
+        if self.val_data is None:
+            return None
         if self.info.is_main or self.sharded:
             t = self.cfg.train
             evaluation = evaluate(self.model, self.val_data, t.seq_len, self.micro, t.eval_batches,
@@ -267,9 +276,9 @@ def _sharded():
 
 
 def _monitor_batch(data: TokenShards, seq_len: int) -> torch.Tensor:
-    """The fixed batch the training monitors read: the first two validation windows (enough
-    tokens for the collapse quantiles, a fraction of a training step to run)."""
-    first = next(data.iter_eval_batches(2, seq_len, max_batches=1), None)
+    """The fixed batch the training monitors read: the first ``MONITOR_WINDOWS`` validation
+    windows (enough tokens for the collapse quantiles, a fraction of a training step to run)."""
+    first = next(data.iter_eval_batches(MONITOR_WINDOWS, seq_len, max_batches=1), None)
     if first is None:
         raise DataError("the validation split is too small for one evaluation window")
     return first[0]

@@ -64,9 +64,10 @@ def write_metrics(f, record: dict, board=None) -> None:
     f.flush()
     if board is not None:
         for key, value in record.items():
-            if key == "monitor":  # per-depth lists: the deepest value of each
+            if key == "monitor":  # per-depth lists: the deepest value of each (None: undefined)
                 for name, values in value.items():
-                    board.add_scalar(f"monitor/{name}_last", values[-1], record["step"])
+                    if values is not None and values[-1] is not None:
+                        board.add_scalar(f"monitor/{name}_last", values[-1], record["step"])
             elif key != "step":
                 board.add_scalar(key, value, record["step"])
 

@@ -55,7 +55,8 @@ Definitions (also printed under "How to read this" in report.md):
 * Throughput: the median ``tok_s`` of a run's train records; per arm the median over its seeds.
   Informative only: it depends on what else the machine was doing.
 * Monitor (when present): per arm, the seed mean of the last monitor record's collapse median and
-  5%/95% band per depth, and the largest composite gain (rows and columns) over its seeds.
+  5%/95% band per depth, and the largest composite gain (rows and columns) over its seeds; None
+  for Post-Norm, which has no fixed connection weights and so no composite gain.
 """
 
 from __future__ import annotations
@@ -350,12 +351,18 @@ def _monitor(members: list[RunRecord], own: list[_Series]) -> dict | None:
                                              for k in ("collapse_median", "collapse_p05", "collapse_p95"))]
     out = {key: np.mean([m[f"collapse_{key}"] for _, m in used], axis=0) if used else None
            for key in ("median", "p05", "p95")}
-    gains = np.array([g for _, m in found for g in m.get("gain_row", []) + m.get("gain_col", [])],
-                     dtype=float)
+    # Post-Norm has no composite gain: its monitors log null (records from before that logged 1s)
+    gains = np.array([np.nan if g is None else g for r, m in found if not _postnorm(r)
+                      for g in (m.get("gain_row") or []) + (m.get("gain_col") or [])], dtype=float)
     gains = gains[np.isfinite(gains)]
     out["max_gain"] = float(gains.max()) if len(gains) else None
     out["seeds"] = [r.seed for r, _ in used]
     return out
+
+
+def _postnorm(run: RunRecord) -> bool:
+    model = run.config.get("model")
+    return isinstance(model, dict) and model.get("pathway") == "postnorm"
 
 
 def _clean(obj):

@@ -32,6 +32,8 @@ from .analysis import STOPPED, load_run
 from .report import write_report
 
 DEFAULT_ARMS = ("prenorm", "postnorm", "shc4", "dhc2", "dhc4")
+#: a run whose whole number of steps misses the token budget by more than this fraction is noted
+ROUNDING_NOTE = 0.01
 # model keys an arm sets; a common override may not set them too (the arm would silently win)
 ARM_KEYS = ("model.pathway", "model.expansion_rate", "model.hc_dynamic")
 
@@ -83,13 +85,16 @@ def parse_axis(text: str) -> tuple[str, list[str]]:
 
 
 def plan(preset: str | None, overrides: list[str], arms: list[str], axes: list[tuple[str, list[str]]],
-         seeds: list[int], tokens: int | None = None) -> list[RunSpec]:
+         seeds: list[int], tokens: int | None = None,
+         log: Callable[[str], None] | None = None) -> list[RunSpec]:
     """Every run of the grid, validated up front (a bad value fails before anything trains).
 
     All runs see the same number of training tokens: ``tokens`` or, by default, the base config's
     ``train.steps x batch_size x seq_len``; each run's step count is that budget over its own
-    tokens per step (an axis may change the batch or the sequence length). Runs log every step
-    (the report's spike counts need every loss)."""
+    tokens per step (an axis may change the batch or the sequence length), rounded to the nearest
+    step. A budget below one step of some run is a ConfigError naming the smallest budget that
+    gives every run a step; a run whose rounded budget is more than :data:`ROUNDING_NOTE` off is
+    noted in ``log``. Runs log every step (the report's spike counts need every loss)."""
     for pair in overrides:
         key = pair.partition("=")[0].strip()
         if key in ARM_KEYS:
@@ -115,7 +120,31 @@ def plan(preset: str | None, overrides: list[str], arms: list[str], axes: list[t
                 t.warmup_steps = min(t.warmup_steps, t.steps)
                 cfg = RunConfig.from_dict(cfg.to_dict())  # re-validated with the budget's steps
                 specs.append(RunSpec(_dir_name(label, seed), label, seed, cfg))
+    _check_budget(specs, budget, tokens is not None, log)
     return specs
+
+
+def _check_budget(specs: list[RunSpec], budget: int, given: bool, log: Callable[[str], None] | None) -> None:
+    """Refuse a budget below one step of some run (it would silently train one step); note a run
+    whose whole number of steps misses the budget by more than ROUNDING_NOTE."""
+    def per_step(spec: RunSpec) -> int:
+        return spec.config.train.batch_size * spec.config.train.seq_len
+
+    largest = max(specs, key=per_step)
+    if budget < per_step(largest):
+        t = largest.config.train
+        source = "--tokens" if given else "the preset's steps x batch_size x seq_len"
+        raise ConfigError(f"token budget {budget:,} ({source}) is less than one training step of "
+                          f"{largest.arm} ({t.batch_size} x {t.seq_len} = {per_step(largest):,} tokens); "
+                          f"use --tokens {per_step(largest)} or more")
+    noted = set()
+    for spec in specs:
+        t = spec.config.train
+        actual = t.steps * per_step(spec)
+        if log is not None and abs(actual - budget) > ROUNDING_NOTE * budget and spec.arm not in noted:
+            noted.add(spec.arm)
+            log(f"note: {spec.arm} trains {t.steps:,} steps x {t.batch_size} x {t.seq_len} = {actual:,} "
+                f"tokens, {(actual - budget) / budget:+.1%} off the budget of {budget:,} (whole steps only)")
 
 
 def _dir_name(label: str, seed: int) -> str:
@@ -193,7 +222,7 @@ def compare(preset: str | None, overrides: list[str], arms: list[str], axes: lis
     measures every run against the baseline arm's first axis combination, and
     ``OUT/report/<combination>/`` holds one report per combination, measured against the baseline
     arm at the same axis values."""
-    specs = plan(preset, overrides, arms, axes, seeds, tokens)
+    specs = plan(preset, overrides, arms, axes, seeds, tokens, log)
     baseline = baseline or arms[0]
     if baseline not in arms:
         raise ConfigError(f"--baseline {baseline!r} is not one of the arms {arms}")
@@ -201,6 +230,10 @@ def compare(preset: str | None, overrides: list[str], arms: list[str], axes: lis
     out = Path(out or f"runs/compare-{preset or 'default'}")
     if out.exists() and any(out.iterdir()) and not (out / "compare.json").exists():
         raise ConfigError(f"{out} exists and is not a hyperbit compare directory; choose another --out")
+    if report_only:  # reads the run directories only: nothing to prepare, nothing to write first
+        statuses = {s.name: run_status(out / "runs" / s.name, s.config.train.steps) for s in specs}
+        if all(status == "new" for status in statuses.values()):
+            raise ConfigError(f"no runs in {out} to report on yet; run without --report-only")
     if dry_run:
         for s in specs:
             t = s.config.train
@@ -209,15 +242,11 @@ def compare(preset: str | None, overrides: list[str], arms: list[str], axes: lis
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.json", json.dumps({"command": command, "baseline": baseline_label,
                                                         "runs": [s.name for s in specs]}, indent=2) + "\n")
-    prepare_shared_data(specs, out, log)
-    if report_only:
-        statuses = {s.name: run_status(out / "runs" / s.name, s.config.train.steps) for s in specs}
-    else:
+    if not report_only:
+        prepare_shared_data(specs, out, log)
         statuses = run_grid(specs, out, log)
     records = [load_run(out / "runs" / s.name, s.name, s.arm, s.seed) for s in specs
                if statuses[s.name] != "new"]
-    if not records:
-        raise ConfigError(f"no runs in {out} to report on yet; run without --report-only")
     write_report(records, out / "report", baseline=baseline_label, command=command)
     combos = list(dict.fromkeys(_combo(s.arm) for s in specs))
     if len(combos) > 1:  # each axis combination also against the baseline arm at the same values
@@ -236,5 +265,5 @@ def _combo(label: str) -> str:
     return label.partition(",")[2]
 
 
-__all__ = ["DEFAULT_ARMS", "compare", "RunSpec", "arm_overrides", "parse_axis", "parse_seeds", "plan",
-           "prepare_shared_data", "run_grid", "run_status"]
+__all__ = ["DEFAULT_ARMS", "ROUNDING_NOTE", "compare", "RunSpec", "arm_overrides", "parse_axis",
+           "parse_seeds", "plan", "prepare_shared_data", "run_grid", "run_status"]

@@ -176,7 +176,10 @@ def _markdown(a: dict, title: str, command: str | None, generated: str,
     ]
     if any(e.get("monitor") for e in arms.values()):
         lines.append("- **Collapse**: median cosine between consecutive branch inputs per depth at the "
-                     "last monitor (seed mean, band 5%-95%); closer to 1 = more collapsed.")
+                     "last monitor (seed mean, band 5%-95%); closer to 1 = more collapsed. The legend's "
+                     "max gain is the largest composite gain (row or column sums of the product of the "
+                     "stream-mixing matrices) over depths and seeds; Post-Norm has none (no fixed "
+                     "connection weights).")
     lines.append("")
     if a["unfinished"]:
         lines += ["## Unfinished runs", ""]
