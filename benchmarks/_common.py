@@ -188,11 +188,23 @@ def interleaved_timing(step_fns: dict[str, Callable[[], Any]], rounds: int, step
     return times
 
 
-def autocast(device: str, dtype=None):
-    """``torch.autocast`` for ``device`` ("cpu" / "cuda[:i]"), bf16 by default."""
-    import torch
+def precision(device: str) -> str:
+    """The precision hyperbit's ``train.precision=auto`` picks on ``device``: ``bf16`` where it is
+    native (CUDA with bf16, CPUs with avx512_bf16 / amx_bf16), else ``fp32``."""
+    from hyperbit.train.precision import resolve_precision
 
-    return torch.autocast(device.split(":")[0], dtype=dtype or torch.bfloat16)
+    return resolve_precision("auto", device)
+
+
+def autocast(device: str, dtype=None):
+    """``torch.autocast`` for ``device`` ("cpu" / "cuda[:i]") in ``dtype``; by default the
+    precision of :func:`precision` (no autocast where that is fp32), as ``hyperbit train`` does."""
+    import torch
+    from hyperbit.train.precision import autocast as hb_autocast
+
+    if dtype is not None:
+        return torch.autocast(device.split(":")[0], dtype=dtype)
+    return hb_autocast(precision(device), device)
 
 
 def make_train_step(model, optimizer, idx, targets, device: str, dtype=None) -> Callable[[], float]:

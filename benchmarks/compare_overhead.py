@@ -283,7 +283,7 @@ def main(argv=None) -> int:
                 "arms": arms, "seed": seed_of(args), "device": str(device),
                 "threads": torch.get_num_threads(), "threads_flag": args.threads,
                 "batch_size": probe.train.batch_size, "seq_len": probe.train.seq_len,
-                "tokens_per_step": tokens_per_step, "precision": probe.train.precision,
+                "tokens_per_step": tokens_per_step, "precision": C.precision(str(device)),
                 "log_every": {"train": probe.train.log_every, "compare": 1},
                 "eval_every": probe.train.eval_every, "save_every": probe.train.save_every,
                 "monitor_every": probe.train.monitor_every, "eval_batches": probe.train.eval_batches,
@@ -382,7 +382,7 @@ def main(argv=None) -> int:
 
     # --- report -------------------------------------------------------------------------------
     print(f"\ncompare overhead: preset {args.preset}, batch {probe.train.batch_size} x seq "
-          f"{probe.train.seq_len}, {probe.train.precision}, {torch.get_num_threads()} threads, {device} "
+          f"{probe.train.seq_len}, {C.precision(str(device))}, {torch.get_num_threads()} threads, {device} "
           f"({info['cpu_model'] if device.type == 'cpu' else info.get('cuda_device')}); {args.rounds} rounds "
           f"of {steps} steps, steady step = (elapsed[{steps}] - elapsed[{start}]) / {steps - start} from "
           f"metrics.jsonl; train logs every {probe.train.log_every}, compare every 1"

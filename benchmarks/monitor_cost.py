@@ -6,7 +6,8 @@ under 1% of the training time it is spread over, i.e.
 ``t(monitor) / (monitor_every x t(step)) < 0.01``, for every pathway measured.
 
 Method: the preset's model (``deep`` by default: 16 blocks of width 64), built per pathway; a
-training step is the full step ``train()`` runs (bf16 autocast forward, backward, AdamW step) on
+training step is the full step ``train()`` runs (forward in the precision ``train.precision=auto``
+picks, backward, AdamW step) on
 the preset's batch; a monitor is ``hyperbit.analysis.pathway_summary`` under the same autocast
 on the two validation-sized windows the loop uses (2 x seq_len tokens), exactly as the loop calls
 it. Done for the five default arms of ``hyperbit compare``, so the table also gives each

@@ -8,7 +8,8 @@ Configurations (``--configs`` picks a subset; ``prenorm`` is always added as the
     prenorm_bitnet          Pre-Norm with BitLinear b1.58 (vs prenorm: BitLinear vs fp)
     dhc4_bitnet             DHC x4 with BitLinear
 
-Model: ``hyperbit.preset("small")`` (d 256, 6 blocks, vocab 256), seq 256, batch 8, bf16 autocast,
+Model: ``hyperbit.preset("small")`` (d 256, 6 blocks, vocab 256), seq 256, batch 8, the precision
+``hyperbit train`` picks (bf16 autocast where native, else fp32),
 2 torch threads, ``hyperbit.make_optimizer(model, lr=1e-3)`` (AdamW).
 
 Method
@@ -123,7 +124,7 @@ def settings(args) -> dict:
     if args.rounds is not None:
         s["rounds"] = args.rounds
     s.update(steps=args.steps, warmup=args.warmup, quick=args.quick, device=args.device,
-             threads=args.threads, autocast_dtype="bfloat16", preset="small", lr=1e-3,
+             threads=args.threads, precision=C.precision(args.device), preset="small", lr=1e-3,
              optimizer="hyperbit.make_optimizer (AdamW)", memory_steps=MEMORY_STEPS,
              compile=args.compile)
     return s
@@ -362,7 +363,7 @@ def main(argv=None) -> int:
              C.fmt(r["peak_memory"]["warm_mib"], ".1f"),
              C.fmt(r["peak_memory"]["warm_ratio_vs_prenorm"], ".3f")] for r in results.values()]
     print(f"\npathway overhead: batch {s['batch_size']} x seq {s['seq_len']}, "
-          f"d {cfgs[BASELINE]['dim']}, {cfgs[BASELINE]['n_layers']} blocks, bf16 autocast, "
+          f"d {cfgs[BASELINE]['dim']}, {cfgs[BASELINE]['n_layers']} blocks, {C.precision(args.device)}, "
           f"{args.threads} threads, {args.device} ({info['cpu_model'] if args.device == 'cpu' else info.get('cuda_device')})"
           f"; {s['rounds']} rounds x {s['steps']} steps" + ("  [QUICK]" if args.quick else ""))
     print(C.format_table(headers, rows))

@@ -6,13 +6,14 @@ loop, per pathway (reported as pass/fail, never an error exit).
 Both sides, in one process, on the same data and model config:
 
     hyperbit   ``hyperbit.train.train(cfg, run_dir)``, the function behind ``hyperbit train``,
-               unmodified: LR schedule, batches from ``TokenShards.get_batch``, bf16 autocast,
+               unmodified: LR schedule, batches from ``TokenShards.get_batch``, the precision
+               ``train.precision=auto`` resolves to (bf16 autocast where native, else fp32),
                backward, grad clipping, non-finite guard, AdamW step, metrics.jsonl every
                ``train.log_every`` steps (the preset's value), progress lines, and one final
                evaluation + checkpoint (``train.eval_every=0``, ``train.save_every=0``).
     bare       the same model (``build_model(cfg.model)``, same seed), ``torch.optim.AdamW`` with
                the same param groups (``hyperbit.train.param_groups``) and hyper-parameters, the
-               same batches from ``TokenShards.get_batch``, bf16 autocast, backward,
+               same batches from ``TokenShards.get_batch``, the same precision, backward,
                ``clip_grad_norm_``, step, ``zero_grad`` - nothing else (constant LR, no logging,
                no evaluation, no checkpoint).
 
@@ -57,7 +58,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,6 +72,8 @@ from hyperbit.models import build_model  # noqa: E402
 from hyperbit.train import param_groups  # noqa: E402
 from hyperbit.train import RUN_PRESETS, RunConfig, resolve_run_config  # noqa: E402
 from hyperbit.train import train  # noqa: E402
+from hyperbit.train.precision import autocast as precision_autocast  # noqa: E402
+from hyperbit.train.precision import resolve_precision  # noqa: E402
 
 # name -> (display label, model.* overrides on top of the run preset)
 PATHWAYS: dict[str, tuple[str, list[str]]] = {
@@ -147,7 +149,10 @@ def run_config(args, pathway: str, steps: int, data_dir: Path) -> RunConfig:
     overrides = [*PATHWAYS[pathway][1], f"train.steps={steps}", f"train.warmup_steps={warmup}",
                  "train.eval_every=0", "train.save_every=0", f"train.device={args.device}",
                  f"data.path={data_dir}"]
-    return resolve_run_config(args.preset, overrides)
+    cfg = resolve_run_config(args.preset, overrides)
+    # both sides compute in the precision `hyperbit train` resolves `auto` to on this device
+    cfg.train.precision = resolve_precision(cfg.train.precision, resolve_device(cfg))
+    return cfg
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -203,7 +208,8 @@ def run_bare(cfg: RunConfig, data_dir: Path) -> dict:
     model = build_model(cfg.model).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr,
                                   betas=(t.beta1, t.beta2), fused=device.type == "cuda" or None)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16" else nullcontext()
+    autocast = precision_autocast(t.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     micro = t.batch_size // t.grad_accum
     t_first = None
     for step in range(t.steps):
@@ -211,10 +217,12 @@ def run_bare(cfg: RunConfig, data_dir: Path) -> dict:
             x, y = data.get_batch(step * t.grad_accum + m, micro, t.seq_len, seed=t.seed)
             with autocast:
                 loss = model(x.to(device), y.to(device))[1] / t.grad_accum
-            loss.backward()
+            scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         if t.clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if step == 0:
             sync()

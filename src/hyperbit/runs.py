@@ -204,7 +204,8 @@ def eval_data(cfg: RunConfig, tok: Tokenizer, info: dict[str, Any], data: str | 
             spec = cfg.data.path if own else data
             fraction = cfg.data.val_fraction if own else (0.0 if val_fraction is None else val_fraction)
             meta = _prepare(spec, tmp, tok, fraction, (cfg.data.max_bytes or None) if own else max_bytes,
-                            text_field or (cfg.data.text_field if own else None))
+                            text_field or (cfg.data.text_field if own else None),
+                            cfg.data.decode_errors if own else "strict")
             data_dir, described = Path(tmp), str(spec)
             whole = meta["val_fraction"] == 0.0  # no validation split asked for: the whole corpus
             split = split or ("train" if whole else "val")
@@ -220,10 +221,10 @@ def eval_data(cfg: RunConfig, tok: Tokenizer, info: dict[str, Any], data: str | 
             del shards  # release the memory maps before the temporary directory goes
 
 
-def _prepare(spec, out, tok, val_fraction, max_bytes, text_field) -> dict:
+def _prepare(spec, out, tok, val_fraction, max_bytes, text_field, decode_errors) -> dict:
     try:
         return prepare(spec, out, tokenizer=tok, val_fraction=val_fraction, max_bytes=max_bytes,
-                       text_field=text_field)
+                       text_field=text_field, decode_errors=decode_errors)
     except OSError as e:
         raise DataError.from_os_error(e) from None
 
@@ -262,10 +263,13 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data: str | Path | None = Non
 def generate_text(model: nn.Module, tok: Tokenizer, prompt: str, max_new_tokens: int, *,
                   temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
                   seed: int = 0, use_cache: bool = True) -> tuple[str, int, int]:
-    """``hyperbit generate``: ``prompt`` continued by up to ``max_new_tokens`` tokens; the number of
-    new tokens there was room for in the model's context (``max_seq_len``; fewer than asked when
-    the prompt fills most of it); and the prompt's length in tokens. An empty prompt starts a new document (the end-of-text token);
-    generation stops at the end of a document. Bad arguments are one-line ConfigErrors."""
+    """``hyperbit generate``: ``prompt`` continued by ``max_new_tokens`` tokens (fewer only when the
+    model ends the document: generation stops at the end-of-text token); the number of new tokens
+    in it; and the prompt's length in tokens. Past the model's context (``max_seq_len``) the model
+    reads a sliding window of the last tokens (:mod:`hyperbit.models.generate`), so there is no
+    length limit; a prompt longer than the context is read from its last ``max_seq_len`` tokens.
+    An empty prompt starts a new document (the end-of-text token). Bad arguments are one-line
+    ConfigErrors."""
     if max_new_tokens < 0:
         raise ConfigError(f"--max-tokens must be >= 0, got {max_new_tokens}")
     ids = tok.encode(prompt)
@@ -274,22 +278,16 @@ def generate_text(model: nn.Module, tok: Tokenizer, prompt: str, max_new_tokens:
             raise ConfigError(f"the prompt is empty and the {tok.kind} tokenizer has no end-of-text "
                               "token to start from; give a --prompt")
         ids = [tok.eot_id]
-    limit = model.cfg.max_seq_len
-    room = limit - len(ids)
-    if room < 0 or (room == 0 and max_new_tokens > 0):
-        raise ConfigError(f"the prompt is {len(ids)} tokens; the model's max_seq_len is {limit}, which "
-                          "leaves no room to generate: shorten the prompt")
-    n = min(max_new_tokens, room)
     runner = VocabMask(model, tok.vocab_size) if tok.vocab_size < model.cfg.vocab_size else model
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     try:
-        out = generate(runner, torch.tensor([ids], dtype=torch.long), n, temperature=temperature,
-                       top_k=top_k, top_p=top_p, generator=generator, use_cache=use_cache,
-                       stop_token=tok.eot_id)
+        out = generate(runner, torch.tensor([ids], dtype=torch.long), max_new_tokens,
+                       temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                       use_cache=use_cache, stop_token=tok.eot_id)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     new = out[0, len(ids):].tolist()
     while new and tok.eot_id is not None and new[-1] == tok.eot_id:
         new.pop()  # generation stops at the end of a document
-    return prompt + tok.decode(new), n, len(ids)
+    return prompt + tok.decode(new), len(new), len(ids)

@@ -53,5 +53,29 @@ def test_model_branch_inputs_are_what_the_branches_read():
         h.remove()
     for x, got, path in zip(xs, normed, model.pathways()):
         torch.testing.assert_close(path.norm(x), got, rtol=1e-5, atol=1e-5)
+
+    # The quantiles collapse() reports, computed independently from what the branches received:
+    # norm(x) = x / rms(x) * weight, so dividing out the weight leaves x scaled per token, which
+    # has x's cosines. Cosines in float64 by hand, quantiles by sorting and interpolating.
+    def quantile(values: list[float], q: float) -> float:
+        v = sorted(values)
+        pos = q * (len(v) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+    unscaled = [(got / path.norm.weight).detach().double().reshape(-1, cfg.dim)
+                for got, path in zip(normed, model.pathways())]
+    expected = {"p05": [], "median": [], "p95": []}
+    for a, b in zip(unscaled, unscaled[1:]):
+        cos = [float(u @ v / (u.norm() * v.norm())) for u, v in zip(a, b)]
+        assert len(cos) == 16  # one per token of the (2, 8) batch
+        for key, q in (("p05", 0.05), ("median", 0.5), ("p95", 0.95)):
+            expected[key].append(quantile(cos, q))
     stats = collapse(model, idx)
-    assert stats["median"].shape == (3,) and bool((stats["p05"] <= stats["p95"]).all())
+    for key, values in expected.items():
+        torch.testing.assert_close(stats[key].double(), torch.tensor(values, dtype=torch.float64),
+                                   rtol=0, atol=1e-5)
+    # the band is a real spread (cosines 0.985-0.99997 here): neighbouring quantiles differ by
+    # over 20x the tolerance, so the test tells them apart
+    assert all(b - a > 2e-4 for key_a, key_b in (("p05", "median"), ("median", "p95"))
+               for a, b in zip(expected[key_a], expected[key_b]))

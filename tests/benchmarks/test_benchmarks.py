@@ -1,83 +1,165 @@
-"""Smoke test of the benchmark scripts: they run end to end and write well-formed JSON."""
+"""Smoke tests of the benchmark scripts: they run end to end on the real models, and the numbers
+they report are the numbers they measured. Timings come from planted costs on a clock that only
+moves when told (``planted.py``), so every median, ratio, table cell and verdict is checked
+exactly, and a planted-slow configuration has to show up as the slow one and fail its target."""
 
 from __future__ import annotations
 
-import json
-import subprocess
+import math
 import sys
-from pathlib import Path
 
 import pytest
+import torch
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "pathway_overhead.py"
+import hyperbit
+from bench_check import REPO, run, table
+from hyperbit.reports.compare.grid import arm_overrides
+from hyperbit.train import resolve_run_config
+
+MIB = 1024 * 1024
 
 
 def test_pathway_overhead_quick(tmp_path):
-    out = tmp_path / "pathway_overhead.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--rounds", "1", "--steps", "1", "--warmup", "1",
-         "--configs", "prenorm,dhc4", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "DHC x4" in proc.stdout and "targets" in proc.stdout
+    # Planted step costs, per call: 1 warm-up, then 2 rounds x 2 steps (the order rotates, round
+    # 2 runs dhc4 first). prenorm: 4 ms, its last step 12 ms; DHC x4: 10 ms in round 1, 20 ms in 2.
+    plan = {"clock": True, "step": {"prenorm": [0.004, 0.004, 0.004, 0.004, 0.012],
+                                    "dhc4": [0.010, 0.010, 0.010, 0.020, 0.020]}}
+    out, data = run("pathway_overhead.py", ["--quick", "--rounds", "2", "--steps", "2", "--warmup", "1",
+                                            "--configs", "prenorm,dhc4"], plan, tmp_path / "po.json")
+    assert "DHC x4" in out and "targets" in out
 
-    data = json.loads(out.read_text())
     assert data["benchmark"] == "pathway_overhead"
     for key in ("platform", "cpu_model", "torch", "torch_threads", "date"):
         assert data["machine"][key], key
+    assert data["machine"]["torch"] == torch.__version__ and data["machine"]["torch_threads"] == 2
     s = data["settings"]
-    assert (s["rounds"], s["steps"], s["quick"], s["threads"]) == (1, 1, True, 2)
+    assert (s["rounds"], s["steps"], s["warmup"], s["quick"], s["threads"]) == (2, 2, 1, True, 2)
+    assert (s["seq_len"], s["batch_size"], s["model_overrides"]) == (64, 2, {"dim": 64, "n_layers": 2, "max_seq_len": 64})
 
     assert set(data["configs"]) == {"prenorm", "dhc4"}
+    base, dhc = data["configs"]["prenorm"], data["configs"]["dhc4"]
     for name, c in data["configs"].items():
-        assert c["params"] > 0
-        step = c["step"]
-        assert len(step["raw_ms_per_round"]) == 1 and len(step["raw_ms_per_round"][0]) == 1
-        assert all(t > 0 for rnd in step["raw_ms_per_round"] for t in rnd)
-        assert step["median_ms"] > 0 and step["ratio_vs_prenorm"] > 0
-        mem = c["peak_memory"]
-        assert mem["mib"] > 0 and mem["ratio_vs_prenorm"] > 0
-        act = c["saved_activations"]
-        assert act["bytes"] > 0 and act["mib"] > 0 and act["ratio_vs_prenorm"] > 0
-    base = data["configs"]["prenorm"]
-    assert base["step"]["ratio_vs_prenorm"] == 1.0
-    assert base["peak_memory"]["ratio_vs_prenorm"] == 1.0
-    assert base["saved_activations"]["ratio_vs_prenorm"] == 1.0
-    assert data["configs"]["dhc4"]["model_config"]["expansion_rate"] == 4
+        cfg = hyperbit.ModelConfig.from_dict(c["model_config"])
+        assert (cfg.dim, cfg.n_layers, cfg.max_seq_len) == (64, 2, 64), name  # --quick's model
+        assert c["params"] == hyperbit.count_params(cfg) > 0, name
+    assert base["model_config"]["pathway"] == "prenorm"
+    assert (dhc["model_config"]["pathway"], dhc["model_config"]["expansion_rate"],
+            dhc["model_config"]["hc_dynamic"]) == ("hc", 4, True)
 
+    # step times: exactly the planted costs, per round and step
+    assert base["step"]["raw_ms_per_round"] == [pytest.approx([4.0, 4.0]), pytest.approx([4.0, 12.0])]
+    assert dhc["step"]["raw_ms_per_round"] == [pytest.approx([10.0, 10.0]), pytest.approx([20.0, 20.0])]
+    assert base["step"]["median_ms"] == pytest.approx(4.0) and dhc["step"]["median_ms"] == pytest.approx(15.0)
+    assert base["step"]["summary_ms"]["mean"] == pytest.approx(6.0)
+    assert base["step"]["summary_ms"]["p75"] == pytest.approx(6.0)
+    assert base["step"]["ratio_vs_prenorm"] == 1.0
+    assert dhc["step"]["ratio_vs_prenorm"] == pytest.approx(15 / 4)  # median over median
+    assert dhc["step"]["paired_round_ratio_median"] == pytest.approx(2.5)  # round by round: 10 / 4, 20 / 8
+
+    # memory and saved activations: the reported MiB and ratios are the measured bytes
+    for c in (base, dhc):
+        mem, act = c["peak_memory"], c["saved_activations"]
+        assert mem["mib"] == pytest.approx(mem["peak_step_bytes"] / MIB) and mem["peak_step_bytes"] > 0
+        assert mem["warm_mib"] == pytest.approx(mem["peak_step_warm_bytes"] / MIB)
+        assert mem["ratio_vs_prenorm"] == pytest.approx(mem["peak_step_bytes"] / base["peak_memory"]["peak_step_bytes"])
+        assert mem["warm_ratio_vs_prenorm"] == pytest.approx(
+            mem["peak_step_warm_bytes"] / base["peak_memory"]["peak_step_warm_bytes"])
+        assert act["mib"] == pytest.approx(act["bytes"] / MIB)
+        assert act["ratio_vs_prenorm"] == pytest.approx(act["bytes"] / base["saved_activations"]["bytes"])
+    assert base["step"]["ratio_vs_prenorm"] == base["peak_memory"]["ratio_vs_prenorm"] == 1.0
+    assert base["saved_activations"]["ratio_vs_prenorm"] == 1.0
+    # saved activations are exact: the same count here, and four streams save more than one
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import pathway_overhead as po
+
+    settings = po.settings(po.parse_args(["--quick"]))
+    idx, targets = po.make_batch(po.model_config("prenorm", settings).vocab_size, settings)
+    for name, c in data["configs"].items():
+        model = po.build(name, settings)
+
+        def fwd(model=model):
+            with po.C.autocast("cpu"):
+                return model(idx, targets)[1]
+
+        assert po.C.saved_activation_bytes(model, fwd, exclude=[idx, targets]) == {
+            k: c["saved_activations"][k] for k in ("bytes", "storages", "saved_tensors")}, name
+    assert dhc["saved_activations"]["bytes"] > base["saved_activations"]["bytes"]
+
+    # the printed table is the JSON
+    rows = table(out, "config")
+    assert [r[0] for r in rows] == ["prenorm (fp)", "DHC x4"]
+    for row, c in zip(rows, (base, dhc)):
+        mem, act = c["peak_memory"], c["saved_activations"]
+        assert row[1:] == [f"{c['step']['median_ms']:.2f}", f"{c['step']['ratio_vs_prenorm']:.3f}",
+                           f"{mem['mib']:.1f}", f"{mem['ratio_vs_prenorm']:.3f}", f"{act['mib']:.1f}",
+                           f"{act['ratio_vs_prenorm']:.3f}", f"{mem['warm_mib']:.1f}",
+                           f"{mem['warm_ratio_vs_prenorm']:.3f}"]
+    assert rows[1][1:3] == ["15.00", "3.750"]
+
+    # the planted-slow DHC x4 fails its step target; the verdicts follow the ratios
     targets = {t["name"]: t for t in data["targets"]}
     assert set(targets) == {"dhc4_step", "dhc4_peak_memory", "bitlinear_step"}
-    assert isinstance(targets["dhc4_step"]["passed"], bool)
-    assert isinstance(targets["dhc4_peak_memory"]["passed"], bool)
+    assert targets["dhc4_step"]["ratio"] == pytest.approx(15 / 4) and targets["dhc4_step"]["passed"] is False
+    assert "[FAIL] DHC x4 step time <= 1.10x prenorm: 3.750x" in out
+    peak = targets["dhc4_peak_memory"]
+    assert peak["ratio"] == dhc["peak_memory"]["ratio_vs_prenorm"] and peak["passed"] is (peak["ratio"] <= 1.30)
     assert targets["bitlinear_step"]["passed"] is None  # prenorm_bitnet was not run
 
 
 def test_inspect_time_smoke(tmp_path):
-    out = tmp_path / "inspect_time.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "inspect_time.py"), "--repeats", "1",
-                           "--steps", "2", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "hyperbit inspect (whole command)" in proc.stdout and "targets" in proc.stdout
-    data = json.loads(out.read_text())
+    # the inspect command (really run) is planted at 45 s, `import torch` at 2 s, the analysis
+    # at 0.25 s: over the 30 s target
+    plan = {"clock": True, "command": {"hyperbit.cli inspect": 45.0, "import torch": 2.0}, "analysis": 0.25}
+    out, data = run("inspect_time.py", ["--repeats", "1", "--steps", "2"], plan, tmp_path / "it.json")
+    assert "hyperbit inspect (whole command)" in out and "targets" in out
     assert data["benchmark"] == "inspect_time" and data["settings"]["repeats"] == 1
-    for key in ("command_s", "import_torch_s", "analysis_s"):
-        assert data[key]["n"] == 1 and data[key]["median"] > 0, key
+    assert data["settings"]["steps"] == 2
+    tiny = resolve_run_config("tiny", [])
+    assert data["settings"]["batch"] == [8, tiny.train.seq_len]
+    assert (data["settings"]["model"]["pathway"], data["settings"]["model"]["expansion_rate"]) == ("hc", 2)
+    for key, planted in (("command_s", 45.0), ("import_torch_s", 2.0), ("analysis_s", 0.25)):
+        summary = data[key]
+        assert summary["n"] == 1 and summary["median"] > 0, key
+        for stat in ("median", "min", "max", "mean"):
+            assert summary[stat] == pytest.approx(planted), (key, stat)
     assert data["command_s"]["median"] > data["analysis_s"]["median"]  # start-up and plots on top
     assert data["targets"][0]["passed"] is (data["command_s"]["median"] < 30.0)
+    assert data["targets"][0]["ratio"] == pytest.approx(45.0 / 30.0) and data["targets"][0]["passed"] is False
+    assert "[FAIL] hyperbit inspect wall time / 30 s: 1.500x" in out
+    assert table(out, "") == [["hyperbit inspect (whole command)", "45.00 s", "45.00", "45.00"],
+                              ['python -c "import torch"', "2.00 s", "2.00", "2.00"],
+                              ["analysis only, in-process", "0.250 s", "0.250", "0.250"]]
 
 
 def test_monitor_cost_smoke(tmp_path):
-    out = tmp_path / "monitor_cost.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "monitor_cost.py"), "--preset", "tiny",
-                           "--rounds", "1", "--steps", "1", "--threads", "1", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "monitor/step" in proc.stdout and "targets" in proc.stdout
-    data = json.loads(out.read_text())
+    steps = {"prenorm": 0.004, "postnorm": 0.004, "shc4": 0.008, "dhc2": 0.008, "dhc4": 0.010}
+    monitors = {"prenorm": 0.002, "postnorm": 0.002, "shc4": 0.003, "dhc2": 0.003, "dhc4": 2.0}  # dhc4: slow
+    plan = {"clock": True, "step": {k: [v] for k, v in steps.items()}, "monitor": {k: [v] for k, v in monitors.items()}}
+    out, data = run("monitor_cost.py", ["--preset", "tiny", "--rounds", "1", "--steps", "1", "--threads", "1"],
+                    plan, tmp_path / "mc.json")
+    assert "monitor/step" in out and "targets" in out
     assert data["benchmark"] == "monitor_cost" and set(data["pathways"]) == {"prenorm", "postnorm", "shc4", "dhc2", "dhc4"}
+    assert data["settings"] == {"preset": "tiny", "rounds": 1, "steps": 1}
+    assert data["machine"]["torch_threads"] == 1
+    rows = {r[0]: r[1:] for r in table(out, "pathway")}
+    assert list(rows) == list(data["pathways"])
     for name, p in data["pathways"].items():
+        cfg = resolve_run_config("tiny", arm_overrides(name))
+        assert p["model"] == cfg.model.to_dict(), name
+        assert p["monitor_every"] == cfg.train.monitor_every > 0, name
+        assert p["batch"] == [cfg.train.batch_size // cfg.train.grad_accum, cfg.train.seq_len]
+        assert p["monitor_batch"] == [2, cfg.train.seq_len]
+        assert p["step_ms"] == pytest.approx(1e3 * steps[name]) and p["monitor_ms"] == pytest.approx(1e3 * monitors[name])
+        assert p["raw_s"]["step"] == [[pytest.approx(steps[name])]]
+        assert p["raw_s"]["monitor"] == [[pytest.approx(monitors[name])]]
         assert p["step_ms"] > 0 and p["monitor_ms"] > 0, name
         assert p["monitor_share"] == pytest.approx(p["monitor_ms"] / (p["monitor_every"] * p["step_ms"]))
+        assert rows[name] == [f"{p['step_ms']:.1f}", f"{p['monitor_ms']:.1f}", f"{p['monitor_ms'] / p['step_ms']:.2f}x",
+                              str(p["monitor_every"]), f"{100 * p['monitor_share']:.3f}%"]
     assert [t["passed"] for t in data["targets"]] == [p["monitor_share"] < 0.01 for p in data["pathways"].values()]
+    assert [t["passed"] for t in data["targets"]] == [True, True, True, True, False]  # the planted-slow monitor
+    assert [t["ratio"] for t in data["targets"]] == [pytest.approx(p["monitor_share"] / 0.01)
+                                                    for p in data["pathways"].values()]
+    every = data["pathways"]["dhc4"]["monitor_every"]
+    assert f"[FAIL] monitor share of training time (dhc4) / 1%: {2.0 / (every * 0.010) / 0.01:.3f}x" in out
+    assert all(math.isfinite(t["ratio"]) for t in data["targets"])

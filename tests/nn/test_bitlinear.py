@@ -29,8 +29,8 @@ def _reference_quant(x: torch.Tensor, w: torch.Tensor):
     xf, wf = x.detach().float(), w.detach().float()
     s = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
     xq = (xf * s).round().clamp(-128, 127) / s
-    gamma = wf.abs().mean()
-    wq = (wf / (gamma + EPS)).round().clamp(-1, 1) * gamma
+    gamma = torch.clamp(wf.abs().mean(), min=EPS)  # the clamp form: one gamma both ways
+    wq = (wf / gamma).round().clamp(-1, 1) * gamma
     return xq, wq
 
 
@@ -83,6 +83,64 @@ def test_weights_are_ternary_absmean_with_half_gamma_zero_band():
     assert mid.sum() >= 4 and low.sum() >= 4
     assert torch.equal(eff_w[mid], torch.sign(wv[mid]) * gamma)
     assert torch.all(eff_w[low] == 0)
+
+
+def test_weight_scale_is_clamped_and_the_same_both_ways():
+    """gamma = max(mean|W|, eps) divides and multiplies: W_q / gamma is exactly ternary, the zero
+    band is exactly |w| < gamma/2 at every scale, and tiny or all-zero weights stay finite."""
+    # Probes a hair either side of gamma/2 at gamma = 1e-3, where W / (gamma + eps) would shift
+    # the band by 1%: 0.501 gamma rounds to 1 here, 0.501 / 1.01 = 0.496 would round to 0.
+    n = 32
+    w = torch.full((n,), 1e-3)
+    w[:4] = torch.tensor([0.501e-3, -0.501e-3, 0.499e-3, -0.499e-3])
+    w[4:8] = torch.tensor([1.499e-3, 1.501e-3, 1.501e-3, 1.499e-3])  # keeps mean|W| at 1e-3
+    w = w.reshape(4, 8)
+    codes, gamma = quantize_weight(w)
+    assert gamma.item() == pytest.approx(1e-3, rel=1e-6)
+    assert codes.flatten()[:4].tolist() == [1.0, -1.0, 0.0, 0.0]
+    torch.testing.assert_close(codes, (w / gamma).round().clamp(-1, 1), rtol=0, atol=0)
+
+    # W_q / gamma is exactly ternary, through the module's forward (bl(I) = W_q^T exactly)
+    for scale in (1e-4, 1e-2, 3.0):
+        torch.manual_seed(1)
+        bl = BitLinear(16, 16)
+        with torch.no_grad():
+            bl.weight.copy_(torch.randn(16, 16) * scale)
+            eff = bl(torch.eye(16)).T
+        c, g = quantize_weight(bl.weight)
+        assert g.item() == pytest.approx(bl.weight.detach().double().abs().mean().item(), rel=1e-6)
+        ratio = eff / g
+        assert set(ratio.unique().tolist()) == {-1.0, 0.0, 1.0}
+        assert torch.equal(ratio, c)
+
+    # all-zero weight: gamma = eps, codes 0, output 0, gradients finite (no 0/0)
+    bl = BitLinear(8, 4)
+    with torch.no_grad():
+        bl.weight.zero_()
+    codes, gamma = quantize_weight(bl.weight)
+    assert gamma.item() == torch.tensor(EPS).item() and torch.equal(codes, torch.zeros(4, 8))
+    x = torch.randn(3, 8, requires_grad=True)
+    y = bl(x)
+    assert torch.equal(y, torch.zeros(3, 4))
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(bl.weight.grad).all()
+    assert torch.equal(x.grad, torch.zeros(3, 8))  # grad_x = g @ W_q = 0
+
+    # tiny weight (mean|W| ~ 2e-7 < eps): quantised on the eps grid, dequantised with the same eps
+    w = torch.full((64,), 1e-8)
+    w[0], w[1], w[2] = 6e-6, -7e-6, 4e-6
+    w = w.reshape(8, 8)
+    assert w.abs().mean().item() < EPS / 10
+    codes, gamma = quantize_weight(w)
+    assert gamma.item() == torch.tensor(EPS).item()
+    assert codes.flatten()[:3].tolist() == [1.0, -1.0, 0.0] and codes.flatten()[3:].abs().sum() == 0
+    bl = BitLinear(8, 8)
+    with torch.no_grad():
+        bl.weight.copy_(w)
+        eff = bl(torch.eye(8)).T
+    expected = torch.zeros(64)
+    expected[0], expected[1] = EPS, -EPS
+    torch.testing.assert_close(eff.flatten(), expected.float(), rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +252,7 @@ def test_scale_math_is_fp32_under_bf16_autocast():
     assert torch.equal(wc, ref_wc) and torch.equal(g, ref_g)
     w16f = bl.weight.detach().to(torch.bfloat16).float()
     assert g16.item() == pytest.approx(w16f.abs().mean().item(), rel=1e-6)
-    assert torch.equal(wc16, (w16f / (g16 + EPS)).round().clamp(-1, 1))
+    assert torch.equal(wc16, (w16f / g16).round().clamp(-1, 1))
     # the output is the quantised product, up to bf16 matmul rounding
     y_ref = F.linear(ref_xc / ref_s, ref_wc * ref_g)
     assert y.dtype == torch.bfloat16

@@ -6,7 +6,8 @@
     hyperbit train [--preset NAME] [--out DIR] [--resume] [--overwrite] [--dry-run]
                    [section.key=value ...]             train (model.*, train.*, data.* overrides)
     hyperbit prepare SOURCE OUT_DIR [--tokenizer byte|bpe|FILE] [--vocab-size N] [--val-fraction F]
-                   [--text-field NAME] [--max-bytes N] [--overwrite]   tokenise a corpus into shards
+                   [--text-field NAME] [--max-bytes N] [--decode-errors strict|replace|skip]
+                   [--overwrite]                       tokenise a corpus into shards
     hyperbit eval CKPT [--data SPEC|PREPARED_DIR] [--batches N] [--seq N] [--json]
                                                        validation loss and bits/byte of a checkpoint
     hyperbit generate CKPT --prompt TEXT [--max-tokens N] [--temperature T] [--top-k K]

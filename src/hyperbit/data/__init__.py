@@ -13,7 +13,7 @@ from .errors import DataError
 from .prepare import prepare, prepare_data
 from .pystdlib import load_pystdlib, pystdlib_files
 from .shards import TokenShards, read_meta, token_dtype
-from .sources import Source, is_val_document, iter_documents, parse_source
+from .sources import DecodeStats, Source, is_val_document, iter_documents, parse_source
 from .tokenizers import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer, same_tokenizer
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "ByteTokenizer",
     "DataConfig",
     "DataError",
+    "DecodeStats",
     "Source",
     "TokenShards",
     "Tokenizer",

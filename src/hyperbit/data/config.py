@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError, check_types
+from ..config import ConfigError, check_choice, check_types
+from .sources import DECODE_ERRORS
 
 
 @dataclass
@@ -16,6 +17,7 @@ class DataConfig:
     text_field: str = "text"  # JSON Lines / HF datasets
     val_fraction: float = 0.01  # non-pystdlib sources
     max_bytes: int = 0  # cap per split while preparing; 0 = everything
+    decode_errors: str = "strict"  # text that is not UTF-8: "strict" (stop), "replace" (U+FFFD), "skip"
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -23,3 +25,4 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_bytes < 0 or self.vocab_size < 2:
             raise ConfigError("data.max_bytes must be >= 0 and data.vocab_size >= 2")
+        check_choice("data.decode_errors", self.decode_errors, DECODE_ERRORS)

@@ -18,8 +18,8 @@ import numpy as np
 from .config import DataConfig
 from .errors import DataError
 from .shards import FORMAT, FORMAT_VERSION, META_FILE, TOKENIZER_FILE, token_dtype
-from .sources import SPLITS, Source, describe_source, is_val_document, iter_documents, parse_source
-from .tokenizers import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
+from .sources import SPLITS, DecodeStats, Source, describe_source, is_val_document, iter_documents, parse_source
+from .tokenizers import DOC_SEPARATOR, BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
 
 DEFAULT_SHARD_SIZE = 2**25  # tokens per shard file (64 MiB of uint16)
 DEFAULT_BPE_VOCAB = 8192
@@ -35,7 +35,8 @@ def prepare_data(d: DataConfig, data_dir: str | Path, log: Callable[[str], None]
     log(f"preparing data: {d.path} -> {data_dir} ({d.tokenizer} tokenizer)")
     prepare(d.path, data_dir, tokenizer=d.tokenizer,
             vocab_size=d.vocab_size if d.tokenizer == "bpe" else None, val_fraction=d.val_fraction,
-            max_bytes=d.max_bytes or None, overwrite=True, text_field=d.text_field)
+            max_bytes=d.max_bytes or None, overwrite=True, text_field=d.text_field,
+            decode_errors=d.decode_errors)
 
 
 class _ShardWriter:
@@ -96,13 +97,13 @@ def _resolve_tokenizer(tokenizer: str | Path | Tokenizer, vocab_size: int | None
 def _separator(tok: Tokenizer) -> tuple[np.ndarray, str]:
     if tok.eot_id is not None:
         return np.array([tok.eot_id], dtype=np.int64), "end-of-text token"
-    return np.asarray(tok.encode("\n\n"), dtype=np.int64), "\n\n"
+    return np.asarray(tok.encode(DOC_SEPARATOR), dtype=np.int64), DOC_SEPARATOR
 
 
 def _encode_documents(tok: Tokenizer, docs: list[str], sep: np.ndarray) -> np.ndarray:
     """The documents' ids, each followed by the separator, as one int64 (or uint8) array."""
     if isinstance(tok, ByteTokenizer):
-        return np.frombuffer("".join(d + "\n\n" for d in docs).encode("utf-8", "replace"), dtype=np.uint8)
+        return np.frombuffer("".join(d + DOC_SEPARATOR for d in docs).encode("utf-8", "replace"), dtype=np.uint8)
     parts = []
     for ids in tok.encode_batch(docs):
         parts.append(np.asarray(ids, dtype=np.int64))
@@ -125,8 +126,10 @@ def prepare(source: str | Path | Source, out_dir: str | Path, *, tokenizer: str 
     expected fraction of validation documents (ignored by pystdlib, which has its own split); with
     ``val_fraction > 0`` both splits must end up non-empty. ``max_bytes`` caps the source (per
     split for pystdlib). ``source_options`` go to :func:`parse_source` (``text_field``,
-    ``pattern``, ``sample_by``, ``hf_split``). An existing prepared directory is only replaced with
-    ``overwrite=True``. Every input problem raises :class:`DataError`.
+    ``pattern``, ``sample_by``, ``hf_split``, and ``decode_errors``: ``"strict"``, ``"replace"`` or
+    ``"skip"`` for text that is not UTF-8; ``meta.json`` records what was replaced or skipped).
+    An existing prepared directory is only replaced with ``overwrite=True``. Every input problem
+    raises :class:`DataError`.
     """
     src = parse_source(source, max_bytes=max_bytes, **source_options)
     if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
@@ -148,11 +151,12 @@ def prepare(source: str | Path | Source, out_dir: str | Path, *, tokenizer: str 
     out.mkdir(parents=True, exist_ok=True)
     _remove_prepared(out)  # meta.json first: the directory is invalid until the new one is written
     writers = {split: _ShardWriter(out, split, dtype, shard_size) for split in SPLITS}
+    decoding = DecodeStats()
     try:
         if src.kind == "pystdlib":
-            streams = [(split, iter_documents(src, split=split)) for split in SPLITS]
+            streams = [(split, iter_documents(src, split=split, stats=decoding)) for split in SPLITS]
         else:
-            streams = [(None, iter_documents(src))]
+            streams = [(None, iter_documents(src, stats=decoding))]
         for fixed_split, docs in streams:
             pending: dict[str, list[str]] = {s: [] for s in SPLITS}
             for index, doc in enumerate(docs):
@@ -178,6 +182,7 @@ def prepare(source: str | Path | Source, out_dir: str | Path, *, tokenizer: str 
             "tokenizer": {"kind": tok.kind, "file": TOKENIZER_FILE, "eot_id": tok.eot_id},
             "separator": {"kind": sep_desc, "ids": [int(i) for i in sep]},
             "source": src.describe(),
+            "decode_errors": decoding.describe(src.decode_errors),
             "split_rule": ("pystdlib: crc32(relative path) % 50 == 0" if src.kind == "pystdlib"
                            else "blake2b(document index) / 2**64 < val_fraction"),
             "val_fraction": None if src.kind == "pystdlib" else val_fraction,

@@ -9,13 +9,17 @@ Layout of a prepared directory::
     val_000.bin ...   else uint32; at most ``shard_size`` tokens per file
 
 ``meta.json`` records the format and its version, the dtype, vocab size, tokenizer (kind, file,
-end-of-text id), the separator, the source, the split rule, and per split the document count, the
-token count and the shard files with their token counts.
+end-of-text id), the separator, the source, what ``decode_errors`` replaced or skipped of text that
+is not UTF-8, the split rule, and per split the document count, the token count and the shard
+files with their token counts.
 
 Documents are stored one after another, each followed by a separator: the end-of-text token
 (``<|endoftext|>``) for BPE, and a blank line (``"\\n\\n"``, the bytes 10 10) for the byte
 tokenizer (the same stream as :func:`hyperbit.data.load_pystdlib`, and it keeps decoded samples
-readable). A tokenizer without an end-of-text token uses its encoding of ``"\\n\\n"``.
+readable). A tokenizer without an end-of-text token uses its encoding of ``"\\n\\n"``. Either way
+the separator stands for the same two bytes when bits per byte are counted
+(:meth:`TokenShards.token_bytes`): the byte tokenizer's are two ordinary byte tokens, and the
+end-of-text token counts as those two bytes.
 
 Split rule: ``pystdlib`` keeps its own split (CRC-32 of the file's relative path); every other
 source splits by a hash of the document index (:func:`hyperbit.data.sources.is_val_document`).
@@ -163,6 +167,19 @@ class TokenShards:
             raise DataError(f"{self.directory}: tokenizer mismatch: file is {tok.kind} with vocab_size "
                             f"{tok.vocab_size}, meta.json records {info.get('kind')} with {self.vocab_size}")
         return tok
+
+    def token_bytes(self) -> np.ndarray:
+        """Bytes each token id of this data stands for (:meth:`Tokenizer.token_bytes` of the saved
+        tokenizer), loaded on the first call and kept: the bytes of any tokens of the split are
+        ``token_bytes()[ids].sum()``."""
+        table = getattr(self, "_token_bytes", None)
+        if table is None:
+            table = self.load_tokenizer().token_bytes()
+            if table.shape != (self.vocab_size,):
+                raise DataError(f"{self.directory}: the tokenizer's byte table has {len(table)} "
+                                f"entries, not vocab_size {self.vocab_size}")
+            self._token_bytes = table
+        return table
 
     def check_vocab(self, model_vocab_size: int) -> None:
         """Raise :class:`DataError` when a model with ``model_vocab_size`` cannot embed these ids."""

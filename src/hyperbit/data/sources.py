@@ -23,6 +23,13 @@ listing order. Supported kinds and their spec strings (:func:`parse_source`):
     the ``text_field`` column. For a ``DatasetDict``, ``hf_split`` picks the split (default:
     ``"train"`` when present, else the only split). ``datasets`` is optional and imported lazily.
 
+Text that is not UTF-8 (``text``, ``dir``, ``glob`` files and ``jsonl`` lines), per
+``decode_errors``: ``"strict"`` (default) stops with one line naming the file (and line) and the
+byte offset of the first invalid byte; ``"replace"`` decodes invalid bytes as U+FFFD; ``"skip"``
+leaves out the whole file (``jsonl``: the line) and goes on. A :class:`DecodeStats` passed to
+:func:`iter_documents` counts what was replaced or skipped. ``pystdlib`` always decodes with
+replacement and ``hf`` datasets hold decoded strings, so neither uses the option.
+
 Empty documents are skipped everywhere. ``max_bytes`` stops a source once the UTF-8 size of the
 documents yielded so far reaches it (the document that crosses the limit is yielded whole).
 Every problem with the input raises :class:`DataError` with a one-line message.
@@ -42,7 +49,7 @@ import glob as globlib
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -52,6 +59,8 @@ from .pystdlib import pystdlib_files
 KINDS = ("pystdlib", "text", "dir", "glob", "jsonl", "hf")
 SAMPLE_BY = ("document", "paragraph", "line")
 SPLITS = ("train", "val")
+DECODE_ERRORS = ("strict", "replace", "skip")
+_MAX_EXAMPLES = 10  # skipped/replaced places DecodeStats remembers
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _BLANK_LINES = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -68,6 +77,7 @@ class Source:
     sample_by: str | None = None  # text/dir/glob: None = "paragraph" for text, "document" otherwise
     hf_split: str | None = None  # hf: split of a DatasetDict
     max_bytes: int | None = None  # stop after about this many UTF-8 bytes of documents
+    decode_errors: str = "strict"  # text/dir/glob/jsonl: "strict", "replace" or "skip"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -80,6 +90,9 @@ class Source:
             raise DataError(f"max_bytes must be a positive integer, got {self.max_bytes!r}")
         if not self.text_field:
             raise DataError("text_field must be a non-empty field name")
+        if self.decode_errors not in DECODE_ERRORS:
+            raise DataError(f"decode_errors={self.decode_errors!r} is not allowed; "
+                            f"choose one of {list(DECODE_ERRORS)}")
 
     @property
     def effective_sample_by(self) -> str:
@@ -105,10 +118,34 @@ class Source:
         return d
 
 
+@dataclass
+class DecodeStats:
+    """What ``decode_errors`` did while a source was read: files and ``jsonl`` lines skipped or
+    decoded with U+FFFD replacements, and the first few places (``file[:line] (byte offset N)``)."""
+
+    skipped_files: int = 0
+    skipped_lines: int = 0
+    replaced_files: int = 0
+    replaced_lines: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def count(self, what: str, where: str) -> None:
+        setattr(self, what, getattr(self, what) + 1)
+        if len(self.examples) < _MAX_EXAMPLES:
+            self.examples.append(where)
+
+    def describe(self, mode: str) -> dict[str, Any]:
+        """JSON-able counts (for ``meta.json``), with the mode they were read with."""
+        return {"mode": mode, "skipped_files": self.skipped_files, "skipped_lines": self.skipped_lines,
+                "replaced_files": self.replaced_files, "replaced_lines": self.replaced_lines,
+                "examples": list(self.examples)}
+
+
 def parse_source(spec: str | Path | Source, **options: Any) -> Source:
     """A :class:`Source` from a spec string (see the module docstring) plus keyword options
-    (``pattern``, ``text_field``, ``sample_by``, ``hf_split``, ``max_bytes``; None values are
-    ignored). A spec without an explicit ``kind:`` prefix must name an existing path or a glob."""
+    (``pattern``, ``text_field``, ``sample_by``, ``hf_split``, ``max_bytes``, ``decode_errors``;
+    None values are ignored). A spec without an explicit ``kind:`` prefix must name an existing
+    path or a glob."""
     names = {f.name for f in dataclasses.fields(Source)} - {"kind", "path"}
     unknown = sorted(set(options) - names)
     if unknown:
@@ -147,12 +184,13 @@ def is_val_document(index: int, val_fraction: float) -> bool:
 
 
 def iter_documents(spec: str | Path | Source, split: str | None = None, val_fraction: float = 0.0,
-                   **options: Any) -> Iterator[str]:
+                   stats: DecodeStats | None = None, **options: Any) -> Iterator[str]:
     """The documents of a source, in its deterministic order.
 
     ``split`` None yields every document (for pystdlib: the train split). ``"train"``/``"val"``
     yields one split: pystdlib uses its own CRC-32 rule, every other kind :func:`is_val_document`
-    with ``val_fraction``. Raises :class:`DataError` when the source yields no document at all.
+    with ``val_fraction``. ``stats`` (optional) counts what ``decode_errors`` replaced or skipped.
+    Raises :class:`DataError` when the source yields no document at all.
     """
     source = parse_source(spec, **options)
     if split is not None and split not in SPLITS:
@@ -161,7 +199,8 @@ def iter_documents(spec: str | Path | Source, split: str | None = None, val_frac
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     count = 0
     total = 0
-    for index, doc in enumerate(_raw_documents(source, split or "train")):
+    stats = DecodeStats() if stats is None else stats
+    for index, doc in enumerate(_raw_documents(source, split or "train", stats)):
         count += 1
         if split is None or source.kind == "pystdlib" or is_val_document(index, val_fraction) == (split == "val"):
             yield doc
@@ -170,7 +209,9 @@ def iter_documents(spec: str | Path | Source, split: str | None = None, val_frac
             if total >= source.max_bytes:
                 break
     if count == 0:
-        raise DataError(f"empty corpus: {describe_source(source)} has no non-empty documents")
+        skipped = stats.skipped_files + stats.skipped_lines
+        because = f" ({skipped} not UTF-8, skipped)" if skipped else ""
+        raise DataError(f"empty corpus: {describe_source(source)} has no non-empty documents{because}")
 
 
 def describe_source(source: Source) -> str:
@@ -180,7 +221,7 @@ def describe_source(source: Source) -> str:
 # --- the kinds ----------------------------------------------------------------------------------
 
 
-def _raw_documents(source: Source, pystdlib_split: str) -> Iterator[str]:
+def _raw_documents(source: Source, pystdlib_split: str, stats: DecodeStats) -> Iterator[str]:
     """Non-empty documents, before ``max_bytes`` and the split rule."""
     if source.kind == "pystdlib":
         for path in pystdlib_files(pystdlib_split):
@@ -189,13 +230,15 @@ def _raw_documents(source: Source, pystdlib_split: str) -> Iterator[str]:
                 yield doc
         return
     if source.kind == "jsonl":
-        yield from _jsonl_documents(Path(source.path), source.text_field)
+        yield from _jsonl_documents(Path(source.path), source.text_field, source.decode_errors, stats)
         return
     if source.kind == "hf":
         yield from _hf_documents(source)
         return
     for path in _text_files(source):
-        yield from _split_text(_read_text(path), source.effective_sample_by)
+        text = _read_text(path, source.decode_errors, stats)
+        if text is not None:
+            yield from _split_text(text, source.effective_sample_by)
 
 
 def _text_files(source: Source) -> list[Path]:
@@ -219,12 +262,23 @@ def _text_files(source: Source) -> list[Path]:
     return sorted(files, key=lambda p: p.as_posix())
 
 
-def _read_text(path: Path) -> str:
+_STRICT_HINT = "set decode_errors to 'replace' or 'skip' to read it anyway"
+
+
+def _read_text(path: Path, errors: str, stats: DecodeStats) -> str | None:
+    """The file's text; None when it is not UTF-8 and ``errors`` is ``"skip"``."""
     data = path.read_bytes()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+        where = f"{path} (byte offset {e.start})"
+        if errors == "strict":
+            raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); {_STRICT_HINT}") from None
+    if errors == "skip":
+        stats.count("skipped_files", where)
+        return None
+    stats.count("replaced_files", where)
+    return data.decode("utf-8", errors="replace")
 
 
 def _split_text(text: str, sample_by: str) -> Iterator[str]:
@@ -241,15 +295,25 @@ def _split_text(text: str, sample_by: str) -> Iterator[str]:
             yield p
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+def _jsonl_documents(path: Path, field: str, errors: str, stats: DecodeStats) -> Iterator[str]:
     if not path.is_file():
         raise DataError(f"no such file: {path}")
+    offset = 0  # of the line in the file, in bytes
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
             try:
                 line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text") from None
+            except UnicodeDecodeError as e:
+                where = f"{path}:{lineno} (byte offset {start + e.start})"
+                if errors == "strict":
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text (invalid byte at offset "
+                                    f"{start + e.start}); {_STRICT_HINT}") from None
+                if errors == "skip":
+                    stats.count("skipped_lines", where)
+                    continue
+                stats.count("replaced_lines", where)
+                line = raw.decode("utf-8", errors="replace")
             if not line.strip():
                 continue
             try:

@@ -9,6 +9,16 @@ the saved JSON.
   ``<|endoftext|>`` is reserved as a special token (id 0) and separates documents in BPE shards;
   a document that literally contains that string encodes it as the special token. Saved as the
   ``tokenizers`` library's own JSON, loadable by ``tokenizers.Tokenizer.from_file``.
+
+Bytes per token (:meth:`Tokenizer.token_bytes`, what bits per byte divides by): a table, computed
+once per tokenizer, of how many bytes of the corpus each id stands for, so the bytes of any run of
+ids -- a window that starts or ends inside a multi-byte character included -- are the sum of its
+table entries, exactly. The byte tokenizer: 1 per id. Byte-level BPE: the number of bytes its
+vocabulary string maps to (one byte per character of the byte-level alphabet). The end-of-text
+token counts as the bytes of :data:`DOC_SEPARATOR`, the blank line byte shards hold in its place,
+so a corpus counts the same bytes under either tokenizer and bits per byte compare across them
+(a document that literally contains ``<|endoftext|>`` is the one exception: it is encoded as the
+token). Other special tokens count 0 bytes; other added tokens the UTF-8 length of their text.
 """
 
 from __future__ import annotations
@@ -17,10 +27,27 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 from .errors import DataError
 
 EOT = "<|endoftext|>"
+DOC_SEPARATOR = "\n\n"  # separates documents in byte shards; the end-of-text token stands for it
 BYTE_FORMAT_VERSION = 1
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's ``bytes_to_unicode``): character -> the byte it stands
+    for. Printable Latin-1 bytes map to themselves, the other 68 bytes to U+0100 onwards."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in kept:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 class Tokenizer:
@@ -51,6 +78,24 @@ class Tokenizer:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
+
+    def token_bytes(self) -> np.ndarray:
+        """Bytes each id stands for (int64, length ``vocab_size``, read-only; see the module
+        docstring), computed on the first call and kept."""
+        table = self.__dict__.get("_token_bytes")
+        if table is None:
+            table = np.asarray(self._byte_lengths(), dtype=np.int64)
+            table.flags.writeable = False
+            self.__dict__["_token_bytes"] = table
+        return table
+
+    def _byte_lengths(self) -> np.ndarray:
+        """Fallback for other tokenizers: each id decoded alone, the end-of-text token as the
+        separator (exact only when every token decodes to whole characters)."""
+        out = np.array([len(self.decode([i]).encode("utf-8")) for i in range(self.vocab_size)], dtype=np.int64)
+        if self.eot_id is not None:
+            out[self.eot_id] = len(DOC_SEPARATOR.encode("utf-8"))
+        return out
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -83,6 +128,8 @@ class ByteTokenizer(Tokenizer):
         data = {"kind": "byte", "version": BYTE_FORMAT_VERSION, "vocab_size": 256}
         Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
+    def _byte_lengths(self) -> np.ndarray:
+        return np.ones(256, dtype=np.int64)  # the "\n\n" separator is two ordinary byte tokens
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ByteTokenizer)
@@ -144,6 +191,28 @@ class BPETokenizer(Tokenizer):
     def to_json(self) -> str:
         return self._tok.to_str()
 
+    def _byte_lengths(self) -> np.ndarray:
+        """Byte-level vocabularies: the bytes each token string maps to; special tokens 0 (the
+        end-of-text token: the separator's bytes); other added tokens their text's UTF-8 length.
+        A vocabulary that is not byte-level falls back to decoding each token alone."""
+        added = self._tok.get_added_tokens_decoder()
+        alphabet = byte_level_alphabet() if _is_byte_level(json.loads(self.to_json())) else {}
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            if i in added:
+                tok = added[i]
+                out[i] = (len(DOC_SEPARATOR.encode("utf-8")) if i == self.eot_id
+                          else 0 if tok.special else len(tok.content.encode("utf-8")))
+                continue
+            token = self._tok.id_to_token(i)
+            if token is None:
+                continue  # an id the vocabulary does not use
+            if alphabet and all(c in alphabet for c in token):
+                out[i] = len(token)
+            else:
+                out[i] = len(self.decode([i]).encode("utf-8"))
+        return out
+
     @classmethod
     def from_json(cls, text: str, where: str = "<string>") -> BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
@@ -158,6 +227,13 @@ class BPETokenizer(Tokenizer):
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+def _is_byte_level(data: dict) -> bool:
+    """Whether a ``tokenizers`` JSON decodes with the byte-level decoder (alone or in a sequence)."""
+    dec = data.get("decoder") or {}
+    parts = dec.get("decoders", [dec]) if dec.get("type") == "Sequence" else [dec]
+    return any(isinstance(d, dict) and d.get("type") == "ByteLevel" for d in parts)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -2,9 +2,16 @@
 
 Forward (spec ``bitnet.md`` section 1)::
 
-    gamma = mean(|W|)                      W_q = clamp(round(W / (gamma + eps)), -1, 1) * gamma
+    gamma = max(mean(|W|), eps)            W_q = clamp(round(W / gamma), -1, 1) * gamma
     s     = 127 / max(|x|, eps) per token  x_q = clamp(round(x * s), -128, 127) / s
     y     = x_q @ W_q^T
+
+The weight scale is clamped, not shifted: the same ``gamma`` divides and multiplies, so
+``W_q / gamma`` is exactly ternary and the codes are ``clamp(round(W / gamma), -1, 1)`` with the
+zero band exactly ``|w| < gamma / 2`` (the form of the published BitNet training code; the
+``W / (gamma + eps)`` form of the paper quantises with one scale and dequantises with another).
+An all-zero weight gets ``gamma = eps`` and codes 0 (no division by zero); a weight whose
+``mean(|W|)`` is below ``eps`` is quantised on the ``eps`` grid.
 
 All scale arithmetic is fp32, whatever the autocast dtype. The backward is the straight-through
 estimator: quantisation is treated as the identity, so the gradients equal those of a plain linear
@@ -24,15 +31,15 @@ EPS = 1e-5
 
 
 def weight_scale(w: Tensor) -> Tensor:
-    """gamma = mean(|W|), in fp32."""
-    return w.detach().float().abs().mean()
+    """gamma = max(mean(|W|), eps), in fp32."""
+    return w.detach().float().abs().mean().clamp(min=EPS)
 
 
 @torch.no_grad()
 def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
     """Ternary codes in {-1, 0, 1} (fp32) and the fp32 scale gamma; ``codes * gamma`` is W_q."""
     gamma = weight_scale(w)
-    codes = (w.float() / (gamma + EPS)).round_().clamp_(-1, 1)
+    codes = (w.float() / gamma).round_().clamp_(-1, 1)
     return codes, gamma
 
 

@@ -12,12 +12,17 @@ from ..data import DataError, TokenShards
 @torch.no_grad()
 def evaluate(model, data: TokenShards, seq_len: int, batch: int, max_batches: int, device,
              autocast) -> dict:
-    """Mean next-token loss over the first ``max_batches`` validation windows, and bits per byte
-    (total nats / ln 2 / total UTF-8 bytes of the predicted tokens)."""
+    """Mean next-token loss over the first ``max_batches`` validation windows, and bits per byte:
+    total nats / ln 2 / the bytes the predicted tokens stand for.
+
+    The bytes are counted per token from the data's table (:meth:`TokenShards.token_bytes`), not
+    by decoding each window: a window that starts or ends inside a multi-byte character counts
+    exactly the bytes of its tokens, so the windows of a split add up to the split's bytes (the
+    end-of-text token counts as the two bytes of the separator byte shards hold in its place)."""
     was_training = model.training
     model.eval()
-    tokenizer = data.load_tokenizer()
-    nats = count = bytes_ = 0.0
+    table = torch.tensor(data.token_bytes())  # a copy: the table is read-only
+    nats = count = bytes_ = 0
     for x, y in data.iter_eval_batches(batch, seq_len, max_batches=max_batches):
         with autocast:
             logits, _ = model(x.to(device))
@@ -25,8 +30,8 @@ def evaluate(model, data: TokenShards, seq_len: int, batch: int, max_batches: in
                                                    reduction="sum")
         nats += float(losses)
         count += y.numel()
-        bytes_ += sum(len(tokenizer.decode(row.tolist()).encode("utf-8")) for row in y)
+        bytes_ += int(table[y].sum())
     model.train(was_training)
     if count == 0:
         raise DataError("the validation split is too small for one evaluation window")
-    return {"val_loss": nats / count, "val_bpb": nats / math.log(2) / max(bytes_, 1.0)}
+    return {"val_loss": nats / count, "val_bpb": nats / math.log(2) / max(bytes_, 1)}
