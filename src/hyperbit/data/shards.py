@@ -185,7 +185,8 @@ class TokenShards:
         """Raise :class:`DataError` when a model with ``model_vocab_size`` cannot embed these ids."""
         if model_vocab_size < self.vocab_size:
             raise DataError(f"model vocab_size {model_vocab_size} is smaller than the data's "
-                            f"vocab_size {self.vocab_size} ({self.directory})")
+                            f"vocab_size {self.vocab_size} ({self.directory}); pass "
+                            f"model.vocab_size={self.vocab_size}")
 
     # --- batches --------------------------------------------------------------------------------
 
