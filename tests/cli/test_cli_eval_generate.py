@@ -18,7 +18,7 @@ from hyperbit.cli import main
 from hyperbit.data import ByteTokenizer, TokenShards
 from hyperbit.models import generate
 from hyperbit.models import VocabMask
-from hyperbit.runs import load_trained
+from hyperbit.runs import generate_text, load_trained
 from hyperbit.train import evaluate
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex "
@@ -176,12 +176,24 @@ def test_generate_greedy_without_cache_matches_the_cache(run, capsys):
     assert _generate(capsys, run, *args, "--no-cache") == cached
 
 
-def test_generate_is_clamped_to_the_context_with_a_note(run, capsys):
+def test_generate_gives_max_tokens_past_the_context(run, capsys):
+    """The model's context is 64 tokens: 60 + 200 runs through a sliding window, no note."""
     capsys.readouterr()
     assert main(["generate", str(run), "--prompt", "x" * 60, "--max-tokens", "200"]) == 0
     captured = capsys.readouterr()
-    assert "generated at most 4 tokens, not 200" in captured.err and captured.err.count("\n") == 1
-    assert captured.out.startswith("x" * 60)
+    assert captured.err == "" and captured.out.startswith("x" * 60)
+    model, cfg, tok, info = load_trained(run, device="cpu")
+    assert model.cfg.max_seq_len == 64 and tok.eot_id is None  # nothing can stop it early
+    text, new, prompt_tokens = generate_text(model, tok, "x" * 60, 200)  # the command's defaults
+    assert (new, prompt_tokens) == (200, 60)
+    assert captured.out == text + "\n"
+
+
+def test_generate_greedy_past_the_context_without_cache_matches_the_cache(run, capsys):
+    args = ("--prompt", "import os\n", "--max-tokens", "150", "--temperature", "0")
+    cached = _generate(capsys, run, *args)
+    assert cached.startswith("import os\n") and len(cached.encode()) > 64
+    assert _generate(capsys, run, *args, "--no-cache") == cached
 
 
 def test_vocab_mask_keeps_generation_inside_the_tokenizer(run):
@@ -219,11 +231,25 @@ def test_truncated_weights_are_exit_2(run, tmp_path, capsys):
     _fails_with_one_line(capsys, ["generate", str(copy), "--prompt", "hi"], "truncated checkpoint file")
 
 
-def test_prompt_longer_than_the_context_is_exit_2(run, capsys):
-    _fails_with_one_line(capsys, ["generate", str(run), "--prompt", "x" * 100],
-                         "max_seq_len is 64")
+def test_prompt_longer_than_the_context_is_read_from_its_last_tokens_with_a_note(run, capsys):
+    prompt = "".join(WORDS)[:100]  # 100 bytes: longer than the context of 64
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", prompt, "--max-tokens", "20", "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ("hyperbit: note: the prompt is 100 tokens and the model's max_seq_len is 64: "
+                            "it reads only the prompt's last 64 tokens\n")
+    assert captured.out.startswith(prompt) and len(captured.out) > len(prompt) + 1
+    # what follows is what the last 64 tokens alone are continued by
+    model, cfg, tok, info = load_trained(run, device="cpu")
+    tail = generate_text(model, tok, prompt[-64:], 20, temperature=0)[0]
+    assert captured.out == prompt + tail[64:] + "\n"
+
+
+def test_bad_generate_options_are_exit_2(run, capsys):
     _fails_with_one_line(capsys, ["generate", str(run), "--prompt", "hi", "--temperature", "-1"],
                          "temperature must be >= 0")
+    _fails_with_one_line(capsys, ["generate", str(run), "--prompt", "hi", "--max-tokens", "-1"],
+                         "--max-tokens must be >= 0")
 
 
 def test_eval_on_data_of_another_tokenizer_is_exit_2(run, bpe, capsys):

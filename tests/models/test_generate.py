@@ -1,6 +1,7 @@
 """KV-cache decoding: the cached path must reproduce the full-recompute reference exactly
-(tokens) and to 1e-5 (logits), for every pathway and for BitNet linears; sampling filters must
-keep exactly the tokens they promise.
+(tokens) and to 1e-5 (logits), for every pathway and for BitNet linears, and past the context,
+where both read the same sliding window (checked against the documented window rule, forward by
+forward); sampling filters must keep exactly the tokens they promise.
 
 The 1e-5 logit check runs in float64. In float32 the two paths differ by float rounding alone
 (different matmul / SDPA shapes: ~1e-5 on logits of size ~4), and with BitNet linears such a
@@ -31,9 +32,10 @@ PATHWAYS = {
 ATOL = 1e-5
 
 
-def tiny_model(linear: str = "fp", seed: int = 0, dtype=torch.float32, **kw) -> hb.TransformerLM:
+def tiny_model(linear: str = "fp", seed: int = 0, dtype=torch.float32, max_seq_len: int = 64,
+               **kw) -> hb.TransformerLM:
     cfg = hb.ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                         max_seq_len=64, linear=linear, **kw)
+                         max_seq_len=max_seq_len, linear=linear, **kw)
     torch.manual_seed(seed)
     model = hb.build_model(cfg)
     g = torch.Generator().manual_seed(seed + 1)
@@ -151,14 +153,113 @@ def test_top_p_sampling_stays_in_nucleus():
     assert math.isclose(counts[1] / 4000, 0.40 / 0.85, abs_tol=0.04)
 
 
-def test_max_seq_len_raises_up_front():
-    model = tiny_model()
-    p = prompt(T=60)
-    with pytest.raises(ValueError, match="max_seq_len"):
-        generate(model, p, 5)
-    with pytest.raises(ValueError, match="max_seq_len"):
-        generate(model, p, 5, use_cache=False)
-    assert generate(model, p, 4, temperature=0).shape == (2, 64)  # exactly at the limit is fine
+# --- past the context: a sliding window -----------------------------------------------------------
+C = 16  # the context of the models below; the window moves on by C // 2 = 8 tokens
+
+
+def expected_window_starts(prompt_len: int, steps: int, context: int = C) -> list[int]:
+    """The first position the model sees at each step, by the documented rule: a long prompt is
+    read from its last `context` tokens; a full window moves on by half a context."""
+    start, starts = max(0, prompt_len - context), []
+    for length in range(prompt_len, prompt_len + steps):
+        while length - start > context:
+            start += context // 2
+        starts.append(start)
+    return starts
+
+
+class CountingModel(torch.nn.Module):
+    """Passes everything through to the model, counting the tokens it is given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.cfg, self.tokens = model, model.cfg, 0
+
+    def make_cache(self, max_len=None):
+        return self.model.make_cache(max_len)
+
+    def forward(self, idx, targets=None, **kw):
+        self.tokens += idx.numel()
+        return self.model(idx, targets, **kw)
+
+
+@pytest.mark.parametrize("name,dtype,atol", [("prenorm", torch.float64, ATOL),
+                                             ("hc-dynamic-4", torch.float64, ATOL),
+                                             ("hc-dynamic-4", torch.float32, 1e-4)])
+def test_greedy_cached_equals_uncached_past_the_context(name, dtype, atol):
+    model = tiny_model(dtype=dtype, max_seq_len=C, **PATHWAYS[name])
+    p = prompt(T=5)
+    steps = 3 * C  # the window moves on 5 times
+    cached, logits_c = generate_with_logits(model, p, steps, temperature=0)
+    full, logits_f = generate_with_logits(model, p, steps, temperature=0, use_cache=False)
+    assert cached.shape == (2, 5 + steps) and torch.equal(cached[:, :5], p)
+    assert torch.equal(cached, full)
+    assert len(set(cached[:, 5 + C:].flatten().tolist())) > 2, "degenerate model: test would be weak"
+    torch.testing.assert_close(logits_c, logits_f, rtol=0, atol=atol)
+    # independently of generate: each step's logits are one forward over the documented window
+    starts = expected_window_starts(5, steps)
+    assert sorted(set(starts)) == [0, 8, 16, 24, 32, 40]
+    with torch.no_grad():
+        for i, start in enumerate(starts):
+            ref = model(cached[:, start:5 + i])[0][:, -1].float()
+            torch.testing.assert_close(logits_c[:, i], ref, rtol=0, atol=atol)
+    # the window moves on by C // 2 at once: one sliding by a token would read other context
+    i = C + 1 - 5  # the first step whose window is over-full (length C + 1) and moves on
+    assert starts[i] == C // 2
+    with torch.no_grad():
+        sliding_by_one = model(cached[:, 1:5 + i])[0][:, -1].float()
+    assert (logits_c[:, i] - sliding_by_one).abs().max() > 1e-3
+
+
+def test_sampling_cached_equals_uncached_past_the_context():
+    model = tiny_model(max_seq_len=C, **PATHWAYS["hc-static-2"])
+    kw = dict(temperature=1.3, top_k=20, top_p=0.95)
+    a = generate(model, prompt(seed=3), 3 * C, generator=torch.Generator().manual_seed(7), **kw)
+    b = generate(model, prompt(seed=3), 3 * C, generator=torch.Generator().manual_seed(7),
+                 use_cache=False, **kw)
+    assert a.shape == (2, 5 + 3 * C) and torch.equal(a, b)
+
+
+def test_prompt_longer_than_the_context_is_read_from_its_last_tokens():
+    model = tiny_model(dtype=torch.float64, max_seq_len=C, **PATHWAYS["hc-dynamic-4"])
+    p = prompt(T=2 * C + 8, seed=9)
+    out, logits = generate_with_logits(model, p, 20, temperature=0)
+    assert out.shape == (2, 2 * C + 28) and torch.equal(out[:, :2 * C + 8], p)  # the whole prompt
+    assert torch.equal(out, generate(model, p, 20, temperature=0, use_cache=False))
+    with torch.no_grad():
+        torch.testing.assert_close(logits[:, 0], model(p[:, -C:])[0][:, -1].float(), rtol=0, atol=ATOL)
+    # the same windows as generating from the last C tokens alone
+    assert torch.equal(out[:, 2 * C + 8:], generate(model, p[:, -C:], 20, temperature=0)[:, C:])
+    starts = expected_window_starts(2 * C + 8, 20)
+    with torch.no_grad():
+        for i in (0, 1, 9, 19):
+            ref = model(out[:, starts[i]:2 * C + 8 + i])[0][:, -1].float()
+            torch.testing.assert_close(logits[:, i], ref, rtol=0, atol=ATOL)
+
+
+def test_cached_decoding_past_the_context_stays_cheap():
+    """One token a step, plus re-encoding the kept C / 2 + 1 tokens once every C / 2 steps; the
+    uncached reference re-reads the whole window each step."""
+    steps = 6 * C
+    model = tiny_model(max_seq_len=C, **PATHWAYS["hc-static-2"])
+    counted = CountingModel(model)
+    out = generate(counted, prompt(B=1, T=5), steps, temperature=0)
+    starts = expected_window_starts(5, steps)
+    moves = sum(1 for a, b in zip(starts, starts[1:]) if a != b)
+    assert moves == 11
+    assert counted.tokens == 5 + (steps - 1) + moves * (C // 2)  # prompt, 1 a step, re-encodings
+    uncached = CountingModel(model)
+    assert torch.equal(generate(uncached, prompt(B=1, T=5), steps, temperature=0, use_cache=False), out)
+    assert uncached.tokens > 5 * counted.tokens
+
+
+def test_context_of_one_token():
+    model = tiny_model(max_seq_len=1, **PATHWAYS["hc-dynamic-4"])
+    out, logits = generate_with_logits(model, prompt(T=3), 6, temperature=0)
+    assert torch.equal(out, generate(model, prompt(T=3), 6, temperature=0, use_cache=False))
+    with torch.no_grad():
+        for i in range(6):
+            torch.testing.assert_close(logits[:, i], model(out[:, 2 + i:3 + i])[0][:, -1], rtol=0, atol=1e-5)
 
 
 def test_batch_rows_equal_single_rows():

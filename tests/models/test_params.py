@@ -232,3 +232,23 @@ def test_hc_output_projection_output_std_is_baseline_over_sqrt_n():
             out = hc.blocks[i].attn.o_proj(x).std().item()
             assert out == pytest.approx(base / math.sqrt(n), rel=0.05)
             assert out == pytest.approx(base * output_std_scale(n), rel=0.05)
+
+
+@pytest.mark.parametrize("kw,streams", [(dict(), 1), (dict(pathway="postnorm"), 1),
+                                        (dict(pathway="hc", expansion_rate=1), 1),
+                                        (dict(pathway="hc", expansion_rate=3, hc_dynamic=False), 3),
+                                        (dict(pathway="hc", expansion_rate=8), 8),
+                                        (dict(pathway="sequential", expansion_rate=2), 2),
+                                        (dict(pathway="parallel", expansion_rate=4), 4)])
+def test_final_norm_eps_is_scaled_by_the_streams_summed(kw, streams):
+    """The final norm reads the sum of n streams: eps * n^2 normalises it as Pre-Norm's eps
+    normalises one stream (every other norm keeps norm_eps)."""
+    cfg = ModelConfig(**{**TINY, "norm_eps": 1e-5}, **kw)
+    model = build_model(cfg)
+    assert model.final_norm.eps == pytest.approx(1e-5 * streams**2, rel=1e-12)
+    others = {m.eps for name, m in model.named_modules()
+              if hasattr(m, "eps") and name != "final_norm"}
+    assert others == {1e-5}
+    h = torch.randn(2, 3, cfg.dim) * 1e-3  # small enough that eps matters
+    torch.testing.assert_close(model.final_norm(streams * h),
+                               h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5), rtol=1e-5, atol=1e-6)

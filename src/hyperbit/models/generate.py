@@ -1,8 +1,15 @@
 """Autoregressive decoding: greedy, temperature, top-k and nucleus (top-p) sampling, with a KV cache.
 
 With ``use_cache=True`` (default) the prompt is run once to fill the model's :class:`KVCache`
-and every later step feeds only the newest token; ``use_cache=False`` re-runs the whole sequence
+and every later step feeds only the newest token; ``use_cache=False`` re-runs the whole window
 each step (the slow reference the cached path is tested against).
+
+Past the context (``C = cfg.max_seq_len``) the model reads a sliding window: it sees at most the
+last C tokens. A prompt longer than C is read from its last C tokens (the returned sequence still
+starts with the whole prompt). When the window is full and a token must be added, the window moves
+on by ``S = max(1, C // 2)`` tokens: the kept tokens are re-encoded from position 0 into a fresh
+KV cache, so cached decoding costs one token a step plus one re-encoding of ``C + 1 - S`` tokens
+every S steps. The uncached reference reads exactly the same windows.
 
 Sampling order per step (as in Hugging Face): logits / temperature -> top-k -> top-p -> sample.
 ``temperature=0`` is greedy (argmax), and ignores top-k / top-p.
@@ -15,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["VocabMask", "filter_logits", "generate", "generate_with_logits", "sample_next"]
+__all__ = ["VocabMask", "filter_logits", "generate", "generate_with_logits", "sample_next",
+           "window_stride"]
 
 
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
@@ -66,10 +74,11 @@ def _check_args(model: nn.Module, prompt: Tensor, max_new_tokens: int, temperatu
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-    total, limit = prompt.shape[1] + max_new_tokens, model.cfg.max_seq_len
-    if total > limit:
-        raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} = {total} "
-                         f"exceeds the model's max_seq_len={limit}")
+
+
+def window_stride(context: int) -> int:
+    """How far the window moves on when it is full: half a context (at least one token)."""
+    return max(1, context // 2)
 
 
 def generate_with_logits(model: nn.Module, prompt: Tensor, max_new_tokens: int,
@@ -87,24 +96,32 @@ def generate_with_logits(model: nn.Module, prompt: Tensor, max_new_tokens: int,
         return seq.clone(), torch.empty(B, 0, model.cfg.vocab_size, device=device)
     was_training = model.training
     model.eval()
+    context = model.cfg.max_seq_len
+    stride = window_stride(context)
+    start = max(0, T0 - context)  # the window is seq[:, start:]; a long prompt: its last C tokens
     try:
         with torch.no_grad():
-            cache = model.make_cache(T0 + max_new_tokens) if use_cache else None
+            cache = None  # the KV cache of the tokens in the window, once filled
             finished = torch.zeros(B, dtype=torch.bool, device=device)
-            new = seq  # what the model has not seen yet (the whole prompt, then one token a step)
-            for _ in range(max_new_tokens):
-                if use_cache:
-                    logits, _ = model(new, cache=cache)
+            for step in range(max_new_tokens):
+                if seq.shape[1] - start > context:  # full: move on (it grows one token a step)
+                    start += stride
+                    cache = None
+                window = seq[:, start:]
+                if not use_cache:
+                    logits, _ = model(window)
+                elif cache is None:  # (re-)encode the window from position 0
+                    cache = model.make_cache(min(context, window.shape[1] + max_new_tokens - 1 - step))
+                    logits, _ = model(window, cache=cache)
                 else:
-                    logits, _ = model(seq)
+                    logits, _ = model(window[:, -1:], cache=cache)
                 last = logits[:, -1, :].float()  # (B, V)
                 step_logits.append(last)
                 token = sample_next(last, temperature, top_k, top_p, generator)  # (B,)
                 if stop_token is not None:
                     token = token.masked_fill(finished, stop_token)  # finished rows pad with it
                     finished |= token == stop_token
-                new = token.unsqueeze(1)
-                seq = torch.cat([seq, new], dim=1)
+                seq = torch.cat([seq, token.unsqueeze(1)], dim=1)
                 if stop_token is not None and bool(finished.all()):
                     break
     finally:
@@ -122,7 +139,8 @@ def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, temperature:
     ``softmax(logits / temperature)`` restricted by ``top_k`` / ``top_p`` (see
     :func:`filter_logits`). ``stop_token``: a row that emits it is finished and is padded with it
     afterwards; decoding stops early once every row has finished (so ``new`` may be smaller).
-    ``T0 + max_new_tokens`` must not exceed ``model.cfg.max_seq_len`` (ValueError up front).
+    There is no length limit: past ``model.cfg.max_seq_len`` tokens the model reads a sliding
+    window (module docstring), and a longer prompt is read from its last ``max_seq_len`` tokens.
     Runs under ``torch.no_grad()`` in eval mode and restores the model's training flag.
     The result is on the model's device; the prompt is its prefix, unchanged.
     """

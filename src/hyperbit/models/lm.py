@@ -60,7 +60,12 @@ class TransformerLM(nn.Module):
         self.cfg = cfg = cfg.resolved()  # the sizes that were built
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # The final norm reads reduce(state), the sum of n streams; at init every stream is the
+        # Pre-Norm state h, so it reads n*h. rmsnorm(n*h; eps*n^2) = rmsnorm(h; eps) exactly, so
+        # with eps*n^2 the model equals the Pre-Norm model of the same config at init (to fp32
+        # round-off). n = 1 (Pre-/Post-Norm, HC with n = 1) keeps norm_eps as it is.
+        n = self.blocks[0].attn_path.expansion_rate if cfg.n_layers else 1
+        self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps * n * n)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight

@@ -3,9 +3,12 @@
 A naive hyper-connection keeps, per branch, the streams ``H`` (n x d), their norm (n x d) and the
 whole ``alpha^T H`` product ((n+1) x d) alive for backward: ~3x the activation memory of Pre-Norm
 at n = 4, and its backward makes many full-size temporaries. These two autograd nodes keep ``H``
-once (in the autocast dtype when autocast is on, as every linear layer keeps its input) plus
-per-token scalars, and recompute the rest. Every value and gradient is checked against the plain
-autograd reference (:meth:`HyperConnection.width_connection_reference`) in the tests.
+once (in its own dtype, or the autocast dtype when autocast is on, as every linear layer keeps its
+input) plus per-token scalars, and recompute the rest. They compute in the dtype of the weights
+they are given (fp32, or fp64) and return the branch input and the new streams in the dtype of
+``H``: bf16 / fp16 streams are widened on the way in and rounded once on the way out. Every value
+and gradient is checked against the plain autograd reference
+(:meth:`HyperConnection.width_connection_reference`) in the tests.
 
 Shapes: ``H`` (B, T, n, d); static alpha (n, n+1), beta (n,); dynamic weights ``Wt`` (n+2, d),
 the transpose of ``[W_alpha | W_beta]``; gains s_alpha, s_beta (1,); branch-norm weight (d,).
@@ -52,6 +55,11 @@ class WidthConnection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, static_alpha, static_beta, dyn_wt, s_alpha, s_beta, norm_w,
                 stream_eps, norm_eps, use_tanh, save_dtype):
+        # the weights come in the compute dtype (fp32, or fp64); h in the streams' dtype
+        ctx.h_dtype, streams = h.dtype, h
+        h = h.to(static_alpha.dtype).contiguous()  # expand_streams' broadcast view would slow bmm
+        # the one copy of H kept for backward: in the save dtype, made from the original streams
+        saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()
         n = h.shape[-2]
         if dyn_wt is not None:
             r = rms_rstd(h, stream_eps)  # (B, T, n, 1)
@@ -72,10 +80,10 @@ class WidthConnection(torch.autograd.Function):
         else:
             x_rstd, out = None, x
         # H is the only n*d tensor kept; the rest is O(n^2) per token or parameters.
-        ctx.save_for_backward(h.to(save_dtype), static_alpha, dyn_wt, s_alpha, s_beta, norm_w,
+        ctx.save_for_backward(saved, static_alpha, dyn_wt, s_alpha, s_beta, norm_w,
                               alpha, r, p, t, x_rstd)
         ctx.use_tanh = use_tanh
-        return out, mixed, beta
+        return out.to(ctx.h_dtype), mixed, beta
 
     @staticmethod
     def backward(ctx, g_out, g_mixed, g_beta):
@@ -85,7 +93,8 @@ class WidthConnection(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, g_out, g_mixed, g_beta):
         h, static_alpha, dyn_wt, s_alpha, s_beta, norm_w, alpha, r, p, t, x_rstd = ctx.saved_tensors
-        h = h.to(alpha.dtype)  # the compute dtype (fp32, or fp64)
+        compute = alpha.dtype  # fp32, or fp64
+        h, g_out = h.to(compute), g_out.to(compute)
         n, d = h.shape[-2], h.shape[-1]
         g_norm_w = None
         if norm_w is not None:
@@ -96,14 +105,14 @@ class WidthConnection(torch.autograd.Function):
             g_x = rms_backward(g_out * norm_w, xhat, x_rstd)
         else:
             g_x = g_out
-        if g_mixed is None:
-            g_mixed = torch.zeros_like(h)
+        g_mixed = torch.zeros_like(h) if g_mixed is None else g_mixed.to(compute)
         g_mix = torch.cat([g_x.unsqueeze(-2), g_mixed], dim=-2)  # (B, T, n+1, d)
         g_h = _bmm(alpha, g_mix)  # (B, T, n, d)
         g_alpha_tok = _bmm(h, g_mix.transpose(-1, -2))  # (B, T, n, n+1), per token
         g_static_alpha = g_alpha_tok.reshape(-1, n, n + 1).sum(0)
         if dyn_wt is None:
-            return g_h, g_static_alpha, g_beta, None, None, None, g_norm_w, None, None, None, None
+            return (g_h.to(ctx.h_dtype), g_static_alpha, g_beta, None, None, None, g_norm_w,
+                    None, None, None, None)
         if g_beta is None:
             g_beta = torch.zeros_like(t[..., 0])
         g_static_beta = g_beta.reshape(-1, n).sum(0)
@@ -117,18 +126,21 @@ class WidthConnection(torch.autograd.Function):
         g_wt = g_p.T.contiguous() @ h_flat  # (n+2, d)
         g_h.view(-1, d).addmm_(g_p, dyn_wt)  # += dL/dP Wt
         g_h.addcmul_(h, (g_z * p).sum(-1, keepdim=True) * r.pow(3), value=-1.0 / d)  # via r(H)
-        return g_h, g_static_alpha, g_static_beta, g_wt, g_sa, g_sb, g_norm_w, None, None, None, None
+        return (g_h.to(ctx.h_dtype), g_static_alpha, g_static_beta, g_wt, g_sa, g_sb, g_norm_w,
+                None, None, None, None)
 
 
 class DepthConnection(torch.autograd.Function):
-    """``H' + beta^T y`` in one pass; keeps ``y`` in its own dtype and beta, nothing full-size."""
+    """``H' + beta^T y`` in one pass, rounded once to the streams' dtype; keeps ``y`` in its own
+    dtype and beta, nothing full-size."""
 
     @staticmethod
-    def forward(ctx, mixed, beta, y):
-        # beta: (n,) static or (B, T, n) dynamic; y: (B, T, d) in any float dtype
+    def forward(ctx, mixed, beta, y, out_dtype):
+        # mixed, beta in the compute dtype; beta: (n,) static or (B, T, n) dynamic;
+        # y: (B, T, d) in any float dtype
         out = torch.addcmul(mixed, beta.unsqueeze(-1), y.to(mixed.dtype).unsqueeze(-2))
         ctx.save_for_backward(beta, y)
-        return out
+        return out.to(out_dtype)
 
     @staticmethod
     def backward(ctx, g):
@@ -138,6 +150,7 @@ class DepthConnection(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, g):
         beta, y = ctx.saved_tensors
+        g = g.to(beta.dtype)
         n = g.shape[-2]
         g_beta = g_y = None
         if ctx.needs_input_grad[2]:
@@ -146,4 +159,4 @@ class DepthConnection(torch.autograd.Function):
             g_beta = _bmm(g, y.to(g.dtype).unsqueeze(-1)).squeeze(-1)  # <g_i, y> per token
             if beta.dim() == 1:
                 g_beta = g_beta.reshape(-1, n).sum(0)
-        return g, g_beta, g_y
+        return g, g_beta, g_y, None

@@ -53,10 +53,36 @@ def _zero_branch(x: Tensor) -> Tensor:
 
 def expand_streams(h: Tensor, expansion_rate: int) -> Tensor:
     """``(B, T, d) -> (B, T, n, d)``: n = ``expansion_rate`` copies of the hidden state (a
-    broadcast view, no copy)."""
+    broadcast view, no copy). Anything but a 3-D hidden state is a ValueError."""
+    if isinstance(expansion_rate, bool) or not isinstance(expansion_rate, int) or expansion_rate < 1:
+        raise ValueError(f"expand_streams: expansion_rate must be an int >= 1, got {expansion_rate!r}")
+    if h.dim() != 3:
+        hint = " (already expanded streams? expand once per model)" if h.dim() == 4 else ""
+        raise ValueError(f"expand_streams expects a hidden state (B, T, d), got shape "
+                         f"{tuple(h.shape)}{hint}")
     return h.unsqueeze(-2).expand(*h.shape[:-1], expansion_rate, h.shape[-1])
 
 
-def reduce_streams(h: Tensor) -> Tensor:
-    """``(B, T, n, d) -> (B, T, d)``: the sum of the streams."""
+def reduce_streams(h: Tensor, expansion_rate: int | None = None) -> Tensor:
+    """``(B, T, n, d) -> (B, T, d)``: the sum of the streams. Anything but 4-D streams (with n =
+    ``expansion_rate`` if given) is a ValueError: a 3-D ``(B, T, d)`` tensor would be summed over T."""
+    check_streams(h, expansion_rate, where="reduce_streams")
     return h.sum(dim=-2)
+
+
+def check_streams(h: Tensor, expansion_rate: int | None = None, dim: int | None = None, *,
+                  where: str = "hyper-connection") -> None:
+    """Raise a one-line ValueError unless ``h`` is ``(B, T, n, d)`` streams (n = ``expansion_rate``
+    and d = ``dim`` where given). Shapes only: nothing is read from the tensor."""
+    if (h.dim() == 4 and (expansion_rate is None or h.shape[-2] == expansion_rate)
+            and (dim is None or h.shape[-1] == dim)):
+        return
+    n = "n" if expansion_rate is None else expansion_rate
+    want = "(B, T, n, d)"
+    if expansion_rate is not None or dim is not None:
+        want += f" = (B, T, {n}, {'d' if dim is None else dim})"
+    hint = ""
+    if h.dim() == 3:
+        hint = f"; a (B, T, d) hidden state is not streams: expand it once with expand_streams(h, {n})"
+    raise ValueError(f"{where} expects streams {want} made by expand_streams, got shape "
+                     f"{tuple(h.shape)}{hint}")

@@ -13,18 +13,33 @@ Dynamic weights (spec section 3), with ``Hn = norm(H)`` per stream and zero-init
 
 At init ``beta = 1``, ``A_m = e_{k mod n}``, ``A_r = I`` and every stream carries the same vector,
 so the network is exactly a Pre-Norm transformer (the tests prove it for every n).
+
+Dtypes: the connection is computed in fp32 (fp64 for fp64 streams) whatever the parameter dtype
+(fp32, bf16 or fp16) and the autocast dtype. The branch input and the new streams come back in the
+dtype of the streams given, which a model makes from its embedding: the parameter dtype, as for
+Pre-Norm's ``h + T(norm(h))`` (fp32 streams for an fp32 model under autocast, bf16 streams for a
+bf16 model, each rounded once per branch). Parameter gradients come back in the parameter dtype.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..nn.norm import RMSNorm
 from ._hc_fused import DepthConnection, WidthConnection
-from .base import Branch, Pathway, expand_streams, reduce_streams
+from .base import Branch, Pathway, check_streams, expand_streams, reduce_streams
+
+
+class DepthContext(NamedTuple):
+    """What :meth:`HyperConnection.width_connection` hands to ``depth_connection``."""
+
+    mixed: Tensor  # A_r^T H, (B, T, n, d), in the compute dtype (fp32, or fp64)
+    beta: Tensor  # (n,) static or (B, T, n) dynamic, in the compute dtype
+    dtype: torch.dtype  # the streams' dtype: the new streams are returned in it
 
 
 class HyperConnection(Pathway):
@@ -80,71 +95,102 @@ class HyperConnection(Pathway):
             self.dynamic_beta_scale = nn.Parameter(torch.full((1,), 0.01))
 
     # -- the two halves ---------------------------------------------------------------------------
-    def width_connection(self, h: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def width_connection(self, h: Tensor) -> tuple[Tensor, DepthContext]:
         """``h: (B, T, n, d)`` -> branch input ``(B, T, d)`` (normed) and the context for depth.
 
         With gradients on this is one memory-lean autograd node (see ``_hc_fused``); without, the
-        plain reference computation. Both compute in fp32 whatever the autocast dtype.
+        plain reference computation. Both compute in fp32 (fp64 for fp64 streams) whatever the
+        autocast and parameter dtypes; the branch input comes back in the dtype of ``h``.
         """
-        if not (self.fused and torch.is_grad_enabled()):
-            return self.width_connection_reference(h)
-        device, compute = h.device.type, _compute_dtype(h)
-        save_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else compute
-        dyn_w = s_alpha = s_beta = None
-        if self.dynamic:
-            dyn_w = torch.cat([self.dynamic_alpha_fn.T, self.dynamic_beta_fn.unsqueeze(0)])  # (n+2, d)
-            s_alpha, s_beta = self.dynamic_alpha_scale, self.dynamic_beta_scale
-        norm_w = self.norm.weight if self.norm is not None else None
-        stream_eps = self.stream_norm.eps if self.dynamic else 0.0
-        norm_eps = self.norm.eps if self.norm is not None else 0.0
-        h = h.to(compute).contiguous()  # the broadcast view from expand_streams would slow bmm
-        with torch.autocast(device, enabled=False):
-            x, mixed, beta = WidthConnection.apply(
-                h, self.static_alpha, self.static_beta, dyn_w, s_alpha, s_beta, norm_w,
-                stream_eps, norm_eps, self.use_tanh, save_dtype)
-        return x, (mixed, beta)
+        self.check_streams(h, "width_connection")
+        return self._width(h)
 
-    def width_connection_reference(self, h: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def _width(self, h: Tensor) -> tuple[Tensor, DepthContext]:
+        if not (self.fused and torch.is_grad_enabled()):
+            return self._width_reference(h)
+        device, compute = h.device.type, _compute_dtype(h)
+        save_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        with torch.autocast(device, enabled=False):  # the weights, cast to the compute dtype
+            dyn_w = s_alpha = s_beta = None
+            if self.dynamic:
+                dyn_w = torch.cat([self.dynamic_alpha_fn.T.to(compute),
+                                   self.dynamic_beta_fn.unsqueeze(0).to(compute)])  # (n+2, d)
+                s_alpha = self.dynamic_alpha_scale.to(compute)
+                s_beta = self.dynamic_beta_scale.to(compute)
+            norm_w = self.norm.weight.to(compute) if self.norm is not None else None
+            stream_eps = self.stream_norm.eps if self.dynamic else 0.0
+            norm_eps = self.norm.eps if self.norm is not None else 0.0
+            x, mixed, beta = WidthConnection.apply(
+                h, self.static_alpha.to(compute), self.static_beta.to(compute), dyn_w, s_alpha,
+                s_beta, norm_w, stream_eps, norm_eps, self.use_tanh, save_dtype)
+        return x, DepthContext(mixed, beta, h.dtype)
+
+    def width_connection_reference(self, h: Tensor) -> tuple[Tensor, DepthContext]:
         """The same computation in plain autograd (reference for tests, and for inference)."""
-        alpha, beta = self.connection_weights(h)
+        self.check_streams(h, "width_connection_reference")
+        return self._width_reference(h)
+
+    def _width_reference(self, h: Tensor) -> tuple[Tensor, DepthContext]:
+        alpha, beta = self._connection_weights(h)
         with torch.autocast(h.device.type, enabled=False):
-            mix = alpha.transpose(-1, -2) @ h.to(_compute_dtype(h))  # (B, T, n+1, d)
+            mix = alpha.transpose(-1, -2) @ h.to(alpha.dtype)  # (B, T, n+1, d)
             x, mixed = mix[..., 0, :], mix[..., 1:, :]
             if self.norm is not None:
-                x = self.norm(x)
-        return x, (mixed, beta)
+                x = self.norm(x)  # fp32 in, fp32 out (the gain is cast to the input's dtype)
+        return x.to(h.dtype), DepthContext(mixed, beta, h.dtype)
 
     def connection_weights(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """alpha ``(n, n+1)`` or ``(B, T, n, n+1)`` and beta ``(n,)`` or ``(B, T, n)``, in fp32."""
-        alpha, beta = self.static_alpha, self.static_beta
+        """alpha ``(n, n+1)`` or ``(B, T, n, n+1)`` and beta ``(n,)`` or ``(B, T, n)``, in fp32
+        (fp64 for fp64 streams) whatever the parameter dtype."""
+        self.check_streams(h, "connection_weights")
+        return self._connection_weights(h)
+
+    def _connection_weights(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        compute = _compute_dtype(h)
+        alpha, beta = self.static_alpha.to(compute), self.static_beta.to(compute)
         if not self.dynamic:
             return alpha, beta
         with torch.autocast(h.device.type, enabled=False):
-            hn = self.stream_norm(h.to(_compute_dtype(h)))  # (B, T, n, d)
-            a = hn @ self.dynamic_alpha_fn  # (B, T, n, n+1)
-            b = hn @ self.dynamic_beta_fn  # (B, T, n)
+            hn = self.stream_norm(h.to(compute))  # (B, T, n, d)
+            a = hn @ self.dynamic_alpha_fn.to(compute)  # (B, T, n, n+1)
+            b = hn @ self.dynamic_beta_fn.to(compute)  # (B, T, n)
             if self.use_tanh:
                 a, b = a.tanh(), b.tanh()
-            return a * self.dynamic_alpha_scale + alpha, b * self.dynamic_beta_scale + beta
+            return (a * self.dynamic_alpha_scale.to(compute) + alpha,
+                    b * self.dynamic_beta_scale.to(compute) + beta)
 
-    def depth_connection(self, ctx: tuple[Tensor, Tensor], y: Tensor) -> Tensor:
+    def depth_connection(self, ctx: DepthContext, y: Tensor) -> Tensor:
         """``H' + beta^T y``: add the branch output ``y: (B, T, d)`` to every stream, scaled.
 
-        ``y`` is kept for backward in its own (autocast) dtype; the result is fp32."""
+        Computed in fp32 (``y`` is kept for backward in its own, e.g. autocast, dtype); the new
+        streams come back in the dtype of the streams ``width_connection`` was given."""
+        mixed, beta, dtype = ctx
+        if y.shape != mixed.shape[:-2] + mixed.shape[-1:]:
+            raise ValueError(f"depth_connection expects the branch output (B, T, d) = "
+                             f"{tuple(mixed.shape[:-2] + mixed.shape[-1:])}, got shape {tuple(y.shape)}")
         if not (self.fused and torch.is_grad_enabled()):
-            return self.depth_connection_reference(ctx, y)
-        mixed, beta = ctx
+            return self._depth_reference(ctx, y)
         with torch.autocast(y.device.type, enabled=False):
-            return DepthConnection.apply(mixed, beta, y)  # (B, T, n, d)
+            return DepthConnection.apply(mixed, beta, y, dtype)  # (B, T, n, d)
 
-    def depth_connection_reference(self, ctx: tuple[Tensor, Tensor], y: Tensor) -> Tensor:
-        mixed, beta = ctx
+    def depth_connection_reference(self, ctx: DepthContext, y: Tensor) -> Tensor:
+        return self._depth_reference(ctx, y)
+
+    def _depth_reference(self, ctx: DepthContext, y: Tensor) -> Tensor:
+        mixed, beta, dtype = ctx
         with torch.autocast(y.device.type, enabled=False):
-            return mixed + beta.unsqueeze(-1) * y.to(mixed.dtype).unsqueeze(-2)
+            return (mixed + beta.unsqueeze(-1) * y.to(mixed.dtype).unsqueeze(-2)).to(dtype)
 
     def forward(self, h: Tensor, branch: Branch) -> Tensor:
-        x, ctx = self.width_connection(h)
+        """``h: (B, T, n, d)`` streams -> new streams, in the same dtype as ``h``."""
+        self.check_streams(h)
+        x, ctx = self._width(h)
         return self.depth_connection(ctx, branch(x))
+
+    def check_streams(self, h: Tensor, where: str = "HyperConnection") -> None:
+        """One-line ValueError unless ``h`` is ``(B, T, n, d)`` streams of this connection's n and d
+        (shapes only: nothing is read from the tensor, no device sync)."""
+        check_streams(h, self.expansion_rate, self.dim, where=where)
 
     def expand(self, h: Tensor) -> Tensor:
         """``(B, T, d) -> (B, T, n, d)``: n identical streams."""
@@ -152,7 +198,7 @@ class HyperConnection(Pathway):
 
     def reduce(self, h: Tensor) -> Tensor:
         """``(B, T, n, d) -> (B, T, d)``: the sum of the streams."""
-        return reduce_streams(h)
+        return reduce_streams(h, self.expansion_rate)
 
     # -- introspection ---------------------------------------------------------------------------
     def matrix(self) -> Tensor:
