@@ -262,14 +262,15 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data: str | Path | None = Non
 
 def generate_text(model: nn.Module, tok: Tokenizer, prompt: str, max_new_tokens: int, *,
                   temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
-                  seed: int = 0, use_cache: bool = True) -> tuple[str, int, int]:
+                  seed: int = 0, use_cache: bool = True, precision: str = "auto") -> tuple[str, int, int]:
     """``hyperbit generate``: ``prompt`` continued by ``max_new_tokens`` tokens (fewer only when the
     model ends the document: generation stops at the end-of-text token); the number of new tokens
     in it; and the prompt's length in tokens. Past the model's context (``max_seq_len``) the model
     reads a sliding window of the last tokens (:mod:`hyperbit.models.generate`), so there is no
     length limit; a prompt longer than the context is read from its last ``max_seq_len`` tokens.
-    An empty prompt starts a new document (the end-of-text token). Bad arguments are one-line
-    ConfigErrors."""
+    An empty prompt starts a new document (the end-of-text token). ``precision`` follows the
+    training rule (``auto``: bf16 autocast where the device computes it natively, else fp32).
+    Bad arguments are one-line ConfigErrors."""
     if max_new_tokens < 0:
         raise ConfigError(f"--max-tokens must be >= 0, got {max_new_tokens}")
     ids = tok.encode(prompt)
@@ -282,9 +283,10 @@ def generate_text(model: nn.Module, tok: Tokenizer, prompt: str, max_new_tokens:
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     try:
-        out = generate(runner, torch.tensor([ids], dtype=torch.long), max_new_tokens,
-                       temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                       use_cache=use_cache, stop_token=tok.eot_id)
+        with precision_autocast(resolve_precision(precision, device), device):
+            out = generate(runner, torch.tensor([ids], dtype=torch.long), max_new_tokens,
+                           temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                           use_cache=use_cache, stop_token=tok.eot_id)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     new = out[0, len(ids):].tolist()

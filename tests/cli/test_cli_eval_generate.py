@@ -170,7 +170,9 @@ def test_generate_starts_with_the_prompt_and_is_deterministic(run, capsys):
 
 
 def test_generate_greedy_without_cache_matches_the_cache(run, capsys):
-    args = ("--prompt", "import os\n", "--max-tokens", "30", "--temperature", "0")
+    # fp32: both ways compute the same numbers (bf16 autocast rounds incremental and whole-window
+    # products differently, which can flip a near-tie in the argmax)
+    args = ("--prompt", "import os\n", "--max-tokens", "30", "--temperature", "0", "--precision", "fp32")
     cached = _generate(capsys, run, *args)
     assert cached.startswith("import os\n")
     assert _generate(capsys, run, *args, "--no-cache") == cached
@@ -190,7 +192,7 @@ def test_generate_gives_max_tokens_past_the_context(run, capsys):
 
 
 def test_generate_greedy_past_the_context_without_cache_matches_the_cache(run, capsys):
-    args = ("--prompt", "import os\n", "--max-tokens", "150", "--temperature", "0")
+    args = ("--prompt", "import os\n", "--max-tokens", "150", "--temperature", "0", "--precision", "fp32")
     cached = _generate(capsys, run, *args)
     assert cached.startswith("import os\n") and len(cached.encode()) > 64
     assert _generate(capsys, run, *args, "--no-cache") == cached
@@ -263,3 +265,25 @@ def test_eval_bad_options_are_exit_2(run, tmp_path, capsys):
                          "no such file or directory")
     _fails_with_one_line(capsys, ["eval", str(run), "--seq", "65"], "max_seq_len")
     _fails_with_one_line(capsys, ["eval", str(run), "--seq", "100000", "--batches", "1"], "max_seq_len")
+
+
+def test_generate_follows_the_precision_rule(run, capsys, monkeypatch):
+    """``auto`` autocasts to bf16 only where the device computes it natively."""
+    from hyperbit.train import precision
+
+    model, cfg, tok, info = load_trained(run, device="cpu")
+    seen = []
+    real = precision.autocast
+
+    def spy(p, device):
+        seen.append(p)
+        return real(p, device)
+
+    import hyperbit.runs as runs_module
+    monkeypatch.setattr(runs_module, "precision_autocast", spy)
+    for native, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
+        generate_text(model, tok, "def ", 3, temperature=0)
+        assert seen[-1] == expected
+    generate_text(model, tok, "def ", 3, temperature=0, precision="fp32")
+    assert seen[-1] == "fp32"

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..runs import generate_text, load_trained
+from ..train.precision import PRECISIONS
 from .common import checkpoint_args
 
 
@@ -21,6 +22,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off; default 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole window every step (slow)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="default auto: bf16 where this device computes it natively, else fp32")
     p.set_defaults(fn=cmd_generate)
 
 
@@ -29,7 +32,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     text, _, prompt_tokens = generate_text(
         model, tok, args.prompt, args.max_tokens, temperature=args.temperature,
         top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1.0 else None, seed=args.seed,
-        use_cache=not args.no_cache)
+        use_cache=not args.no_cache, precision=args.precision or "auto")
     context = cfg.model.max_seq_len
     if prompt_tokens > context:
         print(f"hyperbit: note: the prompt is {prompt_tokens} tokens and the model's max_seq_len is "
