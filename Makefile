@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job: DHC x4 on the Python standard library (~3-5 min on 2 cores), then a sample.
+# The main job: DHC x4 on the Python standard library (README: how long), then a sample.
 demo: $(STAMP)
 	$(VENV)/bin/hyperbit train --preset demo --out runs/demo --overwrite
 	$(VENV)/bin/hyperbit generate runs/demo --prompt "def " --max-tokens 120 --temperature 0.8 --top-k 50

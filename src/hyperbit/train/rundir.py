@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .._io import atomic_write_text
 from ..config import ConfigError
-from .config import RUN_CONFIG_FILE, RunConfig, override_run_config
+from .config import RUN_CONFIG_FILE, RunConfig, flatten, override_run_config
 
 LOCK_FILE = ".lock"
 RESUMABLE = frozenset({
@@ -42,7 +42,7 @@ def resume_config(out: str | Path, overrides: list[str]) -> RunConfig:
 
 def check_resumable(saved: RunConfig, given: RunConfig) -> None:
     """Refuse, naming the first key, a config that would make the saved run a different run."""
-    a, b = _flatten(saved.to_dict()), _flatten(given.to_dict())
+    a, b = flatten(saved.to_dict()), flatten(given.to_dict())
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key) and key not in RESUMABLE:
             raise ConfigError(f"--resume with a different config than the saved run ({key}: saved "
@@ -158,13 +158,3 @@ def remove_unstarted(out: Path, lock: RunLock) -> None:
     """Remove a run directory this process created when no training step completed in it."""
     lock.release()
     shutil.rmtree(out, ignore_errors=True)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

@@ -69,7 +69,7 @@ from pathlib import Path
 import numpy as np
 
 from ...runs import read_metrics
-from ...train.config import RUN_CONFIG_FILE
+from ...train.config import RUN_CONFIG_FILE, flatten
 from .stats import difference, ema, first_reach, mean_std, reach
 
 STOPPED = "stopped.json"  # in a run dir: the run diverged, {"reason": ...}
@@ -173,16 +173,6 @@ def _spikes(s: _Series, beta: float, threshold: float) -> dict:
             "max_excursion": float(seen.max()) if len(seen) else None, "noise": noise}
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _arm_curves(series: list[_Series]) -> tuple[np.ndarray, np.ndarray]:
     """The arm's token grid and its seeds' EMA curves on it, shape (seeds, grid)."""
     lo = max(s.tokens[0] for s in series)
@@ -244,14 +234,14 @@ def analyse(runs: list[RunRecord], baseline: str, *, ema: float = DEFAULT_EMA,
     t_base = first_reach(*base_curve, target) if base_curve else None
 
     # an arm's configuration is its first run's; the keys that differ between arms name the arms
-    flat = {arm: _flatten(by_arm[arm][0].config) for arm in arms}
+    flat = {arm: flatten(by_arm[arm][0].config) for arm in arms}
     keys = sorted(set().union(*flat.values()) - {"train.seed"})
     differing = [k for k in keys if len({json.dumps(flat[a].get(k)) for a in arms}) > 1]
     common = {k: flat[arms[0]][k] for k in keys if k not in differing}
     warnings = []
     for arm, members in by_arm.items():
         for r in members[1:]:
-            other = _flatten(r.config)
+            other = flatten(r.config)
             odd = sorted(k for k in set(other) | set(flat[arm])
                          if k != "train.seed" and other.get(k) != flat[arm].get(k))
             if odd:
