@@ -12,6 +12,7 @@ saves, where it runs); any other difference is refused, naming the key.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -140,7 +141,8 @@ def open_run(out: Path, cfg: RunConfig | None, resume: bool, overwrite: bool) ->
             if cfg is None:
                 return saved, lock, False
             if cfg.train.precision == "auto":  # "whatever the run uses"
-                cfg.train.precision = saved.train.precision
+                cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+                    cfg.train, precision=saved.train.precision))
             check_resumable(saved, cfg)
         elif existing:  # --overwrite: everything but our lock goes
             for child in out.iterdir():
