@@ -6,8 +6,9 @@ from .branch import output_projections
 from .ffn import FeedForward
 from .linear import make_linear
 from .norm import RMSNorm, rms_norm
+from .packed import PackedBitLinear, pack_ternary, unpack_ternary
 from .rope import RotaryEmbedding
 
-__all__ = ["Attention", "BitLinear", "FeedForward", "RMSNorm", "RotaryEmbedding",
-           "convert_to_bitlinear", "make_linear", "output_projections", "quantize_activation",
-           "quantize_weight", "rms_norm"]
+__all__ = ["Attention", "BitLinear", "FeedForward", "PackedBitLinear", "RMSNorm", "RotaryEmbedding",
+           "convert_to_bitlinear", "make_linear", "output_projections", "pack_ternary", "quantize_activation",
+           "quantize_weight", "rms_norm", "unpack_ternary"]
