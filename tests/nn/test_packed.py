@@ -198,3 +198,18 @@ def test_bad_inputs_are_one_clear_value_error():
     warm.quant_strength = 0.5
     with pytest.raises(ValueError, match="quant_strength"):
         PackedBitLinear.from_bitlinear(warm)
+
+
+def test_casting_the_module_keeps_the_scale_fp32():
+    """``model.to(torch.bfloat16)`` must not round gamma to bf16 (8 bits of mantissa)."""
+    torch.manual_seed(0)
+    layer = BitLinear(64, 32)
+    packed = PackedBitLinear.from_bitlinear(layer)
+    gamma = packed.weight_scale.clone()
+    assert gamma.item() != gamma.bfloat16().float().item()  # a cast would change it
+    for dtype in (torch.bfloat16, torch.float16):
+        cast = PackedBitLinear.from_bitlinear(layer).to(dtype)
+        assert cast.weight_scale.dtype == torch.float32 and torch.equal(cast.weight_scale, gamma)
+        assert cast.packed.dtype == torch.uint8 and torch.equal(cast.packed, packed.packed)
+        x = torch.randn(3, 64)
+        assert torch.equal(cast(x.to(dtype)), packed(x.to(dtype)))

@@ -127,6 +127,15 @@ class PackedBitLinear(nn.Module):
     def _drop_codes(self) -> None:
         self.codes = None
 
+    def _apply(self, fn, recurse=True):
+        """``module.to(torch.bfloat16)`` / ``.half()`` move the scale with the module but keep it
+        fp32: gamma is scale arithmetic, which is fp32 whatever the activations' dtype."""
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32)
+        return self
+
     def unpacked_codes(self) -> Tensor:
         """The int8 ``(out, in)`` codes, unpacked on first use and cached."""
         if self.codes is None or self.codes.device != self.packed.device:
