@@ -28,6 +28,7 @@ from torch import nn
 
 from .config import ConfigError
 from .data import ByteTokenizer, DataError, TokenShards, Tokenizer, load_tokenizer, prepare, same_tokenizer
+from .data.shards import META_FILE
 from .models import VocabMask, build_model, generate
 from .train.checkpoint import CHECKPOINTS, CONFIG_FILE, load_checkpoint, resolve_checkpoint
 from .train.config import METRICS_FILE, RunConfig
@@ -51,7 +52,7 @@ def find_run_data(cfg: RunConfig, run_dir: Path | None) -> Path | None:
     """The prepared directory the run trained on (:meth:`RunConfig.prepared_data_dir`), or None
     when it is not there (any more)."""
     data_dir = cfg.prepared_data_dir(run_dir) if run_dir is not None else Path(cfg.data.path)
-    return data_dir if (data_dir / "meta.json").exists() else None
+    return data_dir if (data_dir / META_FILE).exists() else None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict] | None:
@@ -148,7 +149,7 @@ def load_trained(ckpt_path: str | Path, *, device: str | torch.device | None = N
 
 def _has_split(data_dir: Path, split: str) -> bool:
     try:
-        meta = json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))
+        meta = json.loads((data_dir / META_FILE).read_text(encoding="utf-8"))
         return bool(meta["shards"][split])
     except (OSError, ValueError, KeyError, TypeError):
         return True  # let TokenShards report what is wrong
@@ -172,7 +173,7 @@ def prepared_run_data(cfg: RunConfig, info: dict[str, Any], data: str | Path | N
     run's own; a DataError saying what to pass otherwise."""
     if data is not None:
         data_dir = Path(data)
-        if not (data_dir / "meta.json").is_file():
+        if not (data_dir / META_FILE).is_file():
             raise DataError(f"--data {data_dir} is not a prepared directory (no meta.json); "
                             "make one with `hyperbit prepare`")
         return data_dir
@@ -194,7 +195,7 @@ def eval_data(cfg: RunConfig, tok: Tokenizer, info: dict[str, Any], data: str | 
     Without ``data``: the run's own val split, re-tokenised from the run's corpus when its prepared
     directory is gone. The temporary directory lives as long as the context."""
     with tempfile.TemporaryDirectory(prefix="hyperbit-eval-") as tmp:
-        prepared = data is not None and (Path(data) / "meta.json").is_file()
+        prepared = data is not None and (Path(data) / META_FILE).is_file()
         if data is None and (data_dir := find_run_data(cfg, info["run_dir"])) is not None:
             described, split = str(data_dir), split or "val"
         elif prepared:

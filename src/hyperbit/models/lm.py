@@ -64,7 +64,7 @@ class TransformerLM(nn.Module):
         # Pre-Norm state h, so it reads n*h. rmsnorm(n*h; eps*n^2) = rmsnorm(h; eps) exactly, so
         # with eps*n^2 the model equals the Pre-Norm model of the same config at init (to fp32
         # round-off). n = 1 (Pre-/Post-Norm, HC with n = 1) keeps norm_eps as it is.
-        n = self.blocks[0].attn_path.expansion_rate if cfg.n_layers else 1
+        n = cfg.expansion_rate  # 1 for Pre-/Post-Norm (the config requires it)
         self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps * n * n)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

@@ -169,14 +169,11 @@ class HyperConnection(Pathway):
             raise ValueError(f"depth_connection expects the branch output (B, T, d) = "
                              f"{tuple(mixed.shape[:-2] + mixed.shape[-1:])}, got shape {tuple(y.shape)}")
         if not (self.fused and torch.is_grad_enabled()):
-            return self._depth_reference(ctx, y)
+            return self.depth_connection_reference(ctx, y)
         with torch.autocast(y.device.type, enabled=False):
             return DepthConnection.apply(mixed, beta, y, dtype)  # (B, T, n, d)
 
     def depth_connection_reference(self, ctx: DepthContext, y: Tensor) -> Tensor:
-        return self._depth_reference(ctx, y)
-
-    def _depth_reference(self, ctx: DepthContext, y: Tensor) -> Tensor:
         mixed, beta, dtype = ctx
         with torch.autocast(y.device.type, enabled=False):
             return (mixed + beta.unsqueeze(-1) * y.to(mixed.dtype).unsqueeze(-2)).to(dtype)
