@@ -22,6 +22,7 @@ from typing import Any
 from ..config import (ConfigError, ModelConfig, check_choice, check_types, check_upper, parse_overrides,
                       parse_value)
 from ..data import DataConfig
+from ..data.shards import META_FILE
 from .precision import PRECISIONS
 from .schedule import SCHEDULES, Schedule
 
@@ -129,7 +130,7 @@ class RunConfig:
         """The token shards a run reads: ``data.path`` when it is a directory made by
         ``hyperbit prepare``, else ``<run_dir>/data`` (where training tokenises the corpus once)."""
         source = Path(self.data.path)
-        if source.is_dir() and (source / "meta.json").exists():
+        if source.is_dir() and (source / META_FILE).exists():
             return source
         return Path(run_dir) / DATA_DIR
 
