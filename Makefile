@@ -16,12 +16,12 @@ STAMP := $(VENV)/.installed
 TORCH_OK := import sys, torch; v = [int(p) for p in torch.__version__.split("+")[0].split(".")[:2]]; \
 	sys.exit(v < [int(p) for p in "$(TORCH_MIN)".split(".")[:2]])
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow test-gpu bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c '$(TORCH_OK)' 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,hf,vision]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,6 +36,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
+
+# The CUDA paths (tests marked `cuda`); they skip themselves on a machine without a GPU.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -m cuda
 
 bench: $(STAMP)
 	$(PY) benchmarks/pathway_overhead.py

@@ -70,9 +70,9 @@ def test_unknown_choice_lists_allowed_values(field, allowed):
 
 
 def test_choices_are_the_documented_ones():
-    assert set(PATHWAYS) == {"prenorm", "postnorm", "hc", "sequential", "parallel"}
+    assert set(PATHWAYS) == {"prenorm", "postnorm", "hc", "sequential", "parallel", "mhc", "frac"}
     assert set(LINEARS) == {"fp", "bitnet"}
-    assert set(FFNS) == {"swiglu", "relu2"}
+    assert set(FFNS) == {"swiglu", "relu2", "moe"}
 
 
 @pytest.mark.parametrize("kwargs, expected", [

@@ -12,7 +12,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "hyperbit"
 # Lowest first: a layer may import itself and any layer before it, nothing after it.
 LAYERS = ("_version", "_io", "nn", "pathways", "config", "models", "analysis", "data", "train",
-          "runs", "reports", "cli", "__main__")
+          "interop", "runs", "reports", "cli", "__main__")
 MAX_LINES = 400
 
 

@@ -14,13 +14,17 @@ from typing import Any, get_type_hints
 from .pathways import KINDS as PATHWAYS
 
 LINEARS = ("fp", "bitnet")
-FFNS = ("swiglu", "relu2")
+FFNS = ("swiglu", "relu2", "moe")
+MHC_INITS = ("residual", "paper")
+MHC_RES = ("sinkhorn", "permutations")
 # Fields whose None means "derived from other fields" (see ModelConfig.resolved).
 DERIVED = ("n_kv_heads", "ffn_hidden", "subln")
 # Upper bounds: far above any model this library trains, low enough that a typo (an extra zero)
 # fails at once instead of allocating for minutes.
 MODEL_LIMITS = {"vocab_size": 2**32, "dim": 65536, "n_layers": 1024, "n_heads": 4096,
-                "n_kv_heads": 4096, "ffn_hidden": 2**20, "max_seq_len": 2**20, "expansion_rate": 32}
+                "n_kv_heads": 4096, "ffn_hidden": 2**20, "max_seq_len": 2**20, "expansion_rate": 32,
+                "frac_rate": 4096, "mhc_sinkhorn_iters": 1000, "moe_experts": 4096,
+                "moe_top_k": 4096}
 
 
 class ConfigError(ValueError):
@@ -42,7 +46,7 @@ class ModelConfig:
     n_layers: int = 6  # transformer blocks L (2L branches: attention and FFN of each block)
     n_heads: int = 4  # query heads; head_dim = dim // n_heads
     n_kv_heads: int | None = None  # grouped-query attention; derived: n_heads (plain multi-head)
-    ffn: str = "swiglu"  # gated FFN: "swiglu" or "relu2" (squared-ReLU gate, BitNet b1.58 2B4T)
+    ffn: str = "swiglu"  # "swiglu", "relu2" (squared-ReLU gate, BitNet b1.58 2B4T) or "moe"
     ffn_hidden: int | None = None  # derived: 8/3 * dim rounded up to a multiple of 64
     max_seq_len: int = 256  # longest sequence RoPE tables are built for
     rope_theta: float = 10000.0
@@ -53,7 +57,17 @@ class ModelConfig:
     pathway: str = "prenorm"  # one of PATHWAYS
     expansion_rate: int = 1  # n, the number of residual streams (1 for prenorm / postnorm)
     hc_dynamic: bool = True  # hc: input-dependent connection weights (DHC) or static (SHC)
-    hc_tanh: bool = True  # hc: tanh on the dynamic projections
+    hc_tanh: bool = True  # hc, frac: tanh on the dynamic projections
+    mhc_init: str = "residual"  # mhc: "residual" (res ~ I, pre selects the home stream) or "paper"
+    mhc_res: str = "sinkhorn"  # mhc: res by "sinkhorn" (log-domain, fp32) or "permutations"
+    mhc_sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations
+    frac_rate: int = 1  # frac: m, the hidden state split into m fractions of size dim / m
+    # --- mixture of experts (ffn = "moe") ------------------------------------------------------
+    moe_experts: int = 8  # SwiGLU experts per MoE layer (each of width ffn_hidden)
+    moe_top_k: int = 2  # experts each token is routed to
+    moe_capacity_factor: float | None = None  # tokens per expert <= factor * T * k / E; None: no drop
+    moe_balance_coef: float = 0.01  # weight of the load-balancing loss
+    moe_z_coef: float = 0.001  # weight of the router z-loss
     # --- linear layers -------------------------------------------------------------------------
     linear: str = "fp"  # "fp" (nn.Linear) or "bitnet" (BitLinear b1.58, W1.58 A8)
     subln: bool | None = None  # extra RMSNorm before attn out / FFN down; derived: linear == bitnet
@@ -78,6 +92,8 @@ class ModelConfig:
         check_choice("pathway", self.pathway, PATHWAYS)
         check_choice("linear", self.linear, LINEARS)
         check_choice("ffn", self.ffn, FFNS)
+        check_choice("mhc_init", self.mhc_init, MHC_INITS)
+        check_choice("mhc_res", self.mhc_res, MHC_RES)
         derived = self.derived_values()
         for name, upper in MODEL_LIMITS.items():
             value = derived.get(name, getattr(self, name))
@@ -93,9 +109,20 @@ class ModelConfig:
             raise ConfigError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={derived['n_kv_heads']}")
         if (self.dim // self.n_heads) % 2:
             raise ConfigError(f"head_dim = dim / n_heads = {self.dim // self.n_heads} must be even for RoPE")
-        if self.pathway in ("prenorm", "postnorm") and self.expansion_rate != 1:
+        if self.pathway in ("prenorm", "postnorm", "frac") and self.expansion_rate != 1:
             raise ConfigError(f"expansion_rate must be 1 for pathway={self.pathway!r} "
                               f"(got {self.expansion_rate}); use pathway='hc' for several streams")
+        if self.frac_rate != 1 and self.pathway != "frac":
+            raise ConfigError(f"frac_rate={self.frac_rate} needs pathway='frac' (got {self.pathway!r})")
+        if self.dim % self.frac_rate:
+            raise ConfigError(f"dim={self.dim} must be divisible by frac_rate={self.frac_rate}")
+        if self.moe_top_k > self.moe_experts:
+            raise ConfigError(f"moe_top_k={self.moe_top_k} must be <= moe_experts={self.moe_experts}")
+        if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
+            raise ConfigError(f"moe_capacity_factor must be > 0 or none, got {self.moe_capacity_factor}")
+        for name in ("moe_balance_coef", "moe_z_coef"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.pathway == "sequential" and self.expansion_rate != 2:
             raise ConfigError("expansion_rate must be 2 for pathway='sequential' (spec section 4), "
                               f"got {self.expansion_rate}")

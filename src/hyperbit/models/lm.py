@@ -26,7 +26,9 @@ from ..pathways import Pathway, make_pathway
 
 def _pathway(cfg: ModelConfig, branch_index: int) -> Pathway:
     return make_pathway(cfg.pathway, cfg.dim, branch_index, expansion_rate=cfg.expansion_rate,
-                        dynamic=cfg.hc_dynamic, use_tanh=cfg.hc_tanh, eps=cfg.norm_eps)
+                        dynamic=cfg.hc_dynamic, use_tanh=cfg.hc_tanh, eps=cfg.norm_eps,
+                        mhc_init=cfg.mhc_init, mhc_res=cfg.mhc_res,
+                        sinkhorn_iters=cfg.mhc_sinkhorn_iters, frac_rate=cfg.frac_rate)
 
 
 class Block(nn.Module):

@@ -10,16 +10,22 @@ from __future__ import annotations
 from .base import Branch, Pathway, expand_streams, reduce_streams
 from .hyper import (HyperConnection, output_std_scale, parallel_matrix, pre_norm_matrix,
                     sequential_matrix)
+from .frac import FracConnection
+from .manifold import ManifoldHyperConnection
 from .residual import PostNorm, PreNorm
 
-KINDS = ("prenorm", "postnorm", "hc", "sequential", "parallel")
+KINDS = ("prenorm", "postnorm", "hc", "sequential", "parallel", "mhc", "frac")
 
 
 def make_pathway(kind: str, dim: int, branch_index: int, *, expansion_rate: int = 1,
-                 dynamic: bool = True, use_tanh: bool = True, eps: float = 1e-6) -> Pathway:
+                 dynamic: bool = True, use_tanh: bool = True, eps: float = 1e-6,
+                 mhc_init: str = "residual", mhc_res: str = "sinkhorn", sinkhorn_iters: int = 20,
+                 frac_rate: int = 1) -> Pathway:
     """The pathway ``kind`` (one of :data:`KINDS`) for branch ``branch_index`` (0, 1, ... in
-    execution order). ``expansion_rate``, ``dynamic`` and ``use_tanh`` apply to hyper-connections;
-    ``sequential`` (n = 2) and ``parallel`` are hyper-connections with fixed matrices."""
+    execution order). ``expansion_rate``, ``dynamic`` and ``use_tanh`` apply to hyper-connections
+    (``dynamic`` and ``use_tanh`` to frac-connections too); ``sequential`` (n = 2) and
+    ``parallel`` are hyper-connections with fixed matrices; ``mhc_*`` / ``sinkhorn_iters`` apply
+    to manifold-constrained HC, ``frac_rate`` (m fractions) to frac-connections."""
     if kind == "prenorm":
         return PreNorm(dim, eps)
     if kind == "postnorm":
@@ -27,6 +33,12 @@ def make_pathway(kind: str, dim: int, branch_index: int, *, expansion_rate: int 
     if kind == "hc":
         return HyperConnection(dim, expansion_rate, branch_index, dynamic=dynamic,
                                use_tanh=use_tanh, eps=eps)
+    if kind == "mhc":
+        return ManifoldHyperConnection(dim, expansion_rate, branch_index, init=mhc_init,
+                                       res=mhc_res, sinkhorn_iters=sinkhorn_iters, eps=eps)
+    if kind == "frac":
+        return FracConnection(dim, frac_rate, branch_index, dynamic=dynamic, use_tanh=use_tanh,
+                              eps=eps)
     if kind == "sequential":
         matrix = sequential_matrix()
     elif kind == "parallel":
@@ -37,6 +49,6 @@ def make_pathway(kind: str, dim: int, branch_index: int, *, expansion_rate: int 
                            matrix=matrix, learnable=False)
 
 
-__all__ = ["Branch", "HyperConnection", "KINDS", "Pathway", "PostNorm", "PreNorm",
+__all__ = ["Branch", "FracConnection", "HyperConnection", "KINDS", "ManifoldHyperConnection", "Pathway", "PostNorm", "PreNorm",
            "expand_streams", "make_pathway", "output_std_scale", "parallel_matrix",
            "pre_norm_matrix", "reduce_streams", "sequential_matrix"]
