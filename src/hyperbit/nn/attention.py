@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .linear import make_linear
+from .linear import fused_linear, make_linear
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 
@@ -15,37 +15,45 @@ from .rope import RotaryEmbedding
 class Attention(nn.Module):
     """``o_proj(sub_norm?(SDPA(rope(q_proj x), rope(k_proj x), v_proj x)))``; no biases.
 
-    Projections are separate (not fused) so a ternary model keeps one weight scale per original
-    projection and the parameter names match the Hugging Face LLaMA / BitNet layout.
+    The projections are separate modules, so a ternary model keeps one weight scale per original
+    projection and the parameter names match the Hugging Face LLaMA / BitNet layout; q, k and v are
+    computed with one matmul (:func:`~hyperbit.nn.linear.fused_linear`). ``rope`` shares one
+    rotary table between layers (the model passes its own); without it the layer builds one.
     """
 
     output_projection = "o_proj"  # what writes into the residual pathway (hyperbit.nn.branch)
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, max_seq_len: int,
                  rope_theta: float = 10000.0, linear: str = "fp", subln: bool = False,
-                 norm_eps: float = 1e-6):
+                 norm_eps: float = 1e-6, causal: bool = True, rope: RotaryEmbedding | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.causal = causal  # False: every token sees every token (a vision transformer)
         self.q_proj = make_linear(linear, dim, n_heads * self.head_dim)
         self.k_proj = make_linear(linear, dim, n_kv_heads * self.head_dim)
         self.v_proj = make_linear(linear, dim, n_kv_heads * self.head_dim)
         self.attn_sub_norm = RMSNorm(dim, norm_eps) if subln else None
         self.o_proj = make_linear(linear, n_heads * self.head_dim, dim)
-        self.rope = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
+        if rope is not None and rope.head_dim != self.head_dim:
+            raise ValueError(f"rope.head_dim={rope.head_dim} does not match head_dim={self.head_dim}")
+        self.rope = rope if rope is not None else RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
 
     def forward(self, x: Tensor, cache: LayerKVCache | None = None) -> Tensor:
         """x: (B, T, d). With ``cache`` the T tokens sit at positions ``cache.pos .. cache.pos+T-1``:
         their keys/values are appended to the cache and they attend to every cached key (causally
         within the chunk). Without a cache the T tokens are a whole sequence from position 0."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = fused_linear([self.q_proj, self.k_proj, self.v_proj], x)  # (B, T, H * hd) each
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         gqa = self.n_kv_heads != self.n_heads
         if cache is None:
             q, k = self.rope(q, k)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=gqa)
         else:
+            if not self.causal:
+                raise ValueError("a KV cache is for causal decoding; this attention is bidirectional")
             start = cache.pos
             q, k = self.rope(q, k, start)
             k, v = cache.update(k, v)  # (B, Hkv, start+T, hd): everything cached so far

@@ -16,7 +16,8 @@ An all-zero weight gets ``gamma = eps`` and codes 0 (no division by zero); a wei
 All scale arithmetic is fp32, whatever the autocast dtype. The backward is the straight-through
 estimator: quantisation is treated as the identity, so the gradients equal those of a plain linear
 evaluated at the quantised tensors, and the latent weights stay full precision. Each ``BitLinear``
-is one original projection, so each has exactly one weight scale.
+is one original projection, so each has exactly one weight scale; :meth:`BitLinear.fused_forward`
+runs several projections of one input as one matmul and keeps those scales.
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ def quantize_activation(x: Tensor) -> tuple[Tensor, Tensor]:
     xf = x.float()
     s = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp_(min=EPS)
     return (xf * s).round_().clamp_(-128, 127), s
+
+
+def cat_weights(weights: list[Tensor]) -> Tensor:
+    """``torch.cat(weights)`` along the output rows, outside autocast (on CPU its policy for cat
+    refuses fp16 tensors under bf16 autocast and the reverse): the weights keep their dtype and
+    the matmul that reads them is cast as usual."""
+    device = weights[0].device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return torch.cat(weights)
+    return torch.cat(weights)
 
 
 class _STE(torch.autograd.Function):
@@ -106,6 +118,23 @@ class BitLinear(nn.Linear):
             return F.linear(ste_activation(x), ste_weight(w))
         xq, wq = ste_activation(x), ste_weight(w)
         return F.linear(x + lam * (xq - x), w + lam * (wq - w))
+
+    @classmethod
+    def fused_forward(cls, layers: list["BitLinear"], x: Tensor) -> list[Tensor]:
+        """``[layer(x) for layer in layers]`` as one matmul: every weight ternarised with its own
+        scale (one gamma per original projection), the ternary weights concatenated, ``x``
+        quantised once. Equal to separate calls up to the summation order of the matmul."""
+        lam = layers[0].quant_strength
+        if any(m.quant_strength != lam for m in layers):  # different blends: no shared input
+            return [m(x) for m in layers]
+        wq = cat_weights([ste_weight(m.weight) for m in layers])  # (sum of out_features, in_features)
+        xq = ste_activation(x)
+        if lam >= 1.0:
+            y = F.linear(xq, wq)
+        else:
+            w = cat_weights([m.weight for m in layers])
+            y = F.linear(x + lam * (xq - x), w + lam * (wq - w))
+        return list(y.split([m.out_features for m in layers], dim=-1))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, w1.58a8"

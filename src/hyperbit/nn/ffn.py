@@ -5,12 +5,15 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .linear import make_linear
+from .linear import fused_linear, make_linear
 from .norm import RMSNorm
 
 
 class FeedForward(nn.Module):
-    """``down_proj(sub_norm?(act(gate_proj x) * up_proj x))`` with act = SiLU or ReLU²."""
+    """``down_proj(sub_norm?(act(gate_proj x) * up_proj x))`` with act = SiLU or ReLU².
+
+    ``gate_proj`` and ``up_proj`` stay separate modules (checkpoint layout, one BitNet weight scale
+    each) and are computed with one matmul (:func:`~hyperbit.nn.linear.fused_linear`)."""
 
     output_projection = "down_proj"  # what writes into the residual pathway (hyperbit.nn.branch)
 
@@ -26,9 +29,9 @@ class FeedForward(nn.Module):
         self.down_proj = make_linear(linear, hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate = self.gate_proj(x)
+        gate, up = fused_linear([self.gate_proj, self.up_proj], x)  # (B, T, hidden) each
         act = F.silu(gate) if self.kind == "swiglu" else F.relu(gate).square()
-        hidden = act * self.up_proj(x)
+        hidden = act * up
         if self.ffn_sub_norm is not None:
             hidden = self.ffn_sub_norm(hidden)
         return self.down_proj(hidden)

@@ -1,8 +1,11 @@
 """RMSNorm with a hand-written backward that saves only the input and one scalar per row.
 
-``F.rms_norm`` keeps two full-size tensors for backward; in a small transformer the norms are a
-large share of activation memory, so this halves it. Statistics are computed in fp32 (fp64 for fp64 inputs)
-whatever the input dtype (the residual stream is fp32; under autocast nothing here is downcast).
+``F.rms_norm`` on CPU is a composite of elementwise ops whose autograd keeps two full-size
+tensors for backward; in a small transformer the norms are a large share of activation memory, so
+this halves it, and it makes fewer passes over the data (faster forward + backward on CPU in fp32
+and bf16 than ``F.rms_norm`` and than a plain fp32 composite under autograd).
+Statistics are computed in fp32 (fp64 for fp64 inputs) whatever the input dtype (the residual
+stream is fp32; under autocast nothing here is downcast); the output has the input's dtype.
 """
 
 from __future__ import annotations
@@ -20,17 +23,24 @@ def rms_rstd(x: Tensor, eps: float) -> Tensor:
 
 def rms_backward(grad_xhat: Tensor, xhat: Tensor, rstd: Tensor) -> Tensor:
     """d/dx of ``xhat = x * rstd(x)`` given dL/dxhat: ``rstd * (g - xhat * mean(g * xhat))``."""
-    return rstd * (grad_xhat - xhat * (grad_xhat * xhat).mean(-1, keepdim=True))
+    m = (grad_xhat * xhat).mean(-1, keepdim=True)  # (..., 1)
+    return torch.addcmul(grad_xhat, xhat, m, value=-1).mul_(rstd)
 
 
 class _RMSNormFn(torch.autograd.Function):
+    """``y = x * r * w`` with ``r = rms_rstd(x)``; the backward is :func:`rms_backward` on
+    ``(g * w, x * r, r)``, the same arithmetic as the fused hyper-connection kernels (a
+    one-stream hyper-connection equals Pre-Norm in gradients too), with one full-size temporary
+    fewer per step than the textbook form and ``dw`` computed in place of ``x * r``."""
+
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        compute = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(compute)
         rstd = rms_rstd(xf, eps)  # (..., 1)
         y = xf * rstd
         if weight is not None:
-            y = y * weight.to(xf.dtype)
+            y = y.mul_(weight.to(compute))
         ctx.save_for_backward(x, weight, rstd)
         return y.to(x.dtype)
 
@@ -38,13 +48,13 @@ class _RMSNormFn(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, weight, rstd = ctx.saved_tensors
         g = grad.to(rstd.dtype)
-        xhat = x.to(rstd.dtype) * rstd
+        xhat = x.to(rstd.dtype) * rstd  # (..., d)
         gw = g * weight.to(rstd.dtype) if weight is not None else g
-        dx = rms_backward(gw, xhat, rstd)
+        dx = rms_backward(gw, xhat, rstd).to(x.dtype) if ctx.needs_input_grad[0] else None
         dweight = None
         if weight is not None and ctx.needs_input_grad[1]:
-            dweight = (g * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        return dx.to(x.dtype), dweight, None
+            dweight = xhat.mul_(g).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)  # sum of g * xhat
+        return dx, dweight, None
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
