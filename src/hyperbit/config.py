@@ -15,6 +15,8 @@ from .pathways import KINDS as PATHWAYS
 
 LINEARS = ("fp", "bitnet")
 FFNS = ("swiglu", "relu2", "moe")
+ARCHS = ("lm", "vit")
+POOLS = ("cls", "mean")
 MHC_INITS = ("residual", "paper")
 MHC_RES = ("sinkhorn", "permutations")
 # Fields whose None means "derived from other fields" (see ModelConfig.resolved).
@@ -24,7 +26,8 @@ DERIVED = ("n_kv_heads", "ffn_hidden", "subln")
 MODEL_LIMITS = {"vocab_size": 2**32, "dim": 65536, "n_layers": 1024, "n_heads": 4096,
                 "n_kv_heads": 4096, "ffn_hidden": 2**20, "max_seq_len": 2**20, "expansion_rate": 32,
                 "frac_rate": 4096, "mhc_sinkhorn_iters": 1000, "moe_experts": 4096,
-                "moe_top_k": 4096}
+                "moe_top_k": 4096, "image_size": 4096, "patch_size": 4096, "channels": 4096,
+                "n_classes": 2**20}
 
 
 class ConfigError(ValueError):
@@ -56,7 +59,7 @@ class ModelConfig:
     # --- residual pathway ----------------------------------------------------------------------
     pathway: str = "prenorm"  # one of PATHWAYS
     expansion_rate: int = 1  # n, the number of residual streams (1 for prenorm / postnorm)
-    hc_dynamic: bool = True  # hc: input-dependent connection weights (DHC) or static (SHC)
+    hc_dynamic: bool = True  # hc, frac: input-dependent connection weights (DHC) or static (SHC)
     hc_tanh: bool = True  # hc, frac: tanh on the dynamic projections
     mhc_init: str = "residual"  # mhc: "residual" (res ~ I, pre selects the home stream) or "paper"
     mhc_res: str = "sinkhorn"  # mhc: res by "sinkhorn" (log-domain, fp32) or "permutations"
@@ -68,6 +71,13 @@ class ModelConfig:
     moe_capacity_factor: float | None = None  # tokens per expert <= factor * T * k / E; None: no drop
     moe_balance_coef: float = 0.01  # weight of the load-balancing loss
     moe_z_coef: float = 0.001  # weight of the router z-loss
+    # --- vision transformer (arch = "vit": hyperbit.models.ViT; vocab_size is unused) ---------
+    arch: str = "lm"  # "lm" (decoder-only language model) or "vit" (image classifier)
+    image_size: int = 8  # vit: square images of image_size x image_size pixels
+    patch_size: int = 2  # vit: square patches; image_size must be divisible by it
+    channels: int = 1  # vit: input channels
+    n_classes: int = 10  # vit: output classes
+    pool: str = "cls"  # vit: "cls" (a class token) or "mean" (mean over the patch tokens)
     # --- linear layers -------------------------------------------------------------------------
     linear: str = "fp"  # "fp" (nn.Linear) or "bitnet" (BitLinear b1.58, W1.58 A8)
     subln: bool | None = None  # extra RMSNorm before attn out / FFN down; derived: linear == bitnet
@@ -92,6 +102,10 @@ class ModelConfig:
         check_choice("pathway", self.pathway, PATHWAYS)
         check_choice("linear", self.linear, LINEARS)
         check_choice("ffn", self.ffn, FFNS)
+        check_choice("arch", self.arch, ARCHS)
+        check_choice("pool", self.pool, POOLS)
+        if self.arch == "vit" and self.image_size % self.patch_size:
+            raise ConfigError(f"image_size={self.image_size} must be divisible by patch_size={self.patch_size}")
         check_choice("mhc_init", self.mhc_init, MHC_INITS)
         check_choice("mhc_res", self.mhc_res, MHC_RES)
         derived = self.derived_values()
@@ -128,6 +142,9 @@ class ModelConfig:
                               f"got {self.expansion_rate}")
         if self.pathway == "parallel" and self.expansion_rate < 2:
             raise ConfigError(f"expansion_rate must be >= 2 for pathway='parallel', got {self.expansion_rate}")
+        if self.pathway == "mhc" and self.mhc_res == "permutations" and self.expansion_rate > 4:
+            raise ConfigError(f"mhc_res='permutations' needs expansion_rate <= 4 (n! logits per branch), "
+                              f"got {self.expansion_rate}; use mhc_res='sinkhorn'")
 
     # --- derived quantities --------------------------------------------------------------------
     @property
@@ -159,6 +176,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Only ever built on the meta device, to count parameters.
     "olmo-1b": dict(vocab_size=50304, dim=2048, n_layers=16, n_heads=16, ffn_hidden=8192,
                     max_seq_len=2048, tie_embeddings=True),
+    # OLMoE-1B-7B's shape (d 2048, 16 blocks, 16 heads, 64 SwiGLU experts of width 1024, top-8,
+    # vocab 50304, untied embeddings): ~6.9B parameters, ~1.3B active per token. Meta device only.
+    "olmoe-1b-7b": dict(vocab_size=50304, dim=2048, n_layers=16, n_heads=16, ffn="moe",
+                        ffn_hidden=1024, moe_experts=64, moe_top_k=8, max_seq_len=4096),
 }
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..pathways import FracConnection
 from .connections import PathwayState, pathway_states
 
 
@@ -28,14 +29,17 @@ def consecutive_cosine(inputs: list[Tensor], quantiles=(0.05, 0.5, 0.95)) -> dic
 @torch.no_grad()
 def branch_inputs(model, idx: Tensor) -> list[Tensor]:
     """The (pre-norm) input of every branch of a TransformerLM on ``idx``: ``h`` for plain
-    residuals, ``A_m^T H`` for hyper-connections (per token for dynamic ones)."""
+    residuals, ``A_m^T H`` for hyper-connections (per token for dynamic ones), ``concat(A_m^T F)``
+    for frac-connections."""
     return inputs_from_states(pathway_states(model, idx))
 
 
 @torch.no_grad()
 def inputs_from_states(states: list[PathwayState]) -> list[Tensor]:
     """Branch inputs from :func:`~hyperbit.analysis.connections.pathway_states`."""
-    return [st.h if st.alpha is None else (st.alpha[..., :, 0, None] * st.h.float()).sum(-2)  # (B, T, d)
+    return [st.h if st.alpha is None else
+            st.pathway.branch_input(st.h, st.alpha) if isinstance(st.pathway, FracConnection) else
+            (st.alpha[..., :, 0, None] * st.h.float()).sum(-2)  # (B, T, d)
             for st in states]
 
 

@@ -8,7 +8,8 @@ input of branch ``k`` as a weighted sum of every earlier branch output (spec sec
 
 Column 0 is the embedding (``B_0`` = all ones: the expand), and a last row ``K+1`` is the model
 output, which reads the streams with the reduce (all ones) instead of ``A_m``. Plain residuals are
-the n = 1 case ``B = A_m = A_r = 1`` (Pre-Norm: ones below the diagonal).
+the n = 1 case ``B = A_m = A_r = 1`` (Pre-Norm: ones below the diagonal). Frac-connections mix
+fractions with m x m matrices; :func:`frac_weights` says how their C is defined.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..pathways import HyperConnection
+from ..pathways import FracConnection, HyperConnection, ManifoldHyperConnection
+
+#: pathways with connection weights (``connection_weights(h) -> alpha, beta``); mHC gives its
+#: pre, res and post as A_m = pre, A_r = res^T, B = post
+WEIGHTED = (HyperConnection, ManifoldHyperConnection, FracConnection)
 
 
 @dataclass
@@ -41,10 +46,30 @@ def from_matrix(matrix: Tensor) -> BranchWeights:
     return BranchWeights(beta=matrix[0, 1:], a_m=matrix[1:, 0], a_r=matrix[1:, 1:])
 
 
-def unfold(branches: list[BranchWeights]) -> Tensor:
+def frac_weights(alpha: Tensor, beta: Tensor) -> BranchWeights:
+    """A frac-connection's ``alpha = [A_m | A_r]`` (m, 2m) and B (m,) in the scalar form
+    :func:`unfold` takes. Over fractions the coefficient of output j in branch k's input is an
+    m x m matrix ``M = diag(B_j) A_r^{j+1} ... A_r^{k-1} A_m^k`` (``M[l, i]``: fraction l of the
+    output in fraction i of the input); ``c_kj`` is its entry sum over m, the mean over the input's
+    fractions of what it takes from output j: ``a_m = A_m 1 / m``, and the model output, which
+    concatenates the fractions, reads with ``1 / m`` (:func:`output_weights`). Identity weights
+    (init) give Pre-Norm's all-ones C."""
+    m = beta.shape[-1]
+    return BranchWeights(beta=beta.float(), a_m=alpha[:, :m].sum(1).float() / m, a_r=alpha[:, m:].float())
+
+
+def output_weights(pathways: list) -> Tensor | None:
+    """How the model output reads the state, for :func:`unfold`: None (all ones, the sum of the
+    streams) except for frac-connections, whose reduce concatenates the m fractions (1 / m)."""
+    p = pathways[-1]
+    return torch.full((p.frac_rate,), 1.0 / p.frac_rate) if isinstance(p, FracConnection) else None
+
+
+def unfold(branches: list[BranchWeights], output: Tensor | None = None) -> Tensor:
     """The ``(K+1, K+1)`` lower-triangular matrix ``C``: row ``k-1`` holds branch ``k``'s input
     coefficients ``c_kj`` over columns ``j = 0 .. K-1`` (0 = embedding); the last row is the model
-    output over columns ``0 .. K`` (it also sees the last branch)."""
+    output over columns ``0 .. K`` (it also sees the last branch), read with ``output`` (default
+    all ones: the sum of the streams; see :func:`output_weights`)."""
     K = len(branches)
     n = branches[0].a_m.numel()
     ones = torch.ones(n, dtype=torch.float64, device=branches[0].a_r.device)
@@ -52,7 +77,8 @@ def unfold(branches: list[BranchWeights]) -> Tensor:
     written = [ones] + [b.beta.double() for b in branches]
     C = torch.zeros(K + 1, K + 1, dtype=torch.float64, device=ones.device)
     for k in range(1, K + 2):  # k = K + 1 is the model output
-        read = branches[k - 1].a_m.double() if k <= K else ones
+        read = (branches[k - 1].a_m.double() if k <= K else
+                ones if output is None else output.to(ones))
         for j in range(k):
             v = written[j]
             for i in range(j + 1, k):  # carried through the mixing of every branch in between
@@ -92,7 +118,7 @@ def pathway_states(model, idx: Tensor) -> list[PathwayState]:
     states = []
 
     def record(mod, args):
-        weights = mod.connection_weights(args[0]) if isinstance(mod, HyperConnection) else (None, None)
+        weights = mod.connection_weights(args[0]) if isinstance(mod, WEIGHTED) else (None, None)
         states.append(PathwayState(mod, args[0], *weights))
 
     hooks = [p.register_forward_pre_hook(record) for p in model.pathways()]
@@ -115,6 +141,9 @@ def branch_weights_from_states(states: list[PathwayState]) -> list[BranchWeights
         alpha, beta = st.alpha.detach(), st.beta.detach()
         alpha = alpha.reshape(-1, *alpha.shape[-2:]).mean(0) if alpha.dim() > 2 else alpha
         beta = beta.reshape(-1, beta.shape[-1]).mean(0) if beta.dim() > 1 else beta
+        if isinstance(st.pathway, FracConnection):
+            out.append(frac_weights(alpha, beta))
+            continue
         out.append(BranchWeights(beta=beta.float(), a_m=alpha[:, 0].float(), a_r=alpha[:, 1:].float()))
     return out
 
@@ -125,10 +154,11 @@ def model_branch_weights(model, idx: Tensor | None = None) -> list[BranchWeights
     Plain residual pathways are the n = 1 identity connection; for Post-Norm that describes only
     its additions (its normalisation of the whole residual is not a fixed linear map)."""
     pathways = model.pathways()
-    if not any(isinstance(p, HyperConnection) and p.dynamic for p in pathways):
+    if not any(isinstance(p, WEIGHTED) and p.dynamic for p in pathways):
         with torch.no_grad():
-            return [from_matrix(p.matrix()) if isinstance(p, HyperConnection) else _residual()
-                    for p in pathways]
+            return [from_matrix(p.matrix()) if isinstance(p, HyperConnection) else
+                    frac_weights(p.static_alpha.detach(), p.static_beta.detach())
+                    if isinstance(p, FracConnection) else _residual() for p in pathways]
     if idx is None:
         raise ValueError("dynamic hyper-connections need a batch of token ids (idx) to average over")
     return branch_weights_from_states(pathway_states(model, idx))

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..pathways import HyperConnection, parallel_matrix
+from ..pathways import FracConnection, parallel_matrix
 from .collapse import consecutive_cosine, inputs_from_states
-from .connections import (BranchWeights, PathwayState, branch_weights_from_states, composite_gain,
-                          from_matrix, pathway_states, unfold)
+from .connections import (WEIGHTED, BranchWeights, PathwayState, branch_weights_from_states,
+                          composite_gain, from_matrix, output_weights, pathway_states, unfold)
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 QUANTILE_KEYS = ("p05", "p25", "median", "p75", "p95")
@@ -141,16 +141,26 @@ def dynamic_weight_quantiles(states: list[PathwayState]) -> dict[str, Any]:
     Groups: ``beta`` (B entries), ``a_r_diag`` / ``a_r_offdiag`` (A_r), and A_m split the same
     way into ``a_m_home`` (entry ``k mod n``, the stream branch ``k`` reads at init) and
     ``a_m_other``: pooled, the 1s and 0s of A_m's init would make one band from 0 to 1 that says
-    nothing about the tokens. The ``other`` groups are None for n = 1."""
+    nothing about the tokens. The ``other`` groups are None for n = 1. Frac-connections (A_m is
+    m x m): ``a_m_home`` is A_m's diagonal (fraction i of the input read from fraction i),
+    ``a_m_other`` the rest."""
     per_group: dict[str, list[np.ndarray]] = {g: [] for g in WEIGHT_GROUPS}
     for st in states:
         p, n = st.pathway, st.pathway.expansion_rate
         alpha, beta = st.alpha, st.beta  # (B, T, n, n+1), (B, T, n)
-        alpha = alpha.reshape(-1, n, n + 1).double().cpu()
-        a_m, a_r = alpha[:, :, 0], alpha[:, :, 1:]
-        home = torch.arange(n) == p.branch_index % n
-        off = ~torch.eye(n, dtype=torch.bool)
-        values = {"a_m_home": a_m[:, home], "a_m_other": a_m[:, ~home],
+        if isinstance(p, FracConnection):  # (B, T, m, 2m): A_m is m x m, home = its diagonal
+            n = p.frac_rate
+            alpha = alpha.reshape(-1, n, 2 * n).double().cpu()
+            a_m, a_r = alpha[:, :, :n], alpha[:, :, n:]
+            off = ~torch.eye(n, dtype=torch.bool)
+            a_m_home, a_m_other = a_m.diagonal(dim1=-2, dim2=-1), a_m[:, off]
+        else:
+            alpha = alpha.reshape(-1, n, n + 1).double().cpu()
+            a_m, a_r = alpha[:, :, 0], alpha[:, :, 1:]
+            home = torch.arange(n) == p.branch_index % n
+            off = ~torch.eye(n, dtype=torch.bool)
+            a_m_home, a_m_other = a_m[:, home], a_m[:, ~home]
+        values = {"a_m_home": a_m_home, "a_m_other": a_m_other,
                   "beta": beta.reshape(-1, n).double().cpu(),
                   "a_r_diag": a_r.diagonal(dim1=-2, dim2=-1), "a_r_offdiag": a_r[:, off]}
         for g, v in values.items():
@@ -173,7 +183,7 @@ def analyse(model: nn.Module, idx: Tensor, targets: Tensor) -> dict[str, Any]:
     model.eval()
     cfg = model.cfg
     pathways = model.pathways()
-    dynamic = any(isinstance(p, HyperConnection) and p.dynamic for p in pathways)
+    dynamic = any(isinstance(p, WEIGHTED) and p.dynamic for p in pathways)
     postnorm = cfg.pathway == "postnorm"
     out: dict[str, Any] = {}
     states = pathway_states(model, idx)  # one forward: the connection weights and branch inputs
@@ -183,7 +193,7 @@ def analyse(model: nn.Module, idx: Tensor, targets: Tensor) -> dict[str, Any]:
         out["composite_gain"] = {"row": None, "col": None, "max": None, "reason": reason}
     else:
         branches = branch_weights_from_states(states)
-        C = unfold(branches)
+        C = unfold(branches, output_weights(pathways))
         out["connection_matrix"] = {"C": [floats(r) for r in C], "reason": None, "token_average": dynamic}
         rows, cols = composite_gain(branches)
         out["composite_gain"] = {"row": floats(rows), "col": floats(cols),

@@ -9,6 +9,10 @@ can stay on by default.
 Dynamic hyper-connections compute their weights per token, so the gain is that of the weights
 averaged over the batch's tokens: ``hyperbit inspect`` (``--batch-size`` windows, default 8)
 averages over more tokens and gives a slightly different gain for the same checkpoint.
+
+Everything is computed on the device of ``idx`` (the model's): the connection weights of plain
+residual pathways, made on the CPU, are moved there, and the statistics come back to the host in
+one copy.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from torch import Tensor
 
 from ..pathways import PostNorm
 from .collapse import consecutive_cosine, inputs_from_states
-from .connections import branch_weights_from_states, composite_gain, pathway_states
+from .connections import BranchWeights, branch_weights_from_states, composite_gain, pathway_states
 
 #: validation windows in the batch the training monitors read
 MONITOR_WINDOWS = 2
@@ -38,9 +42,15 @@ def pathway_summary(model, idx: Tensor) -> dict[str, list[float] | None]:
     finally:
         model.train(was_training)
     cos = consecutive_cosine(inputs_from_states(states))
+    device = cos["median"].device  # where the model ran
     values = {"collapse_median": cos["median"], "collapse_p05": cos["p05"], "collapse_p95": cos["p95"]}
     out: dict[str, list[float] | None] = {"gain_row": None, "gain_col": None}
     if not any(isinstance(st.pathway, PostNorm) for st in states):
-        values["gain_row"], values["gain_col"] = composite_gain(branch_weights_from_states(states))
-    out.update({name: [round(float(v), 6) for v in t] for name, t in values.items()})
+        branches = [BranchWeights(*(t.to(device) for t in (b.beta, b.a_m, b.a_r)))
+                    for b in branch_weights_from_states(states)]
+        values["gain_row"], values["gain_col"] = composite_gain(branches)
+    names = list(values)
+    host = torch.cat([values[name].double().flatten() for name in names]).cpu()  # one copy to the host
+    for name, part in zip(names, host.split([values[name].numel() for name in names])):
+        out[name] = [round(v, 6) for v in part.tolist()]
     return out

@@ -52,6 +52,8 @@ def check_wiring(model: nn.Module, idx: Tensor | None = None, rtol: float = 1e-4
     """Run all four checks on ``model`` (a TransformerLM) and return a report; never raises on a
     mis-wired model (a branch that declares no output projection is a ValueError: there is no skip
     path to isolate). ``idx`` defaults to a small random batch of token ids."""
+    if idx is None and hasattr(model, "example_input"):  # a model of other inputs (a ViT's images)
+        idx = model.example_input()
     if idx is None:
         g = torch.Generator().manual_seed(0)
         idx = torch.randint(0, model.cfg.vocab_size, (2, min(16, model.cfg.max_seq_len)), generator=g)
@@ -217,11 +219,13 @@ def _check_gradient(model, idx, rtol, atol) -> list[str]:
     with _zeroed_output_projections(model), _recording(list(model.blocks)) as calls:
         with torch.enable_grad():
             model.zero_grad(set_to_none=True)
-            logits, _ = model(idx)
+            # the objective reads every position of the final-norm input (a ViT's pooled logits
+            # would read only its class token, which no image reaches without the branches)
+            final_in = _final_norm_input(model, idx)
             for b, (_, h_in, _) in enumerate(calls):
                 if h_in.requires_grad:
                     h_in.register_hook(lambda g, b=b: grads.__setitem__(b, g.abs().max().item()))
-            logits.float().pow(2).mean().backward()
+            model.final_norm(final_in).float().pow(2).mean().backward()
     for b in range(len(model.blocks)):
         if grads.get(b, 0.0) == 0.0:
             problems.append(f"block {b}: no gradient reaches its input through the skip path")

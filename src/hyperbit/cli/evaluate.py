@@ -39,6 +39,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                  max_bytes=args.max_bytes)
     if args.json:
         print(json.dumps(report))
+    elif "val_acc" in report:  # a vision transformer
+        print(f"step {report['step']} on {report['data']} (test split, {report['images']:,} images): "
+              f"loss {report['val_loss']:.4f}, accuracy {report['val_acc']:.4f}  [{report['checkpoint']}]")
     else:
         what = "val loss" if report["split"] == "val" else "loss"
         print(f"step {report['step']} on {report['data']} ({report['split']} split, {report['tokens']:,} "

@@ -40,6 +40,9 @@ def cmd_params(args: argparse.Namespace) -> int:
           f"({model.num_params(exclude_embeddings=True):,} without the embedding)")
     print(f"  analytic count {count_params(cfg):,}; connection parameters per branch "
           f"{pathway_params(cfg):,} x {cfg.n_branches} branches")
+    if cfg.ffn == "moe":
+        print(f"  active per token {count_params(cfg, active=True):,} (router + top {cfg.moe_top_k} "
+              f"of {cfg.moe_experts} experts)")
     return 0 if total == count_params(cfg) else 1
 
 

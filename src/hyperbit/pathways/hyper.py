@@ -19,6 +19,8 @@ Dtypes: the connection is computed in fp32 (fp64 for fp64 streams) whatever the 
 dtype of the streams given, which a model makes from its embedding: the parameter dtype, as for
 Pre-Norm's ``h + T(norm(h))`` (fp32 streams for an fp32 model under autocast, bf16 streams for a
 bf16 model, each rounded once per branch). Parameter gradients come back in the parameter dtype.
+Streams kept in bf16 under autocast instead (half the bytes) were measured too inaccurate to be the
+default: over 32 DHC x4 blocks, 9x the gradient error of fp32 streams (``benchmarks/stream_dtype.py``).
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class HyperConnection(Pathway):
     """
 
     #: use the memory-lean autograd nodes of ``_hc_fused`` (False: plain autograd, e.g. to let
-    #: torch.compile fuse and rematerialise the reference computation itself)
+    #: torch.compile fuse and rematerialise the reference computation itself; ``compile_blocks``
+    #: in ``hyperbit.models`` sets it per instance)
     fused: bool = True
 
     def __init__(self, dim: int, expansion_rate: int, branch_index: int, *, dynamic: bool = True,

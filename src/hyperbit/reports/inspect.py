@@ -20,6 +20,7 @@ from ..analysis.inspect import (REFERENCE_DEFINITIONS, analyse, branch_labels, f
 from ..analysis.monitor import MONITOR_WINDOWS
 from ..config import ConfigError
 from ..data import TokenShards
+from ..data.digits import load_image_data
 from ..runs import check_shards, load_trained, prepared_run_data, read_metrics
 from .inspect_figures import PLOTS, fmt, to_float
 from .plots import pyplot, save
@@ -76,11 +77,16 @@ def inspect_checkpoint(checkpoint: str | Path, *, out: str | Path | None = None,
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     out_dir = _report_dir(out, info)
-    data_dir = prepared_run_data(cfg, info, data)
-    shards = TokenShards(data_dir, "val")
-    check_shards(shards, tok, cfg.model.vocab_size, str(data_dir), info["path"])
-    x, y = next(shards.iter_eval_batches(batch_size, seq, max_batches=1))
-    del shards
+    if cfg.model.arch == "vit":  # an image classifier: the first test images
+        _, test = load_image_data(cfg.data.path if data is None else str(data))
+        data_dir, split = cfg.data.path if data is None else str(data), "test"
+        x, y = next(test.iter_eval_batches(batch_size, max_batches=1))
+    else:
+        data_dir, split = prepared_run_data(cfg, info, data), "val"
+        shards = TokenShards(data_dir, "val")
+        check_shards(shards, tok, cfg.model.vocab_size, str(data_dir), info["path"])
+        x, y = next(shards.iter_eval_batches(batch_size, seq, max_batches=1))
+        del shards
     dev = info["device"]
     result = analyse(model, x.to(dev), y.to(dev))
 
@@ -94,8 +100,8 @@ def inspect_checkpoint(checkpoint: str | Path, *, out: str | Path | None = None,
         "config": {"model": cfg.model.to_dict(),
                    "train": {k: getattr(cfg.train, k) for k in ("steps", "batch_size", "seq_len", "lr")},
                    "data": {"path": cfg.data.path, "tokenizer": cfg.data.tokenizer}},
-        "batch": {"data": str(data_dir), "split": "val", "windows": int(x.shape[0]), "seq_len": seq,
-                  "tokens": int(x.numel())},
+        "batch": {"data": str(data_dir), "split": split, "windows": int(x.shape[0]), "seq_len": seq,
+                  "tokens": int(x.numel()) if cfg.model.arch == "lm" else int(x.shape[0]) * (seq or 0)},
         "loss": result["loss"],
         "output_rms": result["output_rms"],
         "connection_matrix": learned,
@@ -174,10 +180,11 @@ def _embedding_in_output(C: list[list[float]] | None) -> dict[str, Any] | None:
 def human_summary(s: dict[str, Any]) -> str:
     m = s["config"]["model"]
     kind = m["pathway"] if m["pathway"] != "hc" else ("DHC" if m["hc_dynamic"] else "SHC")
-    streams = f", n={m['expansion_rate']}" if m["pathway"] not in ("prenorm", "postnorm") else ""
+    streams = (f", m={m['frac_rate']}" if m["pathway"] == "frac" else
+               f", n={m['expansion_rate']}" if m["pathway"] not in ("prenorm", "postnorm") else "")
     c = s["collapse"]
     lines = [f"inspected step {s['step']} of {s['checkpoint']} ({kind}{streams}, {m['n_layers']} blocks) "
-             f"on {s['batch']['tokens']:,} val tokens: loss {fmt(s['loss'])}",
+             f"on {s['batch']['tokens']:,} {s['batch']['split']} tokens: loss {fmt(s['loss'])}",
              f"  collapse at the last depth: median cos {fmt(c['median'][-1])} "
              f"(5-95%: {fmt(c['p05'][-1])} .. {fmt(c['p95'][-1])})"]
     g = s["composite_gain"]

@@ -35,7 +35,7 @@ DEFAULT_ARMS = ("prenorm", "postnorm", "shc4", "dhc2", "dhc4")
 #: a run whose whole number of steps misses the token budget by more than this fraction is noted
 ROUNDING_NOTE = 0.01
 # model keys an arm sets; a common override may not set them too (the arm would silently win)
-ARM_KEYS = ("model.pathway", "model.expansion_rate", "model.hc_dynamic")
+ARM_KEYS = ("model.pathway", "model.expansion_rate", "model.hc_dynamic", "model.frac_rate")
 
 
 @dataclass
@@ -48,17 +48,22 @@ class RunSpec:
 
 def arm_overrides(arm: str) -> list[str]:
     """``prenorm``, ``postnorm``, ``shcN`` / ``dhcN`` (static / dynamic HC with n streams),
-    ``sequential`` or ``parallelN`` as model overrides."""
+    ``mhcN`` (manifold-constrained HC with n streams), ``fracM`` / ``sfracM`` (dynamic / static
+    frac-connections with m fractions), ``sequential`` or ``parallelN`` as model overrides."""
+    if m := re.fullmatch(r"(s?)frac([1-9][0-9]*)", arm):
+        return ["model.pathway=frac", "model.expansion_rate=1", f"model.hc_dynamic={not m[1]}",
+                f"model.frac_rate={int(m[2])}"]
     fixed = {"prenorm": ("prenorm", 1, True), "postnorm": ("postnorm", 1, True),
              "sequential": ("sequential", 2, True)}
     if arm in fixed:
         pathway, n, dynamic = fixed[arm]
-    elif m := re.fullmatch(r"(shc|dhc|parallel)([1-9][0-9]*)", arm):
-        pathway = "parallel" if m[1] == "parallel" else "hc"
+    elif m := re.fullmatch(r"(shc|dhc|mhc|parallel)([1-9][0-9]*)", arm):
+        pathway = {"parallel": "parallel", "mhc": "mhc"}.get(m[1], "hc")
         n, dynamic = int(m[2]), m[1] != "shc"
     else:
         raise ConfigError(f"unknown arm {arm!r}; use prenorm, postnorm, shcN, dhcN (static / dynamic "
-                          "hyper-connections with N streams), sequential or parallelN")
+                          "hyper-connections with N streams), mhcN, fracM / sfracM (dynamic / static "
+                          "frac-connections with M fractions), sequential or parallelN")
     return [f"model.pathway={pathway}", f"model.expansion_rate={n}", f"model.hc_dynamic={dynamic}"]
 
 

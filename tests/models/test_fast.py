@@ -1,0 +1,134 @@
+"""Fast paths match the eager reference: regional compile (forward and every parameter's gradient)
+and per-block activation checkpointing (identical loss and gradients, less saved memory)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyperbit import ModelConfig
+from hyperbit.models import build_model, compile_blocks, set_activation_checkpointing
+from hyperbit.pathways import HyperConnection
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]
+KINDS = {"prenorm": {}, "dhc4": dict(pathway="hc", expansion_rate=4),
+         "shc4": dict(pathway="hc", expansion_rate=4, hc_dynamic=False)}
+
+
+def _model(kind: str, seed: int = 0, device: str = "cpu", **kw):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, max_seq_len=16, **KINDS[kind], **kw)
+    model = build_model(cfg)
+    with torch.no_grad():  # move off the Pre-Norm-equivalent init, so the connections matter
+        for name, p in model.named_parameters():
+            if "static_" in name or "dynamic_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.to(device)
+
+
+def _batch(seed: int = 1, device: str = "cpu"):
+    g = torch.Generator().manual_seed(seed)
+    idx, targets = torch.randint(0, 64, (2, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g)
+    return idx.to(device), targets.to(device)
+
+
+def _loss_and_grads(model, idx, targets):
+    model.zero_grad(set_to_none=True)
+    logits, loss = model(idx, targets)
+    loss.backward()
+    return logits.detach(), loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def _compiled_matches_eager(kind: str, backend: str, fused_hc: bool = True, device: str = "cpu"):
+    idx, targets = _batch(device=device)
+    eager = _model(kind, device=device)
+    compiled = compile_blocks(_model(kind, device=device), fused_hc=fused_hc, backend=backend, fullgraph=True)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # keys unchanged
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        assert torch.equal(a, b)
+    ref, got = _loss_and_grads(eager, idx, targets), _loss_and_grads(compiled, idx, targets)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-6, atol=1e-6)
+    assert set(got[2]) == set(ref[2])
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-4, atol=1e-6, msg=name)
+    return compiled
+
+
+@pytest.mark.parametrize("kind,fused_hc", [pytest.param("prenorm", True, marks=pytest.mark.slow),
+                                           ("dhc4", True), pytest.param("dhc4", False, marks=pytest.mark.slow)])
+def test_compiled_blocks_trace_and_match_eager(kind, fused_hc):
+    """Dynamo + AOT autograd (``aot_eager``: the graphs Inductor would get, run eagerly), each
+    block in one graph (``fullgraph``): forward and every gradient equal the eager model's."""
+    torch._dynamo.reset()
+    compiled = _compiled_matches_eager(kind, "aot_eager", fused_hc)
+    hcs = [m for m in compiled.modules() if isinstance(m, HyperConnection)]
+    assert len(hcs) == (4 if kind == "dhc4" else 0)
+    assert all(m.fused is fused_hc for m in hcs) and HyperConnection.fused  # class default untouched
+    assert all(b._compiled_call_impl is not None for b in compiled.blocks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["prenorm", "dhc4"])
+def test_compiled_blocks_inductor_match_eager(kind, device):
+    torch._dynamo.reset()
+    _compiled_matches_eager(kind, "inductor", device=device)
+
+
+def _saved_bytes(model, idx, targets) -> int:
+    seen: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(idx, targets)
+    del loss
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("kind", ["prenorm", "dhc4", "shc4"])
+def test_activation_checkpointing_identical_loss_and_gradients(kind, fused, device, monkeypatch):
+    monkeypatch.setattr(HyperConnection, "fused", fused)
+    idx, targets = _batch(device=device)
+    plain, ckpt = _model(kind, device=device), set_activation_checkpointing(_model(kind, device=device))
+    assert list(ckpt.state_dict()) == list(plain.state_dict())
+    ref, got = _loss_and_grads(plain, idx, targets), _loss_and_grads(ckpt, idx, targets)
+    # bit-identical on the CPU; CUDA's atomics (embedding backward) may reorder sums
+    tol = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got[1], ref[1], **tol)
+    torch.testing.assert_close(got[0], ref[0], **tol)
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], **tol, msg=name)
+    # only each block's input (plus the embedding / head side) stays saved
+    full, lean = _saved_bytes(plain, idx, targets), _saved_bytes(ckpt, idx, targets)
+    assert lean < 0.6 * full, (lean, full)
+    # off again: the class's forward, the full saved set
+    set_activation_checkpointing(ckpt, enabled=False)
+    assert "forward" not in vars(ckpt.blocks[0]) and _saved_bytes(ckpt, idx, targets) == full
+
+
+def test_activation_checkpointing_leaves_decoding_alone():
+    model = set_activation_checkpointing(_model("dhc4"))
+    ref = _model("dhc4")
+    idx, _ = _batch()
+    with torch.no_grad():
+        cache, cache_ref = model.make_cache(), ref.make_cache()
+        out, out_ref = model(idx[:, :8], cache=cache)[0], ref(idx[:, :8], cache=cache_ref)[0]
+        nxt, nxt_ref = model(idx[:, 8:9], cache=cache)[0], ref(idx[:, 8:9], cache=cache_ref)[0]
+    assert torch.equal(out, out_ref) and torch.equal(nxt, nxt_ref)
+
+
+def test_fast_paths_reject_a_module_without_blocks():
+    with pytest.raises(ValueError, match="TransformerLM"):
+        compile_blocks(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="TransformerLM"):
+        set_activation_checkpointing(torch.nn.Linear(2, 2))
