@@ -73,13 +73,14 @@ def main() -> None:
                                   "--out", str(Path(tmp) / f"inspect-{i}")]))
             floor.append(_wall([sys.executable, "-c", "import torch"]))
 
-        model, cfg, _, _ = load_trained(run)
+        model, cfg, _, loaded = load_trained(run)
         shards = TokenShards(find_run_data(cfg, run), "val")
         x, y = next(shards.iter_eval_batches(8, cfg.train.seq_len, max_batches=1))
+        x, y = x.to(loaded["device"]), y.to(loaded["device"])  # where the model is, as inspect does
         analysis = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            analyse(model, x, y)
+            analyse(model, x, y)  # ends with values read back to the host: the device is done
             analysis.append(time.perf_counter() - t0)
         del shards
     info["loadavg_end"] = list(__import__("os").getloadavg())
@@ -91,7 +92,8 @@ def main() -> None:
             ["analysis only, in-process", fmt(median(analysis), ".3f", " s"), fmt(min(analysis), ".3f"),
              fmt(max(analysis), ".3f")]]
     print(f"hyperbit inspect on a tiny DHC x2 checkpoint ({cfg.model.n_layers} blocks, d {cfg.model.dim}, "
-          f"8 x {cfg.train.seq_len} tokens), {args.repeats} repeats, torch threads {torch.get_num_threads()}")
+          f"8 x {cfg.train.seq_len} tokens) on {loaded['device']}, {args.repeats} repeats, torch threads "
+          f"{torch.get_num_threads()}")
     print(format_table(["", "median", "min", "max"], rows))
     passed = median(command) < TARGET_S
     targets = [{"description": f"hyperbit inspect wall time / {TARGET_S:.0f} s", "ratio": median(command) / TARGET_S,
@@ -99,7 +101,7 @@ def main() -> None:
     finish("inspect_time", info, targets, args.out, quick=args.repeats < 3,
            source_changed=source_digest() != digest,
            settings={"repeats": args.repeats, "steps": args.steps, "model": cfg.model.to_dict(),
-                     "batch": [8, cfg.train.seq_len]},
+                     "batch": [8, cfg.train.seq_len], "device": str(loaded["device"])},
            command_s=summarize(command), import_torch_s=summarize(floor), analysis_s=summarize(analysis))
 
 

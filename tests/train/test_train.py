@@ -12,10 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from hyperbit.cli import main
 
 FAST = ["train.log_every=1", "train.eval_batches=1"]
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, NO_CUDA])]
 
 
 def _records(run: Path, key: str = "loss") -> dict[int, float]:
@@ -51,10 +54,13 @@ def test_tiny_run_learns_and_logs(tmp_path, capsys):
     assert "bits/byte" in out and "wiring check: PASS (hc, n=2, fp)" in out
 
 
-def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, device):
+    """On CUDA with deterministic kernels (``train.deterministic``: attention's backward and
+    cuBLAS otherwise reduce in a varying order); the CPU is deterministic as it is."""
     args = ["--preset", "tiny", "train.steps=60", "train.batch_size=8", "train.seq_len=64",
             "train.save_every=5", "train.eval_every=0", "model.pathway=hc", "model.expansion_rate=2",
-            *FAST]
+            f"train.device={device}", *(["train.deterministic=true"] if device == "cuda" else []), *FAST]
     full = tmp_path / "full"
     proc = _cli("--out", str(full), *args)
     assert proc.wait(timeout=600) == 0, proc.stderr.read()
@@ -129,6 +135,24 @@ def test_corrupt_checkpoint_on_resume_is_exit_2(tmp_path, capsys):
     assert main(["train", "--preset", "tiny", "--out", str(run), "--resume", "train.steps=4",
                  "train.save_every=2", *FAST]) == 2
     assert "model.safetensors" in _error(capsys)
+
+
+def test_non_finite_step_is_caught_at_the_next_host_sync_and_never_saved(tmp_path, capsys):
+    """Steps do not wait for the device: a non-finite loss is noticed at the next step that logs,
+    evaluates, monitors or saves, which reports the first bad step and writes no checkpoint of
+    what followed it."""
+    run = tmp_path / "run"
+    code = main(["train", "--preset", "tiny", "--out", str(run), "train.lr=1e30", "train.warmup_steps=0",
+                 "train.clip=0", "train.steps=12", "train.log_every=100", "train.eval_every=0",
+                 "train.monitor_every=0", "train.save_every=5"])
+    err = capsys.readouterr().err
+    assert code == 3 and "non-finite loss at step " in err
+    # step 1 is finite and moves the weights to ~1e30; a later step is the first bad one, found at
+    # the first sync (the save of step 5), not at the end (step 12), and before that save
+    first_bad = int(err.split("non-finite loss at step ")[1].split(" ")[0])
+    assert 1 < first_bad < 5 and "last good checkpoint: none" in err
+    assert not list(run.glob("checkpoints/step_*"))
+    assert _records(run) == {}  # no log step was reached
 
 
 def test_non_finite_loss_stops_with_exit_3_and_keeps_checkpoints(tmp_path, capsys):

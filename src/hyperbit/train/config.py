@@ -53,7 +53,9 @@ class TrainConfig:
     clip: float = 1.0  # max global grad norm; 0 = off
     seed: int = 0
     precision: str = "auto"  # "auto" (bf16 where native, else fp32), "bf16", "fp16" or "fp32"
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile each block (regional compile, hyperbit.models.fast)
+    activation_checkpointing: bool = False  # recompute each block's forward in backward (less memory)
+    deterministic: bool = False  # deterministic kernels: bit-exact reruns and resumes on CUDA (slower)
     device: str = "auto"  # "auto", "cpu" or "cuda"
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp2" (fully_shard per block, then root)
     log_every: int = 10
@@ -158,11 +160,24 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
              "train": dict(steps=600, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=60,
                            eval_every=200, eval_batches=8, save_every=100, monitor_every=50),
              "data": dict(path="pystdlib", max_bytes=4_000_000)},
+    # A vision transformer on scikit-learn's 8x8 digits (1,437 train / 360 test images): 16
+    # patches of 2x2 plus a class token; about a minute on 2 cores. Reports test accuracy.
+    "vit-digits": {"model": dict(arch="vit", dim=64, n_layers=4, n_heads=4, image_size=8,
+                                 patch_size=2, n_classes=10, max_seq_len=32),
+                   "train": dict(steps=600, batch_size=64, seq_len=17, lr=2e-3, warmup_steps=50,
+                                 eval_every=100, eval_batches=8, save_every=200, monitor_every=100),
+                   "data": dict(path="digits")},
     # Seconds: for tests and smoke runs.
     "tiny": {"model": dict(dim=32, n_layers=2, n_heads=4, max_seq_len=64),
              "train": dict(steps=20, batch_size=4, seq_len=32, warmup_steps=2, log_every=5,
                            eval_every=10, eval_batches=2, save_every=10),
              "data": dict(path="pystdlib", max_bytes=200_000)},
+    # A mixture of experts (8 SwiGLU experts of width 128, top-2): about a minute of CPU time.
+    "moe-tiny": {"model": dict(dim=64, n_layers=4, n_heads=4, max_seq_len=128, ffn="moe",
+                               ffn_hidden=128, moe_experts=8, moe_top_k=2),
+                 "train": dict(steps=200, batch_size=16, seq_len=64, warmup_steps=20, log_every=10,
+                               eval_every=100, eval_batches=4, save_every=100, monitor_every=100),
+                 "data": dict(path="pystdlib", max_bytes=1_000_000)},
 }
 
 

@@ -10,13 +10,22 @@ bit for bit.
 The directory is locked while a process trains in it (:mod:`hyperbit.train.rundir`); Ctrl-C and
 SIGTERM finish the current step and save a checkpoint (:mod:`hyperbit.train.interrupt`); a new run
 that fails or is stopped before its first step leaves no directory behind.
+
+A step never waits for the device: its loss and gradient norm stay on it, and the host reads them
+back only on a step that logs (every ``train.log_every``), evaluates, monitors or saves. A
+non-finite loss (or, without an fp16 gradient scaler, gradient norm) is recorded on the device
+with its step, and the run stops with :class:`TrainingStopped` at the next of those steps, naming
+the first bad step; it is checked before every checkpoint is written, so every checkpoint holds
+finite weights, and the message names the last one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -26,15 +35,18 @@ from ..analysis import check_wiring, pathway_summary
 from ..analysis.monitor import MONITOR_WINDOWS
 from ..config import ConfigError
 from ..data import DataError, TokenShards, prepare_data, read_meta
+from ..data.digits import ImageSet, load_image_data
 from ..models import build_model
+from ..models.fast import compile_blocks, set_activation_checkpointing
 from . import distributed
+from .batches import rank_batch, to_device
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import METRICS_FILE, RUN_CONFIG_FILE, RunConfig
 from .errors import TrainingInterrupted, TrainingStopped
 from .evaluate import evaluate
 from .interrupt import StopRequests
 from .metrics import Progress, open_tensorboard, truncate_metrics, write_metrics
-from .optim import param_groups
+from .optim import make_optimizer
 from .precision import autocast as autocast_for
 from .precision import describe, grad_scaler, resolve_precision
 from .rng import restore_rng_state
@@ -45,7 +57,10 @@ from .schedule import apply_schedule
 def load_data(cfg: RunConfig, out: Path, log: Callable[[str], None]) -> tuple[TokenShards, TokenShards | None]:
     """Token shards for the run: a prepared directory, or the corpus tokenised once into out/data.
     The validation split is None when the prepared directory has none (``--val-fraction 0``):
-    the run then trains without evaluations and monitors, and says so."""
+    the run then trains without evaluations and monitors, and says so. A vision transformer
+    (``model.arch=vit``) reads its images instead (:func:`hyperbit.data.digits.load_image_data`)."""
+    if cfg.model.arch == "vit":
+        return load_image_data(cfg.data.path)
     data_dir = cfg.prepared_data_dir(out)
     prepare_data(cfg.data, data_dir, log)
     train = TokenShards(data_dir, "train")
@@ -63,10 +78,8 @@ def train(cfg: RunConfig | None, out: str | Path, *, resume: bool = False, overw
     TrainingInterrupted on SIGINT / SIGTERM (after saving a checkpoint).
     Under ``torchrun`` it runs data-parallel (``train.distributed``: ddp or fsdp2)."""
     out = Path(out)
-    device = distributed.pick_device(cfg.train.device if cfg is not None else None)
-    info = distributed.setup(device.type)
-    if device.type == "cuda":
-        device = torch.device(f"cuda:{info.local_rank}")
+    device = distributed.train_device(cfg.train.device if cfg is not None else _saved_device(out))
+    info = distributed.setup(device)
     auto = cfg is not None and cfg.train.precision == "auto" and not resume
     if auto:  # a new run stores the precision it resolved to
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(
@@ -88,10 +101,11 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
         distributed.barrier(info)
         if not info.is_main:
             cfg = RunConfig.load(out / RUN_CONFIG_FILE)
-        loop = _Loop(cfg, out, resume, log, info, device)
-        log(describe("auto" if auto else cfg.train.precision, device))
-        stops.arm()
-        return loop.run(stops)
+        with _determinism(cfg.train.deterministic):
+            loop = _Loop(cfg, out, resume, log, info, device)
+            log(describe("auto" if auto else cfg.train.precision, device))
+            stops.arm()
+            return loop.run(stops)
     except BaseException:
         if info.is_main and new and (loop is None or loop.completed == 0):
             remove_unstarted(out, lock)  # a new run that never completed a step leaves nothing
@@ -117,7 +131,6 @@ class _Loop:
         if self.micro % info.world_size:
             raise ConfigError(f"train.batch_size / train.grad_accum = {self.micro} must be divisible by "
                               f"the {info.world_size} processes")
-        self.per_rank = self.micro // info.world_size
         torch.manual_seed(t.seed)
         self.model = model = build_model(cfg.model).to(device)
         resume_from = latest_checkpoint(out) if resume else None
@@ -132,16 +145,20 @@ class _Loop:
         # the weights load into the unsharded model; the optimizer state once it exists
         ckpt = load_checkpoint(resume_from, model, None, map_location=device) if resume_from else None
         self.sharded = t.distributed == "fsdp2" and info.enabled
-        self.runner = distributed.wrap(model, t.distributed, info, device)
-        self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr,
-                                           betas=(t.beta1, t.beta2), fused=device.type == "cuda" or None)
+        # torchtitan's order: checkpointing, then compile per block, then shard / wrap
+        if t.activation_checkpointing:
+            set_activation_checkpointing(model, True)
+        if t.compile:
+            compile_blocks(model)
+        self.runner = distributed.wrap(model, t.distributed, info, device, t.precision)
+        self.optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))  # fused on CUDA
         self.scaler = grad_scaler(t.precision, device)
         self.autocast = autocast_for(t.precision, device)
         self.start = self.completed = 0  # completed: steps this process has finished
+        # the first non-finite step, on the device: (step, loss, gradient norm); step 0 = none yet
+        self.first_bad = torch.zeros(3, dtype=torch.float64, device=device)
         if ckpt is not None:
             self._resume(ckpt)
-        if t.compile:
-            self.runner = torch.compile(self.runner)
 
     def _resume(self, ckpt: dict) -> None:
         optimizer = (_sharded().ShardedOptimizerLoader(self.model, self.optimizer) if self.sharded
@@ -168,6 +185,7 @@ class _Loop:
         monitor_idx = (_monitor_batch(self.val_data, t.seq_len).to(self.device)
                        if t.monitor_every and self.val_data is not None else None)
         last: dict = {}
+        loss_value = None  # the loss last read back from the device (shown by the progress line)
 
         def record(entry: dict) -> None:
             write_metrics(metrics_file, entry, board)
@@ -175,29 +193,39 @@ class _Loop:
         try:
             for step in range(self.start, t.steps):
                 lr = apply_schedule(self.optimizer, schedule, step)
-                loss_value, grad_value = self._step(step)
+                loss, grad_norm = self._step(step)  # on the device
                 done = step + 1
                 self.completed += 1
-                if info.is_main and (done % max(1, t.log_every) == 0 or done == t.steps):
-                    last = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_value,
-                            "tokens": done * tokens_per_step, **progress.rates(done)}
-                    record(last)
+                log_now = done % max(1, t.log_every) == 0 or done == t.steps
+                eval_now = (t.eval_every and done % t.eval_every == 0) or done == t.steps
+                monitor_now = monitor_idx is not None and (done % t.monitor_every == 0 or done == t.steps)
+                stop = distributed.any_rank(stops.requested, info) and done < t.steps
+                save_now = (t.save_every and done % t.save_every == 0) or done == t.steps or stop
+                if log_now or eval_now or monitor_now or save_now:
+                    self._check_finite()  # the host waits for the device here, and only here
+                if log_now:
+                    loss_value, grad_value = float(loss), float(grad_norm)
+                    if info.is_main:
+                        last = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_value,
+                                "tokens": done * tokens_per_step, **progress.rates(done),
+                                **{k: float(v) for k, v in self.moe_step.items()}}
+                        record(last)
                 progress.update(done, loss_value)
-                if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+                if eval_now:
                     evaluation = self._evaluate()
                     if evaluation is not None:
                         record({"step": done, **evaluation})
                         progress.note(f"step {done}: val loss {evaluation['val_loss']:.4f}, "
-                                      f"{evaluation['val_bpb']:.4f} bits/byte")
+                                      + (f"{evaluation['val_bpb']:.4f} bits/byte" if "val_bpb" in evaluation
+                                         else f"test accuracy {evaluation['val_acc']:.4f}"))
                         last.update(evaluation)
-                if monitor_idx is not None and (done % t.monitor_every == 0 or done == t.steps):
+                if monitor_now:
                     if info.is_main or self.sharded:
                         with self.autocast:
                             summary = pathway_summary(self.model, monitor_idx)
                         if info.is_main:
                             record({"step": done, "monitor": summary})
-                stop = distributed.any_rank(stops.requested, info) and done < t.steps
-                if (t.save_every and done % t.save_every == 0) or done == t.steps or stop:
+                if save_now:
                     saved = self._save(done)
                 if stop:
                     raise TrainingInterrupted(stops.signum or signal.SIGTERM, saved, done)
@@ -209,36 +237,55 @@ class _Loop:
             progress.close()
         return last
 
-    def _step(self, step: int) -> tuple[float, float]:
-        """One optimizer step on the step's global batch; returns the loss and gradient norm."""
+    def _step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on the step's global batch; returns the loss (mean over the ranks)
+        and the gradient norm as tensors on the device: nothing here waits for the device."""
         t, info, device = self.cfg.train, self.info, self.device
         total = torch.zeros((), device=device)
-        # the step's global batch, whatever the accumulation and the number of processes:
-        # micro-batch m is rows [m * micro, (m+1) * micro), split evenly over the ranks
-        xs, ys = self.train_data.get_batch(step, t.batch_size, t.seq_len, seed=t.seed)
+        # this rank's rows of every micro-batch of the step's global batch (see batches.py)
+        xs, ys = rank_batch(self.train_data, step, t.batch_size, t.seq_len, t.seed, t.grad_accum,
+                            info.rank, info.world_size)
+        xs, ys = to_device(xs, device), to_device(ys, device)  # (grad_accum, per_rank, seq_len)
+        self.moe_step: dict = {}  # MoE: balance, z-loss, dropped fraction (mean over micro-batches)
         for m in range(t.grad_accum):
-            rows = slice(m * self.micro + info.rank * self.per_rank,
-                         m * self.micro + (info.rank + 1) * self.per_rank)
-            with self.autocast:
-                loss = self.runner(xs[rows].to(device), ys[rows].to(device))[1] / t.grad_accum
-            self.scaler.scale(loss).backward()
+            with distributed.grad_sync(self.runner, m == t.grad_accum - 1):  # reduce once per step
+                with self.autocast:
+                    loss = self.runner(xs[m], ys[m])[1] / t.grad_accum
+                self.scaler.scale(loss).backward()
             total += loss.detach()
+            for key, value in self.model.moe_stats().items():
+                self.moe_step[key] = self.moe_step.get(key, 0.0) + value.detach() / t.grad_accum
         self.scaler.unscale_(self.optimizer)
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip) if t.clip > 0
                      else torch.zeros((), device=device))
-        loss_value = float(distributed.mean_over_ranks(total, info))
-        grad_value = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        # fp16: an overflowing gradient is the scaler's business (it skips the step, lowers the scale)
-        grad_bad = not math.isfinite(grad_value) and not self.scaler.is_enabled()
-        if not math.isfinite(loss_value) or grad_bad:
-            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-            kept = latest_checkpoint(self.out)
-            raise TrainingStopped(f"non-finite {what} at step {step + 1} (loss {loss_value:.6g}, gradient "
-                                  f"norm {grad_value:.6g}); last good checkpoint: {kept or 'none'}")
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        loss = distributed.mean_over_ranks(total, info)
+        self._track(step, loss, grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, grad_value
+        return loss, grad_norm
+
+    def _track(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Record on the device the first step whose loss (or gradient norm) is not finite.
+        fp16: an overflowing gradient is the scaler's business (it skips the step, lowers the scale)."""
+        bad = ~torch.isfinite(loss)
+        if not self.scaler.is_enabled():
+            bad = bad | ~torch.isfinite(grad_norm)
+        now = torch.stack([torch.full((), float(step + 1), dtype=torch.float64, device=self.device),
+                           loss.double(), grad_norm.double()])
+        self.first_bad = torch.where(bad & (self.first_bad[0] == 0), now, self.first_bad)
+
+    def _check_finite(self) -> None:
+        """Raise TrainingStopped if a step since the start was not finite (a host synchronisation).
+        Called before every checkpoint, so none holds what followed a non-finite step."""
+        step, loss, grad = self.first_bad.tolist()
+        if step:
+            what = "loss" if not math.isfinite(loss) else "gradient norm"
+            kept = latest_checkpoint(self.out)
+            raise TrainingStopped(f"non-finite {what} at step {int(step)} (loss {loss:.6g}, gradient "
+                                  f"norm {grad:.6g}); last good checkpoint: {kept or 'none'}")
 
     def _evaluate(self) -> dict | None:
         """The validation loss (on rank 0; a sharded model needs every rank in its forward)."""
@@ -267,6 +314,32 @@ class _Loop:
         return path
 
 
+def _saved_device(out: Path) -> str | None:
+    """``train.device`` of the run saved in ``out`` (a bare ``--resume``), None when unreadable."""
+    try:
+        return RunConfig.load(out / RUN_CONFIG_FILE).train.device
+    except ConfigError:
+        return None
+
+
+@contextmanager
+def _determinism(enabled: bool):
+    """``train.deterministic``: deterministic kernels for the run (cuBLAS with a fixed workspace,
+    deterministic attention backward, ...), then the process's previous setting back. Ops that have
+    no deterministic kernel warn instead of failing."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def _sharded():
     """FSDP2 state helpers, imported only by sharded runs: ``torch.distributed.checkpoint`` costs
     most of a second to import, which every other command would pay through ``TrainingStopped``."""
@@ -277,7 +350,10 @@ def _sharded():
 
 def _monitor_batch(data: TokenShards, seq_len: int) -> torch.Tensor:
     """The fixed batch the training monitors read: the first ``MONITOR_WINDOWS`` validation
-    windows (enough tokens for the collapse quantiles, a fraction of a training step to run)."""
+    windows (enough tokens for the collapse quantiles, a fraction of a training step to run); for
+    images, the first 8 test images."""
+    if isinstance(data, ImageSet):
+        return data.images[:8]
     first = next(data.iter_eval_batches(MONITOR_WINDOWS, seq_len, max_batches=1), None)
     if first is None:
         raise DataError("the validation split is too small for one evaluation window")

@@ -28,7 +28,9 @@ class Progress:
         steps = max(done - self.start, 1)
         return {"tok_s": steps * self.tokens_per_step / max(elapsed, 1e-9), "elapsed_s": elapsed}
 
-    def update(self, done: int, loss: float) -> None:
+    def update(self, done: int, loss: float | None) -> None:
+        """``loss``: the last logged loss (None before the first log step): the bar never makes
+        the host wait for the device."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -41,7 +43,8 @@ class Progress:
         eta = (self.total - done) * r["elapsed_s"] / max(done - self.start, 1)
         width = 24
         filled = int(width * done / self.total)
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}  loss {loss:.4f}  "
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}  loss "
+                f"{'-' if loss is None else format(loss, '.4f')}  "
                 f"{r['tok_s']:,.0f} tok/s  ETA {eta:4.0f}s")
         if self.tty:
             sys.stderr.write("\r" + line)

@@ -7,7 +7,8 @@ only replaces a directory that is a hyperbit run (it has ``config.json``) and is
 
 ``--resume`` continues the saved run. The config it is given may change what does not make it a
 different run (:data:`RESUMABLE`: the number of steps, how often it logs, evaluates, monitors and
-saves, where it runs); any other difference is refused, naming the key.
+saves, where and how it runs: device, distribution, compilation, activation checkpointing,
+deterministic kernels); any other difference is refused, naming the key.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ LOCK_FILE = ".lock"
 RESUMABLE = frozenset({
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.save_every",
     "train.monitor_every", "train.keep_last", "train.check_wiring", "train.compile", "train.device",
-    "train.distributed",
+    "train.distributed", "train.activation_checkpointing", "train.deterministic",
 })
 
 
