@@ -7,7 +7,9 @@ Method: for each (M, K, N) a ``BitLinear(K, N)`` with a random weight is packed 
 ``PackedBitLinear.from_bitlinear``; an input ``(M, K)`` goes through ``F.linear`` with the fp32
 weight, the same under bf16 autocast (only where the CPU computes bf16 natively,
 ``hyperbit.train.precision.native_bf16``), and the packed layer (per-token int8 activation
-quantisation + ``torch._int_mm`` + fp32 rescale, all timed). Timed round-robin in one process
+quantisation + the int8 product + fp32 rescale, all timed): its default kernel (oneDNN's prepacked
+the int8 codes and ``torch._int_mm``) and, as a second column, the opt-in oneDNN prepacked s8 x s8
+kernel (``use_onednn``, where ``hyperbit.nn.packed.onednn_available()``; else the default again). Timed round-robin in one process
 (``_common.interleaved_timing``), inference mode; medians of all timed calls.
 
     python benchmarks/ternary_linear.py [--rounds 5] [--steps 10] [--threads N]
@@ -42,6 +44,7 @@ def main() -> None:
     import torch.nn.functional as F
 
     from hyperbit.nn import BitLinear, PackedBitLinear
+    from hyperbit.nn.packed import onednn_available
     from hyperbit.train.precision import native_bf16
 
     if args.threads:
@@ -55,6 +58,8 @@ def main() -> None:
         key = f"{m}x{k}x{n}"
         layer = BitLinear(k, n)
         packed = PackedBitLinear.from_bitlinear(layer)
+        onednn = PackedBitLinear.from_bitlinear(layer)
+        onednn.use_onednn = onednn_available()
         w = layer.weight.detach()
         x = torch.randn(m, k)
         sd = packed.state_dict()
@@ -72,10 +77,14 @@ def main() -> None:
         def run_packed(x=x, packed=packed) -> None:
             packed(x)
 
+        def run_onednn(x=x, packed=onednn) -> None:
+            packed(x)
+
         fns[f"{key} fp32"] = fp32
         if bf16:
             fns[f"{key} bf16"] = bf16_autocast
         fns[f"{key} packed"] = run_packed
+        fns[f"{key} oneDNN"] = run_onednn
     with torch.inference_mode():
         warmup(fns, args.warmup)
         times = interleaved_timing(fns, args.rounds, args.steps)
@@ -85,11 +94,14 @@ def main() -> None:
     for m, k, n in SHAPES:
         key = f"{m}x{k}x{n}"
         t32, tb, tp = med[f"{key} fp32"], med.get(f"{key} bf16"), med[f"{key} packed"]
+        ti = med[f"{key} oneDNN"]
         mb = meta[key]
-        meta[key].update(fp32_s=t32, bf16_s=tb, packed_s=tp, speedup_vs_fp32=t32 / tp,
+        meta[key].update(fp32_s=t32, bf16_s=tb, packed_s=tp, onednn_s=ti, speedup_vs_fp32=t32 / tp,
+                         onednn_speedup_vs_fp32=t32 / ti,
                          speedup_vs_bf16=(tb / tp) if tb else None)
         rows.append([f"({m}, {k}, {n})", fmt(t32 * 1e3, ".3f", " ms"), fmt(tb * 1e3 if tb else None, ".3f", " ms"),
-                     fmt(tp * 1e3, ".3f", " ms"), fmt(t32 / tp, ".2f", "x"), fmt(tb / tp if tb else None, ".2f", "x"),
+                     fmt(tp * 1e3, ".3f", " ms"), fmt(ti * 1e3, ".3f", " ms"), fmt(t32 / tp, ".2f", "x"),
+                     fmt(tb / tp if tb else None, ".2f", "x"), fmt(t32 / ti, ".2f", "x"),
                      f"{mb['fp32_weight_bytes']:,}", f"{mb['packed_weight_bytes']:,}",
                      fmt(mb["fp32_weight_bytes"] / mb["packed_weight_bytes"], ".1f", "x")])
         if m == 1:
@@ -100,11 +112,12 @@ def main() -> None:
                     "ratio": min(v["fp32_weight_bytes"] / v["packed_weight_bytes"] for v in meta.values()),
                     "target": 16.0, "passed": exact})
     print(f"ternary linear forward, CPU, {torch.get_num_threads()} threads, native bf16: {bf16}, "
-          f"{args.rounds} rounds x {args.steps} calls, medians")
-    print(format_table(["(M, K, N)", "fp32", "bf16 autocast", "packed", "vs fp32", "vs bf16",
+          f"{args.rounds} rounds x {args.steps} calls, medians; packed kernel: "
+          f"torch._int_mm; second column: {'oneDNN prepacked' if onednn_available() else 'the same'}")
+    print(format_table(["(M, K, N)", "fp32", "bf16 autocast", "packed", "oneDNN", "vs fp32", "vs bf16", "oneDNN vs fp32",
                         "fp32 weight B", "packed B", "smaller"], rows))
     finish("ternary_linear", info, targets, args.out, quick=args.rounds < 3,
-           source_changed=source_digest() != digest, native_bf16=bf16, shapes=meta, median_s=med, times=times)
+           source_changed=source_digest() != digest, native_bf16=bf16, onednn=onednn_available(), shapes=meta, median_s=med, times=times)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ training found its data: the prepared directory named by ``data.path``, else the
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +31,11 @@ from torch import nn
 
 from .config import ConfigError
 from .data import ByteTokenizer, DataError, TokenShards, Tokenizer, load_tokenizer, prepare, same_tokenizer
+from .data.digits import load_image_data
 from .data.shards import META_FILE
+from .interop.packed import is_packed_dir, load_packed, write_packed
+from .interop.hf_bitnet import write_bitnet
+from .interop.hf_register import write_hf
 from .models import VocabMask, build_model, generate
 from .train.checkpoint import CHECKPOINTS, CONFIG_FILE, load_checkpoint, resolve_checkpoint
 from .train.config import METRICS_FILE, RunConfig
@@ -38,8 +45,8 @@ from .train.evaluate import evaluate
 from .train.precision import autocast as precision_autocast
 from .train.precision import resolve_precision
 
-__all__ = ["check_shards", "eval_data", "evaluate_checkpoint", "find_run_data", "generate_text",
-           "load_trained", "prepared_run_data", "read_metrics", "run_dir_of"]
+__all__ = ["EXPORT_FORMATS", "check_shards", "eval_data", "evaluate_checkpoint", "export_run",
+           "find_run_data", "generate_text", "load_trained", "prepared_run_data", "read_metrics", "run_dir_of"]
 
 
 def run_dir_of(step_dir: Path) -> Path | None:
@@ -105,6 +112,8 @@ def load_trained(ckpt_path: str | Path, *, device: str | torch.device | None = N
     that learned fewer merges than asked, or a padded embedding);
     :class:`~hyperbit.models.VocabMask` keeps generation inside the tokenizer's ids.
     """
+    if is_packed_dir(ckpt_path):
+        return _load_packed(Path(ckpt_path), device, tokenizer)
     step_dir = resolve_checkpoint(ckpt_path)
     cfg = _read_config(step_dir)
     dev = pick_device(cfg.train.device if device is None else device)
@@ -145,6 +154,56 @@ def load_trained(ckpt_path: str | Path, *, device: str | torch.device | None = N
     info = {"path": step_dir, "step": ckpt["step"], "run_dir": run_dir, "data_dir": data_dir,
             "tokenizer_file": tok_file, "device": dev}
     return model, cfg, tok, info
+
+
+def _load_packed(path: Path, device, tokenizer) -> tuple[nn.Module, RunConfig, Tokenizer, dict[str, Any]]:
+    """:func:`load_trained` for a packed directory (:mod:`hyperbit.interop.packed`): its own
+    tokenizer file unless ``tokenizer`` overrides it; ``run_dir`` None."""
+    tok_file = Path(tokenizer) if tokenizer is not None and not isinstance(tokenizer, Tokenizer) else None
+    tok = load_tokenizer(tok_file) if tok_file is not None else tokenizer
+    model, cfg, tok, header = load_packed(path, "cpu", tokenizer=tok)
+    dev = pick_device(cfg.train.device if device is None else device)
+    model.to(dev)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise DataError(f"tokenizer vocab_size {tok.vocab_size} ({tok.kind}) does not fit the model's "
+                        f"vocab_size {cfg.model.vocab_size} (packed model {path})")
+    info = {"path": path, "step": header["step"], "run_dir": None, "data_dir": None,
+            "tokenizer_file": tok_file or path / header["tokenizer"], "device": dev, "packed": True}
+    return model, cfg, tok, info
+
+
+# Export formats: name -> writer(model, run_config, tokenizer, info, out_dir). ``out_dir`` is an
+# empty directory that exists; export_run renames it into place once the writer has returned.
+EXPORT_FORMATS = {"packed": write_packed, "bitnet": write_bitnet, "hf": write_hf}
+
+
+def export_run(src: str | Path, fmt: str, out: str | Path, *, tokenizer: str | Path | None = None) -> Path:
+    """``hyperbit export``: write the model of ``src`` (a run dir, its checkpoints/ dir or a step
+    dir, as :func:`load_trained` reads them) to the new directory ``out`` in format ``fmt``
+    (a key of :data:`EXPORT_FORMATS`). ``out`` must not exist and its parent must: the writer
+    fills a temporary directory beside it, renamed into place at the end, so a failure leaves
+    nothing behind. Returns ``out``."""
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"--format {fmt!r} is not allowed; choose one of {sorted(EXPORT_FORMATS)}")
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        raise ConfigError(f"output {out} already exists; export writes a new directory (remove it or pick another)")
+    if not out.parent.is_dir():
+        raise ConfigError(f"the parent directory of {out} does not exist")
+    if is_packed_dir(src):
+        raise CheckpointError(f"{src} is already a packed directory; export from a checkpoint")
+    model, cfg, tok, info = load_trained(src, device="cpu", tokenizer=tokenizer)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        EXPORT_FORMATS[fmt](model, cfg, tok, info, tmp)
+        os.rename(tmp, out)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {out}: {e.strerror or type(e).__name__}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def _has_split(data_dir: Path, split: str) -> bool:
@@ -252,6 +311,13 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data: str | Path | None = Non
     dev = info["device"]
     precision = resolve_precision(precision or "auto", dev)
     autocast = precision_autocast(precision, dev)
+    if cfg.model.arch == "vit":  # an image classifier: loss and accuracy on its test images
+        described = cfg.data.path if data is None else str(data)
+        _, test = load_image_data(described)
+        result = evaluate(model, test, seq, batch, batches or None, dev, autocast)
+        return {"checkpoint": str(info["path"]), "step": info["step"], "data": described, "split": "test",
+                "batches": 0, "batch_size": batch, "images": len(test),
+                "precision": precision, "device": str(dev), **result}
     with eval_data(cfg, tok, info, data, split=split, **data_options) as (shards, described, split):
         result = evaluate(model, shards, seq, batch, batches or None, dev, autocast)
         windows = shards.num_eval_windows(seq)
@@ -272,6 +338,9 @@ def generate_text(model: nn.Module, tok: Tokenizer, prompt: str, max_new_tokens:
     An empty prompt starts a new document (the end-of-text token). ``precision`` follows the
     training rule (``auto``: bf16 autocast where the device computes it natively, else fp32).
     Bad arguments are one-line ConfigErrors."""
+    if getattr(getattr(model, "cfg", None), "arch", "lm") != "lm":
+        raise ConfigError("this checkpoint is a vision transformer (model.arch=vit): it classifies "
+                          "images and does not generate text; use `hyperbit eval`")
     if max_new_tokens < 0:
         raise ConfigError(f"--max-tokens must be >= 0, got {max_new_tokens}")
     ids = tok.encode(prompt)

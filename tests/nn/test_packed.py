@@ -79,16 +79,27 @@ def test_int8_matmul_is_exact_on_every_path(mkn, mode):
 
 # --- forward equals BitLinear ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("use_int_mm", [True, False])
+KERNELS = ["onednn", "int_mm", "int32"]
+
+
+def set_kernel(packed: PackedBitLinear, kernel: str) -> PackedBitLinear:
+    """Pick the product path: oneDNN prepacked (skipped where unavailable), _int_mm, exact int32."""
+    if kernel == "onednn" and not packed_mod.onednn_available():
+        pytest.skip("oneDNN int8 kernels are not available here")
+    packed.use_onednn = kernel == "onednn"
+    packed.use_int_mm = kernel != "int32"
+    return packed
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("kn,lead", [((64, 32), (3, 5)), ((256, 128), (1,)), ((33, 20), (17,)),
-                                     ((128, 64), (2, 40))])
-def test_forward_equals_bitlinear_fp32(kn, lead, use_int_mm):
+                                     ((128, 64), (2, 40)), ((64, 32), (0,))])
+def test_forward_equals_bitlinear_fp32(kn, lead, kernel):
     """Integer path: within 3 fp32 roundings (2.5e-7 relative) of the exact fp64 value; BitLinear's
     fp32 matmul accumulates its own round-off, so against it the bound is 1e-5 of sum |terms|."""
     k, n = kn
     layer = _layer(k, n, seed=k + n)
-    packed = PackedBitLinear.from_bitlinear(layer)
-    packed.use_int_mm = use_int_mm
+    packed = set_kernel(PackedBitLinear.from_bitlinear(layer), kernel)
     torch.manual_seed(1)
     x = torch.randn(*lead, k) * 3
     with torch.no_grad():
@@ -166,7 +177,8 @@ def test_state_dict_is_one_sixteenth_of_fp32_and_round_trips():
 
 # --- no unpacking per forward ---------------------------------------------------------------------
 
-def test_forward_unpacks_once_and_reuses_the_int8_cache(monkeypatch):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_forward_unpacks_once_and_reuses_the_cached_weight(monkeypatch, kernel):
     calls = []
     real = packed_mod.unpack_ternary
 
@@ -175,15 +187,22 @@ def test_forward_unpacks_once_and_reuses_the_int8_cache(monkeypatch):
         return real(p)
 
     monkeypatch.setattr(packed_mod, "unpack_ternary", counting)
-    packed = PackedBitLinear.from_bitlinear(_layer(64, 32, seed=8))
+    packed = set_kernel(PackedBitLinear.from_bitlinear(_layer(64, 32, seed=8)), kernel)
     x = torch.randn(4, 64)
     first = packed(x)
-    ptr = packed.codes.data_ptr()
-    assert packed.codes.dtype == torch.int8
+    weight = next(iter(packed._kernels.values()))[1][0]
+    if kernel != "onednn":
+        assert packed.codes.dtype == torch.int8 and weight is packed.codes
+    else:
+        assert packed.codes is None  # only the prepacked weight is kept
     for _ in range(3):
         assert torch.equal(packed(x), first)
     assert len(calls) == 1
-    assert packed.codes.data_ptr() == ptr
+    assert next(iter(packed._kernels.values()))[1][0] is weight
+    # new codes written in place (a state dict copied in, a bug planted) are picked up
+    packed.packed.copy_(pack_ternary(-real(packed.packed)))
+    assert torch.equal(packed(x), -first)
+    assert len(calls) == 2
 
 
 # --- errors ---------------------------------------------------------------------------------------

@@ -18,7 +18,12 @@
     hyperbit inspect CKPT [--out DIR] [--data DIR] [--batch-size N] [--seq N] [--json]
                                                        plots + JSON: connection matrix, collapse, gain
 
-CKPT is a run directory (its latest checkpoint), its checkpoints/ directory or one step directory.
+    hyperbit export CKPT OUT --format packed          write the model in another format to a new dir
+    hyperbit import HF_DIR --out RUN [--tokenizer byte|FILE] [train.*|data.*=value ...]
+                                                       a Hugging Face bitnet checkpoint as a new run
+
+CKPT is a run directory (its latest checkpoint), its checkpoints/ directory or one step directory;
+eval and generate also take a packed directory (``hyperbit export --format packed``).
 
     hyperbit presets                                   list the run and model presets
 
@@ -41,9 +46,9 @@ from .._version import __version__
 from ..config import ConfigError
 from ..data import DataError
 from ..train.errors import CheckpointError, TrainingInterrupted, TrainingStopped
-from . import compare, data, evaluate, generate, inspect, model, presets, train
+from . import compare, data, evaluate, export, generate, import_, inspect, model, presets, train
 
-COMMANDS = (model, train, data, evaluate, generate, compare, inspect, presets)
+COMMANDS = (model, train, data, evaluate, generate, export, import_, compare, inspect, presets)
 
 
 def build_parser() -> argparse.ArgumentParser:
