@@ -409,3 +409,197 @@ def finish(benchmark: str, info: dict[str, Any], targets: list[dict], out_path: 
     path = write_json(out_path, {"benchmark": benchmark, "machine": info, **sections, "targets": targets})
     print(f"\nwrote {path}")
     return path
+
+
+# --- step-time comparison of whole models (train_throughput --models, gpu_step) -----------------
+
+def build_plain_gpt(vocab_size: int, dim: int, n_layers: int, n_heads: int, ffn_hidden: int,
+                    max_seq_len: int):
+    """The strong baseline: a plain PyTorch GPT of the same shape as hyperbit's Pre-Norm model
+    (``nn.RMSNorm``, one fused q/k/v ``nn.Linear``, RoPE, SDPA, SwiGLU with one fused gate/up
+    ``nn.Linear``, an untied head), written here with nothing from hyperbit."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    head_dim = dim // n_heads
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len).float(), inv_freq)  # (T, head_dim / 2)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn_norm, self.ffn_norm = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+            self.out = nn.Linear(dim, dim, bias=False)
+            self.gate_up = nn.Linear(dim, 2 * ffn_hidden, bias=False)
+            self.down = nn.Linear(ffn_hidden, dim, bias=False)
+
+        def forward(self, x, cos, sin):
+            B, T, _ = x.shape
+            q, k, v = self.qkv(self.attn_norm(x)).view(B, T, 3, n_heads, head_dim).transpose(1, 3).unbind(2)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)  # (B, H, T, hd)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.out(a.transpose(1, 2).reshape(B, T, dim))
+            gate, up = self.gate_up(self.ffn_norm(x)).chunk(2, dim=-1)
+            return x + self.down(F.silu(gate) * up)
+
+    def rope(x, cos, sin):  # rotate-half RoPE, x: (B, H, T, hd)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+    class PlainGPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(vocab_size, dim)
+            self.blocks = nn.ModuleList(Block() for _ in range(n_layers))
+            self.norm = nn.RMSNorm(dim, eps=1e-6)
+            self.head = nn.Linear(dim, vocab_size, bias=False)
+            self.register_buffer("cos", angles.cos(), persistent=False)
+            self.register_buffer("sin", angles.sin(), persistent=False)
+            for name, p in self.named_parameters():
+                if p.dim() == 2:
+                    nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layers) if name.endswith(("out.weight", "down.weight")) else 0.02)
+
+        def forward(self, idx, targets=None):
+            T = idx.shape[1]
+            cos, sin = self.cos[:T], self.sin[:T]
+            h = self.embed(idx)
+            for block in self.blocks:
+                h = block(h, cos, sin)
+            logits = self.head(self.norm(h))
+            loss = None if targets is None else F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            return logits, loss
+
+    return PlainGPT()
+
+
+# name -> (label, ModelConfig overrides); "plain" is build_plain_gpt
+STEP_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "plain": ("plain GPT", {}),
+    "prenorm": ("Pre-Norm", {}),
+    "shc4": ("SHC x4", dict(pathway="hc", expansion_rate=4, hc_dynamic=False)),
+    "dhc4": ("DHC x4", dict(pathway="hc", expansion_rate=4)),
+    "prenorm_bit": ("Pre-Norm + BitLinear", dict(linear="bitnet")),
+}
+
+
+def build_step_model(name: str, shape: dict[str, int], device: str, compiled: bool, fused_hc: bool = False,
+                     compile_kwargs: dict[str, Any] | None = None):
+    """One model of :data:`STEP_MODELS` on ``device``; ``compiled``: regional compile of its blocks
+    (``hyperbit.models.compile_blocks``; the plain GPT's blocks compiled the same way)."""
+    import torch
+    from hyperbit import ModelConfig
+    from hyperbit.models import build_model, compile_blocks
+
+    torch.manual_seed(0)
+    if name == "plain":
+        from hyperbit.config import ModelConfig as _MC
+
+        hidden = _MC(dim=shape["dim"]).resolved().ffn_hidden  # the same FFN width as hyperbit's
+        model = build_plain_gpt(shape["vocab_size"], shape["dim"], shape["n_layers"], shape["n_heads"],
+                                hidden, shape["seq_len"]).to(device)
+        if compiled:
+            for block in model.blocks:
+                block.compile(**(compile_kwargs or {}))
+        return model
+    cfg = ModelConfig(vocab_size=shape["vocab_size"], dim=shape["dim"], n_layers=shape["n_layers"],
+                      n_heads=shape["n_heads"], max_seq_len=shape["seq_len"], **STEP_MODELS[name][1])
+    model = build_model(cfg).to(device)
+    if compiled:
+        compile_blocks(model, fused_hc=fused_hc, **(compile_kwargs or {}))
+    return model
+
+
+def step_configs(models: Sequence[str], modes: Sequence[str]) -> list[tuple[str, str, bool, str]]:
+    """``(key, model name, compiled, hc path)`` for every model x mode; mode ``compiled`` is
+    ``compile_blocks``' default (hyper-connections keep their custom autograd nodes), mode
+    ``compiled-plain`` the compiled DHC x4 with plain-autograd hyper-connections instead."""
+    out = []
+    for mode in modes:
+        for m in models:
+            if mode == "compiled-plain" and m != "dhc4":
+                continue
+            out.append((f"{m}/{mode}", m, mode != "eager", "plain" if mode == "compiled-plain" else "fused"))
+    return out
+
+
+def measure_steps(models: Sequence[str], modes: Sequence[str], shape: dict[str, int], device: str,
+                  dtype, rounds: int, steps: int, warmup_steps: int, log=print,
+                  compile_kwargs: dict[str, Any] | None = None) -> dict[str, dict]:
+    """Build every (model, mode), warm it up (compiling), then time training steps round-robin.
+
+    Per configuration: step seconds (median over rounds of per-round medians), compile / first-step
+    seconds, and memory: on CUDA the peak allocated by one step (gradients included) above what was
+    allocated before it, plus the model's parameters and AdamW state (so models held side by side do not
+    count each other); on CPU the bytes autograd saves in one forward (:func:`saved_activation_bytes`).
+    """
+    import torch
+
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else None
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq_len"]), generator=g).to(device)
+    targets = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq_len"]), generator=g).to(device)
+    fns, results = {}, {}
+    for key, name, compiled, hc in step_configs(models, modes):
+        model = build_step_model(name, shape, device, compiled, fused_hc=hc == "fused", compile_kwargs=compile_kwargs)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if cuda else None)
+        step = make_train_step(model, opt, idx, targets, device, dtype)
+        t0 = time.perf_counter()
+        step()
+        if sync:
+            sync()
+        first = time.perf_counter() - t0
+        warmup({key: step}, warmup_steps)
+        mem: dict[str, Any] = {}
+        if cuda:
+            sync()
+            static = sum(t.numel() * t.element_size() for p in model.parameters()
+                         for t in (p, *opt.state[p].values()) if torch.is_tensor(t))
+            opt.zero_grad(set_to_none=True)  # the step's gradients count in its peak, not here
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            sync()
+            mem = {"peak_bytes": torch.cuda.max_memory_allocated() - before + static, "static_bytes": static}
+        else:
+            with autocast(device, dtype), torch.enable_grad():
+                mem = saved_activation_bytes(model, lambda: model(idx, targets)[1], exclude=[idx, targets])
+            mem = {"saved_bytes": mem["bytes"]}
+        opt.zero_grad(set_to_none=True)
+        fns[key] = step
+        results[key] = {"model": name, "label": STEP_MODELS[name][0], "compiled": compiled, "hc_path": hc,
+                        "first_step_s": first, "params": sum(p.numel() for p in model.parameters()), **mem}
+        log(f"  {key}: built, first step {first:.1f}s")
+    times = interleaved_timing(fns, rounds, steps, sync=sync,
+                               progress=lambda r, n: log(f"  round {r}/{n}"))
+    for key, per_round in times.items():
+        results[key]["step_s_per_round"] = [median(r) for r in per_round]
+        results[key]["step_s"] = median(results[key]["step_s_per_round"])
+    return results
+
+
+def step_table(results: dict[str, dict], memory_key: str) -> tuple[list[str], list[list[str]]]:
+    """Rows: model, mode, step ms, x plain GPT, x Pre-Norm (same mode), memory MiB, x Pre-Norm."""
+    rows = []
+    for key, r in results.items():
+        mode = key.split("/", 1)[1]
+        plain, pre = results.get(f"plain/{mode.replace('-plain', '')}"), results.get(f"prenorm/{mode.replace('-plain', '')}")
+        mem = r.get(memory_key)
+        rows.append([r["label"], mode, fmt(r["step_s"] * 1e3), fmt(ratio(r["step_s"], plain and plain["step_s"]), ".3f"),
+                     fmt(ratio(r["step_s"], pre and pre["step_s"]), ".3f"), fmt(r["first_step_s"], ".1f"),
+                     fmt(mem / MIB if mem is not None else None, ".1f"),
+                     fmt(ratio(mem, pre and pre.get(memory_key)), ".3f")])
+    headers = ["model", "mode", "step ms", "x plain", "x Pre-Norm", "first step s", f"{memory_key} MiB", "x Pre-Norm"]
+    return headers, rows
+
+
+def step_target(results: dict, model: str, mode: str, threshold: float, what: str = "step_s",
+                base: str = "prenorm") -> dict:
+    a, b = results.get(f"{model}/{mode}"), results.get(f"{base}/{mode}")
+    value = ratio(a and a.get(what), b and b.get(what))
+    label = STEP_MODELS[model][0]
+    return {"name": f"{model}_{mode}_{what}", "description": f"{label} {mode} {what} <= {threshold}x "
+            f"{STEP_MODELS[base][0]} {mode}", "ratio": value, "threshold": threshold,
+            "passed": None if value is None else bool(value <= threshold)}

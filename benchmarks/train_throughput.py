@@ -43,6 +43,19 @@ Method
     python benchmarks/train_throughput.py                       # full run (several minutes on CPU)
     python benchmarks/train_throughput.py --quick               # tiny preset, smoke test
     python benchmarks/train_throughput.py --pathways hc --rounds 7 --steps 10,60
+
+Second claim, ``--models``: the step time of hyperbit's models against a plain PyTorch GPT of the
+same shape (``_common.build_plain_gpt``), eager and with regional compile
+(``hyperbit.models.compile_blocks``): plain GPT, Pre-Norm, SHC x4, DHC x4, Pre-Norm + BitLinear at
+d 256 x 6 blocks, batch 8 x seq 256, in the precision ``train.precision=auto`` picks. One process,
+every model built side by side, steps timed round-robin (``_common.interleaved_timing``), medians
+of per-round medians; memory is the bytes autograd saves in one forward. Mode ``compiled-plain``
+compiles DHC x4 with plain-autograd hyper-connections instead of the custom autograd nodes that
+``compile_blocks`` keeps by default (the comparison that chose the default). Targets: DHC x4 <= 1.20x Pre-Norm eager, <= 1.10x
+compiled.
+
+    python benchmarks/train_throughput.py --models              # full (compiles: ~10+ min on 2 cores)
+    python benchmarks/train_throughput.py --models --quick --modes eager
 """
 
 from __future__ import annotations
@@ -254,6 +267,9 @@ def time_command(cmd: list[str], repeats: int) -> list[float]:
 # --- main -------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--models" in argv:
+        return models_main([a for a in argv if a != "--models"])
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -422,6 +438,60 @@ def main(argv=None) -> int:
     C.finish("train_throughput", info, targets, out_path, quick=args.quick,
              source_changed=info["source_changed_during_run"], settings=settings, data=data_info,
              pathways=results, cli=cli)
+    return 0
+
+
+# --- --models: hyperbit's models against a plain GPT, eager and compiled ---------------------------
+
+MODEL_SHAPE = dict(vocab_size=256, dim=256, n_layers=6, n_heads=4, seq_len=256, batch=8)
+MODEL_SHAPE_QUICK = dict(vocab_size=64, dim=32, n_layers=2, n_heads=2, seq_len=16, batch=2)
+
+
+def models_main(argv) -> int:
+    ap = argparse.ArgumentParser(description="step time of hyperbit's models against a plain GPT (CPU)")
+    ap.add_argument("--quick", action="store_true", help="d 32 x 2 blocks, batch 2 x seq 16, 1 round")
+    ap.add_argument("--models-list", default=",".join(C.STEP_MODELS), help="comma list of "
+                    f"{','.join(C.STEP_MODELS)}")
+    ap.add_argument("--modes", default="eager,compiled,compiled-plain",
+                    help="comma list of eager, compiled, compiled-plain")
+    ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 4; 1 with --quick)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default 2; 1 with --quick)")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    models = [m for m in args.models_list.split(",") if m]
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in models if m not in C.STEP_MODELS] + [m for m in modes if m not in ("eager", "compiled", "compiled-plain")]
+    if bad or not models or not modes:
+        ap.error(f"unknown or no models / modes {bad}; models: {list(C.STEP_MODELS)}, modes: eager, compiled, compiled-plain")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    shape = MODEL_SHAPE_QUICK if args.quick else MODEL_SHAPE
+    rounds = args.rounds or (1 if args.quick else 4)
+    steps = args.steps or (1 if args.quick else 2)
+    info = C.machine_info("cpu")
+    info["avx512_bf16"] = "avx512_bf16" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else None
+    prec = C.precision("cpu")
+    log(f"train_throughput --models: {models} x {modes}, {shape}, {prec}, {torch.get_num_threads()} threads")
+    results = C.measure_steps(models, modes, shape, "cpu", None, rounds, steps, warmup_steps=1, log=log,
+                              compile_kwargs={"backend": args.backend})
+    if hasattr(os, "getloadavg"):
+        info["loadavg_end"] = list(os.getloadavg())
+    print(f"\nstep time: d {shape['dim']} x {shape['n_layers']} blocks, batch {shape['batch']} x seq "
+          f"{shape['seq_len']}, {prec}, {torch.get_num_threads()} threads, {info['cpu_model']} "
+          f"(avx512_bf16: {info['avx512_bf16']}); {rounds} rounds x {steps} steps, interleaved"
+          + ("  [QUICK]" if args.quick else ""))
+    print(C.format_table(*C.step_table(results, "saved_bytes")))
+    print("step ms: median of per-round medians; x Pre-Norm: against Pre-Norm in the same mode "
+          "(compiled-plain against compiled); saved: bytes autograd keeps for backward in one forward")
+    targets = [C.step_target(results, "dhc4", "eager", 1.20), C.step_target(results, "dhc4", "compiled", 1.10),
+               C.step_target(results, "dhc4", "eager", 1.15, what="saved_bytes")]
+    default = C.RESULTS_DIR / ("train_throughput_models_quick.json" if args.quick else "train_throughput_models.json")
+    C.finish("train_throughput_models", info, targets, Path(args.out) if args.out else default, quick=args.quick,
+             source_changed=False, settings={"shape": shape, "precision": prec, "rounds": rounds, "steps": steps,
+                                             "backend": args.backend, "threads": torch.get_num_threads()},
+             results=results)
     return 0
 
 
