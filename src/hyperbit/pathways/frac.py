@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from ..nn.norm import RMSNorm
 from ._frac_fused import FracDepth, FracWidth, mix
 from .base import Branch, Pathway
-from .hyper import DepthContext
+from .hyper import DepthContext, dynamic_weights
 
 
 class FracConnection(Pathway):
@@ -135,12 +135,7 @@ class FracConnection(Pathway):
         device, compute = h.device.type, _compute_dtype(h)
         save_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         with torch.autocast(device, enabled=False):  # the weights, cast to the compute dtype
-            dyn_wt = s_alpha = s_beta = None
-            if self.dynamic:
-                dyn_wt = torch.cat([self.dynamic_alpha_fn.T.to(compute),
-                                    self.dynamic_beta_fn.unsqueeze(0).to(compute)])  # (2m+1, c)
-                s_alpha = self.dynamic_alpha_scale.to(compute)
-                s_beta = self.dynamic_beta_scale.to(compute)
+            dyn_wt, s_alpha, s_beta = dynamic_weights(self, compute)  # (2m+1, c)
             stream_eps = self.stream_norm.eps if self.dynamic else 0.0
             x, mixed, beta = FracWidth.apply(
                 h, self.static_alpha.to(compute), self.static_beta.to(compute), dyn_wt, s_alpha,

@@ -114,12 +114,7 @@ class HyperConnection(Pathway):
         device, compute = h.device.type, _compute_dtype(h)
         save_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         with torch.autocast(device, enabled=False):  # the weights, cast to the compute dtype
-            dyn_w = s_alpha = s_beta = None
-            if self.dynamic:
-                dyn_w = torch.cat([self.dynamic_alpha_fn.T.to(compute),
-                                   self.dynamic_beta_fn.unsqueeze(0).to(compute)])  # (n+2, d)
-                s_alpha = self.dynamic_alpha_scale.to(compute)
-                s_beta = self.dynamic_beta_scale.to(compute)
+            dyn_w, s_alpha, s_beta = dynamic_weights(self, compute)  # (n+2, d)
             norm_w = self.norm.weight.to(compute) if self.norm is not None else None
             stream_eps = self.stream_norm.eps if self.dynamic else 0.0
             norm_eps = self.norm.eps if self.norm is not None else 0.0
@@ -219,6 +214,19 @@ class HyperConnection(Pathway):
     def extra_repr(self) -> str:
         kind = "dynamic" if self.dynamic else "static"
         return f"dim={self.dim}, expansion_rate={self.expansion_rate}, branch={self.branch_index}, {kind}, tanh={self.use_tanh}"
+
+
+def dynamic_weights(connection: nn.Module, compute: torch.dtype
+                    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """A dynamic connection's projections packed as one ``(k+1, c)`` matrix ``[W_alpha^T; W_beta]``
+    and its gains ``s_alpha``, ``s_beta``, in ``compute``; three Nones for a static one. Shared by
+    hyper- and frac-connections (the same parameter names)."""
+    if not connection.dynamic:
+        return None, None, None
+    packed = torch.cat([connection.dynamic_alpha_fn.T.to(compute),
+                        connection.dynamic_beta_fn.unsqueeze(0).to(compute)])
+    return (packed, connection.dynamic_alpha_scale.to(compute),
+            connection.dynamic_beta_scale.to(compute))
 
 
 def _compute_dtype(h: Tensor) -> torch.dtype:
