@@ -481,6 +481,9 @@ STEP_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "shc4": ("SHC x4", dict(pathway="hc", expansion_rate=4, hc_dynamic=False)),
     "dhc4": ("DHC x4", dict(pathway="hc", expansion_rate=4)),
     "prenorm_bit": ("Pre-Norm + BitLinear", dict(linear="bitnet")),
+    "mhc4": ("mHC x4", dict(pathway="mhc", expansion_rate=4)),
+    "frac2": ("frac x2", dict(pathway="frac", frac_rate=2)),
+    "frac4": ("frac x4", dict(pathway="frac", frac_rate=4)),
 }
 
 

@@ -46,7 +46,7 @@ Method
 
 Second claim, ``--models``: the step time of hyperbit's models against a plain PyTorch GPT of the
 same shape (``_common.build_plain_gpt``), eager and with regional compile
-(``hyperbit.models.compile_blocks``): plain GPT, Pre-Norm, SHC x4, DHC x4, Pre-Norm + BitLinear at
+(``hyperbit.models.compile_blocks``): plain GPT, Pre-Norm, SHC x4, DHC x4, Pre-Norm + BitLinear, mHC x4, frac x2, frac x4 at
 d 256 x 6 blocks, batch 8 x seq 256, in the precision ``train.precision=auto`` picks. One process,
 every model built side by side, steps timed round-robin (``_common.interleaved_timing``), medians
 of per-round medians; memory is the bytes autograd saves in one forward. Mode ``compiled-plain``
@@ -486,7 +486,10 @@ def models_main(argv) -> int:
     print("step ms: median of per-round medians; x Pre-Norm: against Pre-Norm in the same mode "
           "(compiled-plain against compiled); saved: bytes autograd keeps for backward in one forward")
     targets = [C.step_target(results, "dhc4", "eager", 1.20), C.step_target(results, "dhc4", "compiled", 1.10),
-               C.step_target(results, "dhc4", "eager", 1.15, what="saved_bytes")]
+               C.step_target(results, "dhc4", "eager", 1.15, what="saved_bytes"),
+               C.step_target(results, "mhc4", "eager", 1.35), C.step_target(results, "mhc4", "compiled", 1.35),
+               C.step_target(results, "frac2", "eager", 1.05, what="saved_bytes"),
+               C.step_target(results, "frac4", "eager", 1.05, what="saved_bytes")]
     default = C.RESULTS_DIR / ("train_throughput_models_quick.json" if args.quick else "train_throughput_models.json")
     C.finish("train_throughput_models", info, targets, Path(args.out) if args.out else default, quick=args.quick,
              source_changed=False, settings={"shape": shape, "precision": prec, "rounds": rounds, "steps": steps,
