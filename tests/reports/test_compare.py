@@ -213,3 +213,13 @@ def test_a_budget_rounded_noticeably_is_noted_in_the_log(tmp_path):
     assert lines[0] == ("note: prenorm,train.batch_size=8 trains 4 steps x 8 x 32 = 1,024 tokens, -11.1% off "
                         "the budget of 1,152 (whole steps only)")
     assert len(lines) == 1 + 2  # the note, then the dry run's two runs
+
+
+def test_image_runs_are_not_tokenised(tmp_path):
+    """A vision transformer's grid reads the digits as they are: no shared token shards."""
+    from hyperbit.reports.compare.grid import RunSpec, prepare_shared_data
+    from hyperbit.train.config import resolve_run_config
+
+    cfg = resolve_run_config("vit-digits", [])
+    prepare_shared_data([RunSpec("prenorm-s0", "prenorm", 0, cfg)], tmp_path, print)
+    assert cfg.data.path == "digits" and not (tmp_path / "data").exists()

@@ -179,6 +179,8 @@ def prepare_shared_data(specs: list[RunSpec], out: Path, log: Callable[[str], No
     corpora: dict[str, Path] = {}
     for spec in specs:
         data = spec.config.data
+        if spec.config.model.arch != "lm":
+            continue  # images (a vision transformer) are read as they are: nothing to tokenise
         if Path(data.path).is_dir() and (Path(data.path) / "meta.json").exists():
             continue  # already prepared by the user
         key = json.dumps(vars(data), sort_keys=True)
