@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from ..nn.norm import RMSNorm
 from ._frac_fused import FracDepth, FracWidth, mix
 from .base import Branch, Pathway
-from .hyper import DepthContext, dynamic_weights
+from .hyper import DepthContext, _compute_dtype, dynamic_weights, static_and_gain_names
 
 
 class FracConnection(Pathway):
@@ -220,16 +220,9 @@ class FracConnection(Pathway):
 
     def no_weight_decay(self) -> set[str]:
         """Static connection weights and the dynamic gains are not decayed (as for HC)."""
-        names = {"static_alpha", "static_beta"}
-        if self.dynamic:
-            names |= {"dynamic_alpha_scale", "dynamic_beta_scale"}
-        return names
+        return static_and_gain_names(self.dynamic)
 
     def extra_repr(self) -> str:
         kind = "dynamic" if self.dynamic else "static"
         return (f"dim={self.dim}, frac_rate={self.frac_rate}, branch={self.branch_index}, {kind}, "
                 f"tanh={self.use_tanh}")
-
-
-def _compute_dtype(h: Tensor) -> torch.dtype:
-    return torch.promote_types(h.dtype, torch.float32)

@@ -206,14 +206,18 @@ class HyperConnection(Pathway):
 
     def no_weight_decay(self) -> set[str]:
         """Static connection weights and the dynamic gains are not decayed (spec section 2)."""
-        names = {"static_alpha", "static_beta"}
-        if self.dynamic:
-            names |= {"dynamic_alpha_scale", "dynamic_beta_scale"}
-        return names
+        return static_and_gain_names(self.dynamic)
 
     def extra_repr(self) -> str:
         kind = "dynamic" if self.dynamic else "static"
         return f"dim={self.dim}, expansion_rate={self.expansion_rate}, branch={self.branch_index}, {kind}, tanh={self.use_tanh}"
+
+
+def static_and_gain_names(dynamic: bool) -> set[str]:
+    """The parameters of a hyper- or frac-connection that get no weight decay: the static
+    connection weights and, when dynamic, the gains of the dynamic part."""
+    names = {"static_alpha", "static_beta"}
+    return names | {"dynamic_alpha_scale", "dynamic_beta_scale"} if dynamic else names
 
 
 def dynamic_weights(connection: nn.Module, compute: torch.dtype
