@@ -62,7 +62,7 @@ class ModelConfig:
     hc_dynamic: bool = True  # hc, frac: input-dependent connection weights (DHC) or static (SHC)
     hc_tanh: bool = True  # hc, frac: tanh on the dynamic projections
     mhc_init: str = "residual"  # mhc: "residual" (res ~ I, pre selects the home stream) or "paper"
-    mhc_res: str = "sinkhorn"  # mhc: res by "sinkhorn" (log-domain, fp32) or "permutations"
+    mhc_res: str = "sinkhorn"  # mhc: res by "sinkhorn" (stabilised, fp32) or "permutations"
     mhc_sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations
     frac_rate: int = 1  # frac: m, the hidden state split into m fractions of size dim / m
     # --- mixture of experts (ffn = "moe") ------------------------------------------------------

@@ -15,8 +15,8 @@ import torch
 
 from hyperbit.analysis.connections import BranchWeights, composite_gain
 from hyperbit.pathways import HyperConnection, ManifoldHyperConnection, expand_streams
-from hyperbit.pathways.sinkhorn import (_sinkhorn_reference, birkhoff, permutation_matrices,
-                                        sinkhorn)
+from hyperbit.pathways.sinkhorn import (LOGIT_RANGE, _scale, _sinkhorn_reference, birkhoff,
+                                        permutation_matrices, round_doubly_stochastic, sinkhorn)
 
 torch.set_default_dtype(torch.float32)
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
@@ -70,6 +70,30 @@ def test_sinkhorn_custom_backward_matches_autograd_in_fp64(iters):
     (custom,) = torch.autograd.grad((sinkhorn(logits, iters) * probe).sum(), logits)
     (plain,) = torch.autograd.grad((_sinkhorn_reference(logits, iters) * probe).sum(), logits)
     torch.testing.assert_close(custom, plain, rtol=1e-12, atol=1e-14)
+
+
+def log_domain_sinkhorn(logits, iters):
+    """The textbook log-domain iteration (rows, then columns), written out independently."""
+    z = logits
+    for _ in range(iters):
+        z = z - z.logsumexp(-1, keepdim=True)
+        z = z - z.logsumexp(-2, keepdim=True)
+    return z.exp()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("iters", [1, 2, 5, 20])
+def test_sinkhorn_scaling_has_the_log_domain_iterates(dtype, tol, iters):
+    """The scaling form reproduces the log-domain iterates (not only their limit), unconverged
+    ones included, for logits that span up to LOGIT_RANGE in a row; and sinkhorn() is the
+    rounding step applied to them."""
+    g = torch.Generator().manual_seed(iters)
+    logits = torch.cat([3 * torch.randn(300, 4, 4, generator=g, dtype=dtype),
+                        (LOGIT_RANGE - 1) * torch.rand(300, 4, 4, generator=g, dtype=dtype)])
+    ref = log_domain_sinkhorn(logits, iters)
+    iterate = _scale(logits.permute(1, 2, 0).contiguous(), iters).permute(2, 0, 1)
+    torch.testing.assert_close(iterate, ref, rtol=0, atol=tol)
+    torch.testing.assert_close(sinkhorn(logits, iters), round_doubly_stochastic(ref), rtol=0, atol=4 * tol)
 
 
 def test_sinkhorn_gradients_do_not_underflow_at_the_residual_init():

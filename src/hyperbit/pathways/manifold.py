@@ -8,7 +8,7 @@ Per token and per branch, with the state ``H`` of n streams (``(B, T, n, d)``) f
     res  = DS(a_res * xn phi_res + b_res)               (n, n) doubly stochastic stream mixing
     H   <- res H + post^T T(norm(pre H))
 
-``DS`` is Sinkhorn-Knopp on ``exp(logits)`` (``res="sinkhorn"``: log domain, fp32, ``sinkhorn_iters``
+``DS`` is Sinkhorn-Knopp on ``exp(logits)`` (``res="sinkhorn"``: stabilised, fp32, ``sinkhorn_iters``
 rounds, then one rounding step that makes it exactly doubly stochastic) or the convex combination
 ``sum_j softmax(logits)_j P_j`` of the n! permutation matrices (``res="permutations"``, n <= 4),
 see :mod:`.sinkhorn`. The projections ``phi`` (packed as one ``(2n + r, nd)`` matrix, ``r = n^2``

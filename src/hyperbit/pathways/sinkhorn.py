@@ -5,7 +5,8 @@ each sum to 1 (a convex combination of permutations, so a product of any number 
 amplifies a signal: the largest absolute row sum of the product stays 1):
 
 - :func:`sinkhorn` - Sinkhorn-Knopp on ``exp(logits)``: ``iters`` rounds of row then column
-  normalisation, in the log domain and in fp32 (fp64 for fp64 logits), followed by one rounding
+  normalisation, in fp32 (fp64 for fp64 logits), as a matrix scaling of ``exp(logits)`` shifted
+  by each row's max and floored at ``exp(-40)`` (finite for any logits), followed by one rounding
   step onto the doubly stochastic matrices (Altschuler, Weed & Rigollet, NeurIPS 2017, Alg. 2).
   Sinkhorn alone converges slowly when the logits span a wide range (with logits of std 3, 20
   iterations leave a third of random 4 x 4 matrices with a row sum more than 1e-3 off); the rounding
@@ -30,28 +31,45 @@ from torch import Tensor
 #: the rounding step divides by the total row deficit; below this floor the correction it adds
 #: (at most the deficit itself) is negligible, and the floor keeps its gradient bounded
 _DEFICIT_FLOOR = 1e-6
+#: logits more than this below their row's largest count as this far below it. exp(-40) = 4e-18
+#: keeps every sum and scaling of the iteration finite in fp32. Rows whose logits span less than
+#: 40 are not affected at all (the mHC inits span 4.6); DeepSeek-V4's production mHC floors far
+#: higher (a row softmax plus 1e-6).
+LOGIT_RANGE = 40.0
 
 
 def _sinkhorn_reference(logits: Tensor, iters: int) -> Tensor:
     """Plain autograd: ``(..., n, n)`` logits -> doubly stochastic ``(..., n, n)``, in the logits'
     dtype (the caller chooses fp32 or fp64).
 
+    Sinkhorn-Knopp as a matrix scaling: ``K = exp(logits)``, row sums ``r`` and column sums ``c``
+    (``r_i = sum_j K_ij / c_j``, then ``c_j = sum_i K_ij / r_i``), result ``K_ij / (r_i c_j)``.
+    These are the iterates of the log-domain form (rows, then columns normalised in turn) to
+    round-off, in 4 tensor ops per round instead of 14 (3-4x faster, forward and backward). Each
+    row of logits is first shifted by its max (a row scaling, which the first row normalisation
+    undoes exactly) and floored at ``-``:data:`LOGIT_RANGE`: every entry of ``K`` then lies in
+    ``[exp(-LOGIT_RANGE), 1]``, and every sum is positive and finite for any finite logits. Only
+    for logits spread over more than ``LOGIT_RANGE`` within a row does the result differ from the
+    log-domain form (the floor keeps a whole column of tiny entries from vanishing).
+
     Computed with the tokens last, ``(n, n, N)``: every reduction then adds whole contiguous token
     vectors (on CPU a reduction over a last dim of size n is ~10x slower)."""
     lead, n = logits.shape[:-2], logits.shape[-1]
     z = logits.reshape(-1, n, n).permute(1, 2, 0).contiguous()  # (n, n, N): z[i, j, token]
-    for _ in range(iters):
-        z = z - _logsumexp(z, 1)  # rows sum to 1
-        z = z - _logsumexp(z, 0)  # columns sum to 1
-    res = round_doubly_stochastic(z.exp(), dims=(0, 1))  # (n, n, N)
+    res = round_doubly_stochastic(_scale(z, iters), dims=(0, 1))  # (n, n, N)
     return res.permute(2, 0, 1).reshape(*lead, n, n)
 
 
-def _logsumexp(z: Tensor, dim: int) -> Tensor:
-    """``log(sum(exp(z)))`` over ``dim`` (kept), shifted by the (constant) max: finite for any
-    finite z, and its gradient is exactly the softmax."""
-    top = z.detach().amax(dim, keepdim=True)
-    return (z - top).exp().sum(dim, keepdim=True).log() + top
+def _scale(z: Tensor, iters: int) -> Tensor:
+    """The Sinkhorn iterate after ``iters`` rounds (its columns sum to 1), for logits ``z`` laid
+    out ``(n, n, N)``: rows ``z[:, :, t]``' first index."""
+    # the row shift is a constant for the result (no gradient needed through the max)
+    k = (z - z.detach().amax(1, keepdim=True)).clamp_min(-LOGIT_RANGE).exp()
+    c = None
+    for _ in range(iters):
+        r = (k if c is None else k / c).sum(1, keepdim=True)  # (n, 1, N) row sums
+        c = (k / r).sum(0, keepdim=True)  # (1, n, N) column sums of the row-normalised matrix
+    return k / r / c
 
 
 def round_doubly_stochastic(m: Tensor, dims: tuple[int, int] = (-2, -1)) -> Tensor:
