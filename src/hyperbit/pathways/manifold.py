@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.norm import RMSNorm, rms_rstd
-from ._hc_fused import DepthConnection, _project
+from ._hc_fused import DepthConnection, _bmm, _project
 from .base import Branch, Pathway, check_streams, expand_streams, reduce_streams
 from .hyper import DepthContext
 from .sinkhorn import birkhoff, permutation_matrices, sinkhorn
@@ -163,10 +163,11 @@ class ManifoldHyperConnection(Pathway):
 
     def _width(self, h: Tensor) -> tuple[Tensor, DepthContext]:
         with torch.autocast(h.device.type, enabled=False):
-            hc = h.to(_compute_dtype(h))  # (B, T, n, d)
+            # (B, T, n, d), contiguous: expand_streams' broadcast view would slow the products
+            hc = h.to(_compute_dtype(h), memory_format=torch.contiguous_format)
             pre, post, res = self._weights(hc)
             # one product for both reads (a product with a size-1 dim is slow on CPU)
-            mix = torch.cat([pre.unsqueeze(-2), res], dim=-2) @ hc  # (B, T, 1+n, d)
+            mix = _bmm(torch.cat([pre.unsqueeze(-2), res], dim=-2), hc)  # (B, T, 1+n, d)
             x, mixed = mix[..., 0, :], mix[..., 1:, :]  # pre H: (B, T, d); res H: (B, T, n, d)
             x = self.norm(x)  # fp32 in, fp32 out
         return x.to(h.dtype), DepthContext(mixed, post, h.dtype)
