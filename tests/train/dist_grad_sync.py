@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 import hyperbit as hb
+from hyperbit.cli import _end_worker
 from hyperbit.train import distributed
 
 
@@ -112,3 +113,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    _end_worker(0)  # as the hyperbit command ends its torchrun workers

@@ -39,12 +39,14 @@ that does the work (``hyperbit.train.train``, ``hyperbit.runs.evaluate_checkpoin
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
 from .._version import __version__
 from ..config import ConfigError
 from ..data import DataError
+from ..train.distributed import launched
 from ..train.errors import CheckpointError, TrainingInterrupted, TrainingStopped
 from . import compare, data, evaluate, export, generate, import_, inspect, model, presets, train
 
@@ -73,6 +75,26 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``hyperbit`` command; returns its exit code. As a ``torchrun`` worker's program
+    (``argv`` None, under a launcher) the process ends right here, see :func:`_end_worker`."""
+    code = _run(argv)
+    if argv is None and launched():
+        _end_worker(code)
+    return code
+
+
+def _end_worker(code: int) -> None:
+    """End a ``torchrun`` worker once its work is done and its process group destroyed: flush
+    and ``os._exit``, skipping interpreter shutdown. There, static destructors of the distributed
+    runtime occasionally abort a finished worker ("terminate called without an active
+    exception", seen about once in a hundred 2-process gloo runs); the launcher would then report
+    the whole run failed and stop the other ranks."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run(argv: list[str] | None) -> int:
     args = parse(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
     try:
