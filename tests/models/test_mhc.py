@@ -261,8 +261,13 @@ def test_compare_accepts_mhc_arms():
     assert [s.arm for s in specs] == ["prenorm", "mhc4"]
     model = specs[1].config.model
     assert (model.pathway, model.expansion_rate) == ("mhc", 4)
-    with pytest.raises(ConfigError, match="mhcN"):
-        grid.arm_overrides("mhc")
+    assert grid.arm_overrides("mhc4-paper") == [*grid.arm_overrides("mhc4"), "model.mhc_init=paper"]
+    specs = grid.plan("tiny", [], ["mhc4", "mhc4-paper"], [], [0])
+    assert [s.config.model.mhc_init for s in specs] == ["residual", "paper"]
+    assert [s.name for s in specs] == ["mhc4-s0", "mhc4-paper-s0"]
+    for bad in ("mhc", "mhc4-residual", "dhc4-paper"):
+        with pytest.raises(ConfigError, match="mhcN"):
+            grid.arm_overrides(bad)
 
 
 # ---------------------------------------------------------------------------------------------

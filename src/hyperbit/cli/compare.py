@@ -15,7 +15,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--preset", choices=sorted(RUN_PRESETS), help="run preset every run starts from")
     p.add_argument("--out", help="grid directory (default runs/compare-<preset>)")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
-                   help="pathways: prenorm, postnorm, shcN, dhcN, mhcN, fracM, sfracM, sequential, "
+                   help="pathways: prenorm, postnorm, shcN, dhcN, mhcN, mhcN-paper, fracM, sfracM, sequential, "
                         "parallelN "
                         f"(default {','.join(DEFAULT_ARMS)})")
     p.add_argument("--seeds", default="3", help="a count (3 = seeds 0,1,2) or a list 0,5,7 (default 3)")

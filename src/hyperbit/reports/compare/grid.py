@@ -48,11 +48,14 @@ class RunSpec:
 
 def arm_overrides(arm: str) -> list[str]:
     """``prenorm``, ``postnorm``, ``shcN`` / ``dhcN`` (static / dynamic HC with n streams),
-    ``mhcN`` (manifold-constrained HC with n streams), ``fracM`` / ``sfracM`` (dynamic / static
+    ``mhcN`` / ``mhcN-paper`` (manifold-constrained HC with n streams, the residual / the paper's
+    init), ``fracM`` / ``sfracM`` (dynamic / static
     frac-connections with m fractions), ``sequential`` or ``parallelN`` as model overrides."""
     if m := re.fullmatch(r"(s?)frac([1-9][0-9]*)", arm):
         return ["model.pathway=frac", "model.expansion_rate=1", f"model.hc_dynamic={not m[1]}",
                 f"model.frac_rate={int(m[2])}"]
+    if m := re.fullmatch(r"mhc([1-9][0-9]*)-paper", arm):
+        return [*arm_overrides(f"mhc{m[1]}"), "model.mhc_init=paper"]
     fixed = {"prenorm": ("prenorm", 1, True), "postnorm": ("postnorm", 1, True),
              "sequential": ("sequential", 2, True)}
     if arm in fixed:
@@ -62,7 +65,7 @@ def arm_overrides(arm: str) -> list[str]:
         n, dynamic = int(m[2]), m[1] != "shc"
     else:
         raise ConfigError(f"unknown arm {arm!r}; use prenorm, postnorm, shcN, dhcN (static / dynamic "
-                          "hyper-connections with N streams), mhcN, fracM / sfracM (dynamic / static "
+                          "hyper-connections with N streams), mhcN, mhcN-paper, fracM / sfracM (dynamic / static "
                           "frac-connections with M fractions), sequential or parallelN")
     return [f"model.pathway={pathway}", f"model.expansion_rate={n}", f"model.hc_dynamic={dynamic}"]
 
