@@ -35,7 +35,7 @@ def _bmm(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` batched over the leading (B, T) dims of ``b``; ``a`` may be unbatched (static
     weights). ``torch.matmul`` would fold an unbatched ``a`` into one skinny mm plus a transposing
     copy; and a transposed ``a`` with a size-1 dim has strides that send CPU bmm down a path 100x
-    slower. ``a`` is O(n^2) per token, so it is simply made contiguous; so is ``b``."""
+    slower. ``a`` is O(n^2) per token, so it is simply made contiguous."""
     lead, k = b.shape[:-2], a.shape[-1]
     if k <= 2:  # contraction over 1 or 2 streams: multiply-adds beat bmm's per-matrix overhead
         out = a[..., :, :1] * b[..., None, 0, :]
@@ -43,9 +43,11 @@ def _bmm(a: Tensor, b: Tensor) -> Tensor:
             out = out.addcmul_(a[..., :, 1:], b[..., None, 1, :])
         return out
     a3 = a.expand(*lead, *a.shape[-2:]).reshape(-1, *a.shape[-2:]).contiguous()
-    # b contiguous too: a broadcast b (the n copies of expand_streams, or the gradient of
-    # reduce_streams) sends CPU bmm down a per-matrix loop, ~40x slower than the copy
-    b3 = b.reshape(-1, *b.shape[-2:]).contiguous()
+    # a broadcast b (the n copies of expand_streams, or the gradient of reduce_streams) sends CPU
+    # bmm down a per-matrix loop: copy it; a transposed b is fine as it is (bmm reads it in place)
+    b3 = b.reshape(-1, *b.shape[-2:])
+    if 0 in b3.stride():
+        b3 = b3.contiguous()
     return torch.bmm(a3, b3).view(*lead, a.shape[-2], b.shape[-1])
 
 
