@@ -297,3 +297,26 @@ def test_one_logged_point_and_one_depth_get_sensible_axes(tmp_path, monkeypatch)
     assert right.get_ylim()[1] - right.get_ylim()[0] >= 0.01  # a flat difference: a readable axis
     assert figs["collapse.png"].axes[0].get_xlim() == (0.5, 1.5)
     assert figs["final_val.png"].axes[0].get_xlim() == (-0.5, 1.5)
+
+
+def test_image_runs_report_test_accuracy(tmp_path):
+    """Runs that log val_acc (the ViT) get accuracy in the table, with the paired difference to
+    the baseline, in place of bits/byte."""
+    def run(arm, seed, acc):
+        r = make_run(tmp_path, f"{arm}-s{seed}", arm, seed, decay, evals={})
+        with open(tmp_path / r.name / "metrics.jsonl", "w") as f:  # evals with accuracy, no bpb
+            for step in range(1, 201):
+                f.write(json.dumps({"step": step, "loss": decay(step), "tokens": step * BATCH * SEQ,
+                                    "tok_s": 1000.0}) + "\n")
+            f.write(json.dumps({"step": 200, "val_loss": 0.2, "val_acc": acc}) + "\n")
+        return load_run(tmp_path / r.name, r.name, arm, seed)
+
+    runs = [run("base", 0, 0.95), run("base", 1, 0.97), run("hc", 0, 0.96), run("hc", 1, 0.99)]
+    a = write_report(runs, tmp_path / "report", baseline="base")
+    assert a["arms"]["hc"]["final"]["val_acc"]["mean"] == pytest.approx(0.975)
+    assert a["arms"]["hc"]["delta"]["val_acc"]["diff"] == pytest.approx(0.015)
+    assert a["arms"]["hc"]["final"]["val_bpb"]["mean"] is None
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "test accuracy % (Δ vs baseline)" in md and "val bits/byte" not in md
+    assert "| 97.5 ± 2.1 (+1.5 ± 0.5) |" in md  # per-seed differences +1.0, +2.0
+    assert "| 96.0 ± 1.4 |" in md  # the baseline

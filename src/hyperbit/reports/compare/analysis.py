@@ -5,7 +5,7 @@ more than seed noise?". Every number below is defined so that it can be checked 
 
 Inputs. Each run directory holds ``config.json`` (sections model/train/data) and ``metrics.jsonl``:
 train records ``{"step", "loss", "tokens", "tok_s", ...}``, eval records ``{"step", "val_loss",
-"val_bpb"}`` (their tokens are ``step * train.batch_size * train.seq_len``) and optional monitor
+"val_bpb"}`` (``"val_acc"`` instead of ``"val_bpb"`` for image classifiers; their tokens are ``step * train.batch_size * train.seq_len``) and optional monitor
 records ``{"step", "monitor": {...}}``. Unparsable lines (a run killed mid-write) are skipped; a
 step logged twice keeps its last record.
 
@@ -212,12 +212,13 @@ def analyse(runs: list[RunRecord], baseline: str, *, ema: float = DEFAULT_EMA,
         # every row has every key (None where an unfinished run has no value): one schema to read
         row = {"name": r.name, "arm": r.arm, "seed": r.seed, "finished": s.finished,
                "last_step": s.last_step, "steps": s.steps_total, "val_loss": None, "val_bpb": None,
+               "val_acc": None,
                "final_ema_loss": None, "tok_s": None, "spikes": None, "stopped": r.stopped}
         if not s.finished:
             unfinished.append(row)
         else:
             final = s.evals[s.steps_total]
-            row.update(val_loss=final["val_loss"], val_bpb=final.get("val_bpb"),
+            row.update(val_loss=final["val_loss"], val_bpb=final.get("val_bpb"), val_acc=final.get("val_acc"),
                        final_ema_loss=float(s.ema[-1]),
                        tok_s=float(np.median(s.tok_s)) if len(s.tok_s) else None,
                        spikes=_spikes(s, ema, spike_threshold))
@@ -274,6 +275,11 @@ def analyse(runs: list[RunRecord], baseline: str, *, ema: float = DEFAULT_EMA,
     })
 
 
+#: the final evaluation's numbers an arm reports: loss, and bits/byte (language models) or test
+#: accuracy (image classifiers), whichever the runs logged
+FINAL_KEYS = ("val_loss", "val_bpb", "val_acc")
+
+
 def _arm_numbers(members, series, rows, base_members, base_curve, base_seed, target, t_base) -> dict:
     """The per-arm block of the analysis for an arm with at least one finished run."""
     own = [series[r.name] for r in members]
@@ -287,9 +293,9 @@ def _arm_numbers(members, series, rows, base_members, base_curve, base_seed, tar
                          "val_loss": [float(np.mean([s.evals[st]["val_loss"] for s in own]))
                                       for st in eval_steps]}
     finals = {key: {r.seed: rows[r.name][key] for r in members if rows[r.name][key] is not None}
-              for key in ("val_loss", "val_bpb")}
+              for key in FINAL_KEYS}
     base_finals = {key: {r.seed: rows[r.name][key] for r in base_members if rows[r.name][key] is not None}
-                   for key in ("val_loss", "val_bpb")}
+                   for key in FINAL_KEYS}
     out["final"] = {key: {**mean_std(list(v.values())),
                           "per_seed": [{"seed": s, "value": x} for s, x in v.items()]}
                     for key, v in finals.items()}

@@ -15,7 +15,7 @@ from .analysis import DEFAULT_EMA, DEFAULT_SPIKE_THRESHOLD, RunRecord, analyse, 
 from .figures import plot_collapse, plot_final, plot_loss
 
 _MAIN_HEADER = ("| arm | seeds | final val loss (mean ± std) | Δ vs baseline (± SE, paired/Welch, 95% CI) "
-                "| val bits/byte | tokens to baseline's final loss (ratio) "
+                "| {second} | tokens to baseline's final loss (ratio) "
                 "| loss spikes (total / per-seed) | tok/s |")
 
 
@@ -56,6 +56,19 @@ def _tokens(n: float | None) -> str:
 
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|")
+
+
+def _accuracy_cell(e: dict, baseline: bool) -> str:
+    """Test accuracy in percent, mean ± std over seeds, and the difference to the baseline."""
+    acc = e["final"]["val_acc"]
+    if acc["mean"] is None:
+        return "—"
+    pct = {**acc, "mean": 100 * acc["mean"], "std": None if acc["std"] is None else 100 * acc["std"]}
+    d = e["delta"]["val_acc"]
+    if baseline or d is None:
+        return _pm(pct, 1)
+    se = f" ± {100 * d['se']:.1f}" if d["se"] is not None else ""
+    return f"{_pm(pct, 1)} ({100 * d['diff']:+.1f}{se})"
 
 
 def _pm(stats: dict | None, digits: int = 4) -> str:
@@ -116,7 +129,10 @@ def _markdown(a: dict, title: str, command: str | None, generated: str,
     lines += [f"{k} = {json.dumps(v)}" for k, v in common.items()] + ["```", "", "</details>", ""]
     for w in a["warnings"]:
         lines.append(f"> Warning: {w}")
-    lines += ["## Results", "", _MAIN_HEADER, "|---" * 8 + "|"]
+    # language models report bits/byte; image classifiers (runs that logged val_acc) test accuracy
+    accuracy = any(e["n"] and e["final"]["val_acc"]["mean"] is not None for e in arms.values())
+    second = "test accuracy % (Δ vs baseline)" if accuracy else "val bits/byte"
+    lines += ["## Results", "", _MAIN_HEADER.format(second=second), "|---" * 8 + "|"]
     for arm, e in arms.items():
         name = f"**{_cell(arm)}** (baseline)" if arm == base else _cell(arm)
         seeds = f"{e['n']}" + (f" (+{len(e['unfinished'])} unfinished)" if e["unfinished"] else "")
@@ -128,8 +144,9 @@ def _markdown(a: dict, title: str, command: str | None, generated: str,
                   + (f", max {sp['max_excursion']:+.2f}" if sp["max_excursion"] is not None else ""))
         delta = "(baseline)" if arm == base else _delta_cell(e["delta"]["val_loss"])
         rate = f"{e['tok_s']:,.0f}" if e["tok_s"] is not None else "—"
+        second = _accuracy_cell(e, arm == base) if accuracy else _pm(e["final"]["val_bpb"])
         lines.append(f"| {name} | {seeds} | {_pm(e['final']['val_loss'])} | {delta} | "
-                     f"{_pm(e['final']['val_bpb'])} | {_ratio_cell(e['ratio'])} | {spikes} | {rate} |")
+                     f"{second} | {_ratio_cell(e['ratio'])} | {spikes} | {rate} |")
     lines.append("")
     if a["unfinished"]:
         lines += [f"{len(a['unfinished'])} unfinished run(s) are left out of this table and of every "
