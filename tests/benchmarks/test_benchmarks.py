@@ -163,3 +163,19 @@ def test_monitor_cost_smoke(tmp_path):
     every = data["pathways"]["dhc4"]["monitor_every"]
     assert f"[FAIL] monitor share of training time (dhc4) / 1%: {2.0 / (every * 0.010) / 0.01:.3f}x" in out
     assert all(math.isfinite(t["ratio"]) for t in data["targets"])
+
+
+def test_sinkhorn_quick(tmp_path):
+    """Real timings (nothing planted): the table, the JSON and the verdict agree with each other,
+    and the in-script log-domain reference gives hyperbit's matrices."""
+    out, data = run("sinkhorn.py", ["--quick", "--threads", "1"], {}, tmp_path / "sk.json")
+    med = data["median_s"]
+    assert set(med) == {"log-domain", "hyperbit"} and all(v > 0 for v in med.values())
+    assert data["max_abs_difference"] < 1e-5
+    (target,) = data["targets"]
+    assert target["ratio"] == pytest.approx(med["hyperbit"] / med["log-domain"])
+    assert target["passed"] == (target["ratio"] <= 0.5)
+    rows = {r[0]: r for r in table(out, "implementation")}
+    assert float(rows["hyperbit"][1]) == pytest.approx(1e3 * med["hyperbit"], abs=0.006)
+    assert float(rows["hyperbit"][2]) == pytest.approx(target["ratio"], abs=6e-4)
+    assert data["settings"]["tokens"] == 64 and data["machine"]["torch_threads"] == 1
