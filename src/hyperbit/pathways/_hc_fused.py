@@ -44,9 +44,10 @@ def _bmm(a: Tensor, b: Tensor) -> Tensor:
         return out
     a3 = a.expand(*lead, *a.shape[-2:]).reshape(-1, *a.shape[-2:]).contiguous()
     # a broadcast b (the n copies of expand_streams, or the gradient of reduce_streams) sends CPU
-    # bmm down a per-matrix loop: copy it; a transposed b is fine as it is (bmm reads it in place)
+    # bmm down a per-matrix loop: copy it; a transposed b is fine as it is (bmm reads it in place).
+    # Compiled, Inductor picks the layouts (and a stride test inside autocast breaks the graph).
     b3 = b.reshape(-1, *b.shape[-2:])
-    if 0 in b3.stride():
+    if not torch.compiler.is_compiling() and 0 in b3.stride():
         b3 = b3.contiguous()
     return torch.bmm(a3, b3).view(*lead, a.shape[-2], b.shape[-1])
 

@@ -18,7 +18,9 @@ amplifies a signal: the largest absolute row sum of the product stays 1):
 
 Memory: the Sinkhorn iterations are one autograd node that keeps only its input logits and redoes
 the iterations in backward, so ``iters`` rounds do not keep ``2 * iters`` intermediate ``(n, n)``
-tensors per token alive until backward.
+tensors per token alive until backward. Inside ``torch.compile`` they are plain autograd instead
+(the node's backward calls ``torch.autograd.grad``, which would split the graph), and Inductor
+chooses what to save or recompute.
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ def sinkhorn(logits: Tensor, iters: int = 20) -> Tensor:
         raise ValueError(f"sinkhorn: iters must be >= 1, got {iters}")
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     with torch.autocast(logits.device.type, enabled=False):
-        if torch.is_grad_enabled() and logits.requires_grad:
+        # compiled, plain autograd: the graph stays whole and Inductor decides what to keep
+        if torch.is_grad_enabled() and logits.requires_grad and not torch.compiler.is_compiling():
             return _Sinkhorn.apply(logits, iters)
         return _sinkhorn_reference(logits, iters)
 
