@@ -33,9 +33,10 @@ def test_arms_seeds_and_axes():
     assert grid.arm_overrides("shc2")[2] == "model.hc_dynamic=False"
     assert grid.arm_overrides("postnorm")[:2] == ["model.pathway=postnorm", "model.expansion_rate=1"]
     assert grid.parse_seeds("3") == [0, 1, 2] and grid.parse_seeds("0,5,7") == [0, 5, 7]
+    assert grid.parse_seeds("2,") == [2]  # a single seed
     assert grid.parse_axis("train.lr=1e-3, 3e-3") == ("train.lr", ["1e-3", "3e-3"])
     for bad in (lambda: grid.arm_overrides("hc4"), lambda: grid.parse_seeds("1,1"),
-                lambda: grid.parse_seeds("x"), lambda: grid.parse_axis("train.lr"),
+                lambda: grid.parse_seeds("x"), lambda: grid.parse_seeds(","), lambda: grid.parse_axis("train.lr"),
                 lambda: grid.parse_axis("model.pathway=hc,prenorm")):
         with pytest.raises(ConfigError):
             bad()

@@ -18,7 +18,7 @@ def add_parsers(sub) -> None:
                    help="pathways: prenorm, postnorm, shcN, dhcN, mhcN, mhcN-paper, fracM, sfracM, sequential, "
                         "parallelN "
                         f"(default {','.join(DEFAULT_ARMS)})")
-    p.add_argument("--seeds", default="3", help="a count (3 = seeds 0,1,2) or a list 0,5,7 (default 3)")
+    p.add_argument("--seeds", default="3", help="a count (3 = seeds 0,1,2) or a list 0,5,7 (one seed: 2,) (default 3)")
     p.add_argument("--axis", action="append", default=[], metavar="section.key=V1,V2",
                    help="another grid axis, e.g. --axis train.lr=1e-3,3e-3 (repeatable)")
     p.add_argument("--tokens", type=float,

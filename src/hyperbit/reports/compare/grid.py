@@ -71,11 +71,12 @@ def arm_overrides(arm: str) -> list[str]:
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``3`` means seeds 0, 1, 2; ``0,5,7`` is a list."""
+    """``3`` means seeds 0, 1, 2; ``0,5,7`` is a list, and ``2,`` the single seed 2."""
     try:
-        seeds = [int(s) for s in text.split(",")] if "," in text else list(range(int(text)))
+        seeds = ([int(s) for s in text.split(",") if s.strip()] if "," in text
+                 else list(range(int(text))))
     except ValueError:
-        raise ConfigError(f"--seeds must be a count (3) or a list (0,5,7), got {text!r}") from None
+        raise ConfigError(f"--seeds must be a count (3) or a list (0,5,7; one seed: 2,), got {text!r}") from None
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ConfigError(f"--seeds needs at least one seed, all distinct and >= 0; got {text!r}")
     return seeds
