@@ -5,9 +5,10 @@ more than seed noise?". Every number below is defined so that it can be checked 
 
 Inputs. Each run directory holds ``config.json`` (sections model/train/data) and ``metrics.jsonl``:
 train records ``{"step", "loss", "tokens", "tok_s", ...}``, eval records ``{"step", "val_loss",
-"val_bpb"}`` (``"val_acc"`` instead of ``"val_bpb"`` for image classifiers; their tokens are ``step * train.batch_size * train.seq_len``) and optional monitor
-records ``{"step", "monitor": {...}}``. Unparsable lines (a run killed mid-write) are skipped; a
-step logged twice keeps its last record.
+"val_bpb"}`` (``"val_acc"`` instead of ``"val_bpb"`` for image classifiers; their tokens are
+``step * train.batch_size * train.seq_len``) and optional monitor records ``{"step", "monitor":
+{...}}``. Unparsable lines (a run killed mid-write) are skipped; a step logged twice keeps its last
+record.
 
 Definitions (also printed under "How to read this" in report.md):
 
