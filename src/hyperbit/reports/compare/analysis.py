@@ -183,6 +183,11 @@ def _arm_curves(series: list[_Series]) -> tuple[np.ndarray, np.ndarray]:
     return grid, np.stack([np.interp(grid, s.tokens, s.ema) for s in series])
 
 
+#: the final evaluation's numbers an arm reports: loss, and bits/byte (language models) or test
+#: accuracy (image classifiers), whichever the runs logged
+FINAL_KEYS = ("val_loss", "val_bpb", "val_acc")
+
+
 def analyse(runs: list[RunRecord], baseline: str, *, ema: float = DEFAULT_EMA,
             spike_threshold: float = DEFAULT_SPIKE_THRESHOLD) -> dict:
     """Everything report.md and report.json show, as plain JSON-ready Python (``None`` for a
@@ -212,14 +217,13 @@ def analyse(runs: list[RunRecord], baseline: str, *, ema: float = DEFAULT_EMA,
         s = series[r.name]
         # every row has every key (None where an unfinished run has no value): one schema to read
         row = {"name": r.name, "arm": r.arm, "seed": r.seed, "finished": s.finished,
-               "last_step": s.last_step, "steps": s.steps_total, "val_loss": None, "val_bpb": None,
-               "val_acc": None,
+               "last_step": s.last_step, "steps": s.steps_total, **dict.fromkeys(FINAL_KEYS),
                "final_ema_loss": None, "tok_s": None, "spikes": None, "stopped": r.stopped}
         if not s.finished:
             unfinished.append(row)
         else:
             final = s.evals[s.steps_total]
-            row.update(val_loss=final["val_loss"], val_bpb=final.get("val_bpb"), val_acc=final.get("val_acc"),
+            row.update({key: final.get(key) for key in FINAL_KEYS},
                        final_ema_loss=float(s.ema[-1]),
                        tok_s=float(np.median(s.tok_s)) if len(s.tok_s) else None,
                        spikes=_spikes(s, ema, spike_threshold))
@@ -274,11 +278,6 @@ def analyse(runs: list[RunRecord], baseline: str, *, ema: float = DEFAULT_EMA,
         "unfinished": unfinished,
         "warnings": warnings,
     })
-
-
-#: the final evaluation's numbers an arm reports: loss, and bits/byte (language models) or test
-#: accuracy (image classifiers), whichever the runs logged
-FINAL_KEYS = ("val_loss", "val_bpb", "val_acc")
 
 
 def _arm_numbers(members, series, rows, base_members, base_curve, base_seed, target, t_base) -> dict:
