@@ -72,6 +72,21 @@ def test_sinkhorn_custom_backward_matches_autograd_in_fp64(iters):
     torch.testing.assert_close(custom, plain, rtol=1e-12, atol=1e-14)
 
 
+def test_sinkhorn_backward_matches_autograd_beyond_the_logit_floor():
+    """Logits more than LOGIT_RANGE below their row's max are floored: like clamp_min under
+    autograd, the hand-written backward gives them exactly zero gradient, and the rest of the
+    gradient equals plain autograd's."""
+    g = torch.Generator().manual_seed(0)
+    logits = (30 * torch.randn(200, 4, 4, generator=g, dtype=torch.float64)).requires_grad_(True)
+    floored = logits - logits.amax(-1, keepdim=True) < -LOGIT_RANGE
+    assert 0 < floored.sum() < floored.numel()  # both kinds of entry are present
+    probe = torch.randn(200, 4, 4, generator=g, dtype=torch.float64)
+    (custom,) = torch.autograd.grad((sinkhorn(logits, 20) * probe).sum(), logits)
+    (plain,) = torch.autograd.grad((_sinkhorn_reference(logits, 20) * probe).sum(), logits)
+    assert (custom[floored] == 0).all()
+    torch.testing.assert_close(custom, plain, rtol=1e-9, atol=1e-12)
+
+
 def log_domain_sinkhorn(logits, iters):
     """The textbook log-domain iteration (rows, then columns), written out independently."""
     z = logits

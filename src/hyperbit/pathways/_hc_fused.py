@@ -57,6 +57,44 @@ def _project(h: Tensor, wt: Tensor) -> Tensor:
     return (wt @ h.reshape(-1, h.shape[-1]).T).T.reshape(*h.shape[:-1], wt.shape[0])
 
 
+def mix_forward(h: Tensor, alpha: Tensor, norm_w: Tensor | None, norm_eps: float
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``alpha^T H`` for ``h`` (B, T, n, d) and ``alpha`` (n, n+1) or (B, T, n, n+1), both in the
+    compute dtype: the branch input ``A_m^T H``, RMS-normed with gain ``norm_w`` if given, the
+    mixed streams ``A_r^T H`` (B, T, n, d), and the norm's per-token rstd (None without a norm)."""
+    mix = _bmm(alpha.transpose(-1, -2), h)  # alpha^T H: (B, T, n+1, d)
+    x, mixed = mix[..., 0, :], mix[..., 1:, :]  # A_m^T H (branch input), A_r^T H
+    if norm_w is None:
+        return x, mixed, None
+    x_rstd = rms_rstd(x, norm_eps)
+    return x * x_rstd * norm_w, mixed, x_rstd
+
+
+def mix_backward(h: Tensor, alpha: Tensor, norm_w: Tensor | None, x_rstd: Tensor | None,
+                 g_out: Tensor, g_mixed: Tensor | None, need_norm_w: bool
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The reverse of :func:`mix_forward` given the gradients of its branch input and mixed
+    streams (``g_mixed`` None: unused): ``dL/dH`` (B, T, n, d), ``dL/dalpha`` per token
+    (B, T, n, n+1), and ``dL/dnorm_w`` when ``need_norm_w``. The branch input is recomputed from
+    ``h``; everything is in the dtype of ``h`` (the compute dtype)."""
+    d = h.shape[-1]
+    g_out = g_out.to(h.dtype)
+    g_norm_w = None
+    if norm_w is not None:
+        x = _bmm(alpha[..., :, 0].unsqueeze(-2), h).squeeze(-2)  # recomputed A_m^T H
+        xhat = x * x_rstd
+        if need_norm_w:
+            g_norm_w = (g_out * xhat).reshape(-1, d).sum(0)
+        g_x = rms_backward(g_out * norm_w, xhat, x_rstd)
+    else:
+        g_x = g_out
+    g_mixed = torch.zeros_like(h) if g_mixed is None else g_mixed.to(h.dtype)
+    g_mix = torch.cat([g_x.unsqueeze(-2), g_mixed], dim=-2)  # (B, T, n+1, d)
+    g_h = _bmm(alpha, g_mix)  # (B, T, n, d)
+    g_alpha_tok = _bmm(h, g_mix.transpose(-1, -2))  # (B, T, n, n+1), per token
+    return g_h, g_alpha_tok, g_norm_w
+
+
 class WidthConnection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, static_alpha, static_beta, dyn_wt, s_alpha, s_beta, norm_w,
@@ -78,13 +116,7 @@ class WidthConnection(torch.autograd.Function):
         else:
             r = p = t = None
             alpha, beta = static_alpha, static_beta.clone()
-        mix = _bmm(alpha.transpose(-1, -2), h)  # alpha^T H: (B, T, n+1, d)
-        x, mixed = mix[..., 0, :], mix[..., 1:, :]  # A_m^T H (branch input), A_r^T H
-        if norm_w is not None:
-            x_rstd = rms_rstd(x, norm_eps)
-            out = x * x_rstd * norm_w
-        else:
-            x_rstd, out = None, x
+        out, mixed, x_rstd = mix_forward(h, alpha, norm_w, norm_eps)
         # H is the only n*d tensor kept; the rest is O(n^2) per token or parameters.
         ctx.save_for_backward(saved, static_alpha, dyn_wt, s_alpha, s_beta, norm_w,
                               alpha, r, p, t, x_rstd)
@@ -99,22 +131,10 @@ class WidthConnection(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, g_out, g_mixed, g_beta):
         h, static_alpha, dyn_wt, s_alpha, s_beta, norm_w, alpha, r, p, t, x_rstd = ctx.saved_tensors
-        compute = alpha.dtype  # fp32, or fp64
-        h, g_out = h.to(compute), g_out.to(compute)
+        h = h.to(alpha.dtype)  # the compute dtype: fp32, or fp64
         n, d = h.shape[-2], h.shape[-1]
-        g_norm_w = None
-        if norm_w is not None:
-            x = _bmm(alpha[..., :, 0].unsqueeze(-2), h).squeeze(-2)  # recomputed A_m^T H
-            xhat = x * x_rstd
-            if ctx.needs_input_grad[6]:
-                g_norm_w = (g_out * xhat).reshape(-1, d).sum(0)
-            g_x = rms_backward(g_out * norm_w, xhat, x_rstd)
-        else:
-            g_x = g_out
-        g_mixed = torch.zeros_like(h) if g_mixed is None else g_mixed.to(compute)
-        g_mix = torch.cat([g_x.unsqueeze(-2), g_mixed], dim=-2)  # (B, T, n+1, d)
-        g_h = _bmm(alpha, g_mix)  # (B, T, n, d)
-        g_alpha_tok = _bmm(h, g_mix.transpose(-1, -2))  # (B, T, n, n+1), per token
+        g_h, g_alpha_tok, g_norm_w = mix_backward(h, alpha, norm_w, x_rstd, g_out, g_mixed,
+                                                  ctx.needs_input_grad[6])
         g_static_alpha = g_alpha_tok.reshape(-1, n, n + 1).sum(0)
         if dyn_wt is None:
             return (g_h.to(ctx.h_dtype), g_static_alpha, g_beta, None, None, None, g_norm_w,

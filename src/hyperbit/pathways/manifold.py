@@ -54,6 +54,7 @@ from ..nn.norm import RMSNorm, rms_rstd
 from ._hc_fused import DepthConnection, _bmm, _project
 from .base import Branch, Pathway, check_streams, expand_streams, reduce_streams
 from .hyper import DepthContext
+from ._mhc_fused import ManifoldWidth
 from .sinkhorn import birkhoff, permutation_matrices, sinkhorn
 
 INITS = ("residual", "paper")
@@ -88,6 +89,9 @@ class ManifoldHyperConnection(Pathway):
 
     #: the connection weights are computed per token (analysis averages them over tokens)
     dynamic = True
+    #: with gradients on, the width connection is the memory-lean autograd node of ``_mhc_fused``
+    #: (False: plain autograd, the reference; always plain inside ``torch.compile``)
+    fused: bool = True
 
     def __init__(self, dim: int, expansion_rate: int, branch_index: int, *, init: str = "residual",
                  res: str = "sinkhorn", sinkhorn_iters: int = 20, eps: float = 1e-6):
@@ -127,18 +131,29 @@ class ManifoldHyperConnection(Pathway):
     def _weights(self, hc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``hc: (B, T, n, d)`` in the compute dtype -> pre ``(B, T, n)``, post ``(B, T, n)``, res
         ``(B, T, n, n)``, in the compute dtype (call with autocast off)."""
-        n, compute = self.expansion_rate, hc.dtype
-        x = hc.reshape(*hc.shape[:-2], n * self.dim)  # (B, T, nd): the flattened streams
+        compute = hc.dtype
+        x = hc.flatten(-2)  # (B, T, nd): the flattened streams
         z = _project(x, self.phi.to(compute)) * rms_rstd(x, self.stream_eps)  # norm(x) phi: (B, T, m)
+        return self._map(z, *self._small(compute))
+
+    def _small(self, compute: torch.dtype) -> tuple[Tensor, ...]:
+        """The biases and gates, in the compute dtype, in :meth:`_map`'s order."""
+        return tuple(p.to(compute) for p in (self.bias_pre, self.bias_post, self.bias_res,
+                                             self.gate_pre, self.gate_post, self.gate_res))
+
+    def _map(self, z: Tensor, b_pre: Tensor, b_post: Tensor, b_res: Tensor, a_pre: Tensor,
+             a_post: Tensor, a_res: Tensor, plain: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """The per-token map from the projections ``z`` ``(B, T, 2n + r)`` to pre, post and res
+        (``plain``: the Sinkhorn iterations in plain autograd, for the fused node's backward)."""
+        n = self.expansion_rate
         z_pre, z_post, z_res = z[..., :n], z[..., n:2 * n], z[..., 2 * n:]
-        pre = torch.sigmoid(self.gate_pre.to(compute) * z_pre + self.bias_pre.to(compute))
-        post = 2 * torch.sigmoid(self.gate_post.to(compute) * z_post + self.bias_post.to(compute))
-        logits = self.gate_res.to(compute) * z_res + self.bias_res.to(compute)  # (B, T, r)
-        if self.res == "sinkhorn":
-            res = sinkhorn(logits.unflatten(-1, (n, n)), self.sinkhorn_iters)
-        else:
-            res = birkhoff(logits, self.perms)
-        return pre, post, res
+        pre = torch.sigmoid(a_pre * z_pre + b_pre)
+        post = 2 * torch.sigmoid(a_post * z_post + b_post)
+        logits = a_res * z_res + b_res  # (B, T, r)
+        if self.res == "permutations":
+            return pre, post, birkhoff(logits, self.perms)
+        logits = logits.unflatten(-1, (n, n))
+        return pre, post, sinkhorn(logits, self.sinkhorn_iters, recompute=not plain)
 
     def mhc_weights(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """pre ``(B, T, n)``, post ``(B, T, n)`` and res ``(B, T, n, n)`` for the streams ``h``, in
@@ -162,6 +177,23 @@ class ManifoldHyperConnection(Pathway):
         return self._width(h)
 
     def _width(self, h: Tensor) -> tuple[Tensor, DepthContext]:
+        if not (self.fused and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            return self._width_reference(h)
+        device, compute = h.device.type, _compute_dtype(h)
+        save_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        with torch.autocast(device, enabled=False):
+            x, mixed, post = ManifoldWidth.apply(
+                h, self.phi.to(compute), self.stream_eps, self._map, *self._small(compute),
+                self.norm.weight.to(compute), self.norm.eps, save_dtype)
+        return x, DepthContext(mixed, post, h.dtype)
+
+    def width_connection_reference(self, h: Tensor) -> tuple[Tensor, DepthContext]:
+        """The same computation in plain autograd (the reference for tests, and the path inside
+        ``torch.compile``, where the fused node's backward would split the graph)."""
+        self.check_streams(h, "width_connection_reference")
+        return self._width_reference(h)
+
+    def _width_reference(self, h: Tensor) -> tuple[Tensor, DepthContext]:
         with torch.autocast(h.device.type, enabled=False):
             # (B, T, n, d), contiguous: expand_streams' broadcast view would slow the products
             hc = h.to(_compute_dtype(h), memory_format=torch.contiguous_format)

@@ -16,11 +16,14 @@ amplifies a signal: the largest absolute row sum of the product stays 1):
 - :func:`birkhoff` - ``sum_j softmax(logits)_j P_j`` over the ``n!`` permutation matrices ``P_j``:
   exactly doubly stochastic, no iterations, sensible for n <= 4 (24 logits).
 
-Memory: the Sinkhorn iterations are one autograd node that keeps only its input logits and redoes
-the iterations in backward, so ``iters`` rounds do not keep ``2 * iters`` intermediate ``(n, n)``
-tensors per token alive until backward. Inside ``torch.compile`` they are plain autograd instead
-(the node's backward calls ``torch.autograd.grad``, which would split the graph), and Inductor
-chooses what to save or recompute.
+Memory and speed: the Sinkhorn iterations are one autograd node that keeps only its input logits
+and redoes the iterations in backward, so ``iters`` rounds do not keep ``2 * iters`` intermediate
+``(n, n)`` tensors per token alive until backward. On CPU (n <= 8, fp32 / fp64) the node's forward
+and backward are each one call of a C kernel (``hyperbit/nn/native.c``: every round of a token in
+registers, instead of ~4 tensor ops per round forward and ~3x that backward, each a dispatch and a
+pass over memory); elsewhere, or without a C compiler, the backward recomputes the rounds under
+autograd. Inside ``torch.compile`` they are plain autograd (the node's backward would split the
+graph), and Inductor chooses what to save or recompute.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import itertools
 
 import torch
 from torch import Tensor
+
+from ..nn import native
 
 #: the rounding step divides by the total row deficit; below this floor the correction it adds
 #: (at most the deficit itself) is negligible, and the floor keeps its gradient bounded
@@ -89,28 +94,52 @@ def round_doubly_stochastic(m: Tensor, dims: tuple[int, int] = (-2, -1)) -> Tens
     return scaled + deficit * spare / total
 
 
+def _native_ok(logits: Tensor) -> bool:
+    return logits.shape[-1] <= native.SINKHORN_MAX_N and native.usable(logits)
+
+
+def _sinkhorn_forward(logits: Tensor, iters: int) -> Tensor:
+    """:func:`_sinkhorn_reference`'s values, from the CPU kernel where it can run (no autograd)."""
+    if not _native_ok(logits):
+        return _sinkhorn_reference(logits, iters)
+    n = logits.shape[-1]
+    z = logits.detach().reshape(-1, n, n)
+    return native.sinkhorn(z, iters, LOGIT_RANGE, _DEFICIT_FLOOR).view(logits.shape)
+
+
 class _Sinkhorn(torch.autograd.Function):
-    """Sinkhorn-Knopp that saves only its input and recomputes the iterations in backward."""
+    """Sinkhorn-Knopp that saves only its input logits. Backward: on CPU the kernel of
+    ``nn/native.c`` recomputes the rounds and runs the reverse of the rounds and of the rounding
+    step in one pass; elsewhere the rounds are recomputed under autograd."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, iters: int) -> Tensor:
         ctx.save_for_backward(logits)
         ctx.iters = iters
-        return _sinkhorn_reference(logits, iters)
+        return _sinkhorn_forward(logits, iters)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (logits,) = ctx.saved_tensors
+        n = logits.shape[-1]
+        if _native_ok(logits):
+            g = native.sinkhorn_backward(logits.detach().reshape(-1, n, n), grad.reshape(-1, n, n),
+                                         ctx.iters, LOGIT_RANGE, _DEFICIT_FLOOR)
+            return g.view(logits.shape), None
         with torch.enable_grad(), torch.autocast(logits.device.type, enabled=False):
             z = logits.detach().requires_grad_(True)
             (g_logits,) = torch.autograd.grad(_sinkhorn_reference(z, ctx.iters), z, grad)
         return g_logits, None
 
 
-def sinkhorn(logits: Tensor, iters: int = 20) -> Tensor:
+def sinkhorn(logits: Tensor, iters: int = 20, *, recompute: bool = True) -> Tensor:
     """``(..., n, n)`` logits -> a doubly stochastic matrix ``(..., n, n)`` (Sinkhorn-Knopp on
     ``exp(logits)``, then the rounding step), computed in fp32 (fp64 for fp64 logits) and returned
-    in that dtype."""
+    in that dtype.
+
+    ``recompute=False`` is for callers that are themselves recomputing under autograd (a fused
+    node's backward): there the rounds go through plain autograd, unless the CPU kernel can take
+    them (which recomputes nothing it does not need)."""
     if logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"sinkhorn expects square (..., n, n) logits, got shape {tuple(logits.shape)}")
     if iters < 1:
@@ -119,8 +148,10 @@ def sinkhorn(logits: Tensor, iters: int = 20) -> Tensor:
     with torch.autocast(logits.device.type, enabled=False):
         # compiled, plain autograd: the graph stays whole and Inductor decides what to keep
         if torch.is_grad_enabled() and logits.requires_grad and not torch.compiler.is_compiling():
-            return _Sinkhorn.apply(logits, iters)
-        return _sinkhorn_reference(logits, iters)
+            if recompute or _native_ok(logits):
+                return _Sinkhorn.apply(logits, iters)
+            return _sinkhorn_reference(logits, iters)
+        return _sinkhorn_forward(logits, iters)
 
 
 def permutation_matrices(n: int) -> Tensor:

@@ -1,0 +1,141 @@
+"""hyperbit's CPU kernels (``native.c``): built on first use with the system C compiler, loaded
+with ``ctypes``, and optional.
+
+Each kernel fuses a chain of small tensor ops that PyTorch would run one op at a time (each a pass
+over memory and a dispatch): the Sinkhorn rounds of mHC, for one. The PyTorch implementation in
+the calling module stays the reference and the fallback: it runs when no compiler is found, the
+build fails, the tensors are not on the CPU, inside ``torch.compile``, or when
+``HYPERBIT_NATIVE=0``. The tests compare both, forward and backward.
+
+The shared library is cached under ``$HYPERBIT_CACHE`` (default ``~/.cache/hyperbit``), named by
+a hash of the source, the compiler command and this CPU's flags (it is built for the CPU it runs
+on, so a home directory shared between machines gets one library per kind of CPU); it is written
+to a temporary name and renamed, so concurrent processes (DDP ranks, test workers) never load a
+partial file. The build takes about a second, once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
+_state: dict[str, object] = {}
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("HYPERBIT_CACHE") or Path.home() / ".cache" / "hyperbit")
+
+
+def _build() -> ctypes.CDLL | None:
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None or not SOURCE.exists():
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join([compiler, *FLAGS]).encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    target = _cache_dir() / f"hyperbit_native_{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True,
+                           capture_output=True, timeout=120)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    for suffix, ctype in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        fwd = getattr(lib, f"hb_sinkhorn_{suffix}")
+        fwd.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                        ctype, ctype]
+        bwd = getattr(lib, f"hb_sinkhorn_backward_{suffix}")
+        bwd.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                        ctypes.c_int, ctypes.c_int, ctype, ctype]
+        fwd.restype = bwd.restype = ctypes.c_int
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None where they cannot be used (see the module docstring). A failed
+    build is tried once per process, and reported once as a warning."""
+    if os.environ.get("HYPERBIT_NATIVE", "1") == "0":
+        return None
+    if "lib" not in _state:
+        try:
+            _state["lib"] = _build()
+        except (OSError, subprocess.SubprocessError) as e:
+            import warnings
+
+            detail = getattr(e, "stderr", b"") or b""
+            warnings.warn(f"hyperbit: CPU kernels unavailable, using the PyTorch path "
+                          f"({type(e).__name__}: {detail.decode(errors='replace')[:200] or e})", stacklevel=2)
+            _state["lib"] = None
+    return _state["lib"]  # type: ignore[return-value]
+
+
+#: the largest n of the n x n Sinkhorn kernel (MAXN in native.c)
+SINKHORN_MAX_N = 8
+
+
+def usable(*tensors: Tensor) -> bool:
+    """Whether the kernels can take these tensors: CPU, fp32 or fp64, outside ``torch.compile``,
+    and the library built."""
+    if torch.compiler.is_compiling():
+        return False
+    if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) for t in tensors):
+        return False
+    return library() is not None
+
+
+def _fn(name: str, dtype: torch.dtype):
+    return getattr(library(), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+
+
+def _check(code: int, name: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"hyperbit native kernel {name} failed with code {code}")
+
+
+def sinkhorn(z: Tensor, iters: int, logit_range: float, deficit_floor: float) -> Tensor:
+    """:func:`hyperbit.pathways.sinkhorn._sinkhorn_reference` for logits ``z`` ``(N, n, n)``
+    (fp32 or fp64, ``n <= SINKHORN_MAX_N``): the Sinkhorn rounds and the rounding step."""
+    N, n = z.shape[0], z.shape[-1]
+    z = z.contiguous()
+    out = torch.empty_like(z)
+    _check(_fn("hb_sinkhorn", z.dtype)(z.data_ptr(), out.data_ptr(), N, n, iters, logit_range,
+                                        deficit_floor), "sinkhorn")
+    return out
+
+
+def sinkhorn_backward(z: Tensor, grad: Tensor, iters: int, logit_range: float,
+                      deficit_floor: float) -> Tensor:
+    """dL/dz given ``grad`` = dL/d(:func:`sinkhorn`'s result), both ``(N, n, n)`` like ``z``."""
+    N, n = z.shape[0], z.shape[-1]
+    z, grad = z.contiguous(), grad.to(z.dtype).contiguous()
+    out = torch.empty_like(z)
+    _check(_fn("hb_sinkhorn_backward", z.dtype)(z.data_ptr(), grad.data_ptr(), out.data_ptr(), N, n,
+                                                 iters, logit_range, deficit_floor), "sinkhorn_backward")
+    return out

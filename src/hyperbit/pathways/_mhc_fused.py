@@ -1,0 +1,92 @@
+"""The memory-lean width connection of mHC (:class:`~hyperbit.pathways.ManifoldHyperConnection`).
+
+Plain autograd through mHC's width connection keeps, per branch, the streams in fp32 twice (for
+the projection of the flattened state and for the stream mixing), the whole ``(n+1, d)`` mix, the
+norm's input, and turns the two slices of the mix into two zero-filled full-size gradients in
+backward. This node keeps the streams once (in their own dtype, or the autocast dtype when
+autocast is on, as :class:`~hyperbit.pathways._hc_fused.WidthConnection` does), the projections
+``z`` (``2n + r`` numbers per token) and the per-token rstds, and recomputes the rest.
+
+Forward, for ``H`` (B, T, n, d) flattened to ``x`` (B, T, nd)::
+
+    z = rmsnorm(x) phi^T = (x phi^T) * r          r = rsqrt(mean(x^2) + eps)     (B, T, m)
+    pre, post, res = weights(z, biases, gates)     sigmoid, 2 sigmoid, Sinkhorn or Birkhoff
+    out, mixed = norm(pre H), res H                the mixing of ``_hc_fused.mix_forward``
+
+Backward: :func:`~hyperbit.pathways._hc_fused.mix_backward` gives ``dL/dH`` through the mixing and
+``dL/d[pre | res^T]`` per token; the small per-token map ``weights`` is re-run under autograd (its
+Sinkhorn as plain autograd: the iterates live only during this call) for ``dL/dz`` and the
+gradients of the biases and gates; then, with ``g_z = dL/dz``::
+
+    dL/dphi = (g_z r)^T x        dL/dx += (g_z r) phi - x r^2/(nd) * sum_k g_z[k] z[k]
+
+Every value and gradient is checked against the plain autograd path in the tests.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..nn.norm import rms_rstd
+from ._hc_fused import _project, mix_backward, mix_forward
+
+#: ``(z, b_pre, b_post, b_res, a_pre, a_post, a_res, plain) -> pre, post, res``: the per-token
+#: map from the projections to the connection weights (``plain``: Sinkhorn in plain autograd)
+WeightsFn = Callable[..., tuple[Tensor, Tensor, Tensor]]
+
+
+def alpha_of(pre: Tensor, res: Tensor) -> Tensor:
+    """mHC's weights in HC's form ``alpha = [A_m | A_r] = [pre | res^T]`` (B, T, n, n+1)."""
+    return torch.cat([pre.unsqueeze(-1), res.transpose(-1, -2)], dim=-1)
+
+
+class ManifoldWidth(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor, phi: Tensor, stream_eps: float, weights: WeightsFn,
+                b_pre: Tensor, b_post: Tensor, b_res: Tensor, a_pre: Tensor, a_post: Tensor,
+                a_res: Tensor, norm_w: Tensor, norm_eps: float, save_dtype: torch.dtype):
+        # phi, the biases, gates and norm gain come in the compute dtype (fp32, or fp64)
+        ctx.h_dtype, streams = h.dtype, h
+        h = h.to(phi.dtype).contiguous()  # expand_streams' broadcast view would slow the products
+        saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()
+        x = h.flatten(-2)  # (B, T, nd)
+        r = rms_rstd(x, stream_eps)  # (B, T, 1)
+        z = _project(x, phi) * r  # (B, T, m)
+        small = (b_pre, b_post, b_res, a_pre, a_post, a_res)
+        pre, post, res = weights(z, *small, plain=False)
+        out, mixed, x_rstd = mix_forward(h, alpha_of(pre, res), norm_w, norm_eps)
+        ctx.save_for_backward(saved, phi, norm_w, z, r, x_rstd, *small)
+        ctx.weights = weights
+        return out.to(ctx.h_dtype), mixed, post
+
+    @staticmethod
+    def backward(ctx, g_out, g_mixed, g_post):
+        with torch.autocast(g_out.device.type, enabled=False):  # backward may run under autocast
+            return ManifoldWidth._backward(ctx, g_out, g_mixed, g_post)
+
+    @staticmethod
+    def _backward(ctx, g_out, g_mixed, g_post):
+        saved, phi, norm_w, z, r, x_rstd, *small = ctx.saved_tensors
+        h = saved.to(phi.dtype)
+        n, d = h.shape[-2], h.shape[-1]
+        with torch.enable_grad():  # the per-token map, again, under autograd
+            inputs = [z.detach().requires_grad_(True)] + [p.detach().requires_grad_(True) for p in small]
+            pre, post, res = ctx.weights(*inputs, plain=True)
+            alpha = alpha_of(pre, res)
+        g_h, g_alpha, g_norm_w = mix_backward(h, alpha.detach(), norm_w, x_rstd, g_out, g_mixed,
+                                              ctx.needs_input_grad[10])
+        outputs, grads = [alpha], [g_alpha]
+        if g_post is not None:
+            outputs.append(post)
+            grads.append(g_post.to(post.dtype))
+        g_z, *g_small = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+        g_p = (g_z * r).flatten(0, -2)  # dL/d(x phi^T): (B*T, m)
+        x = h.view(-1, n * d)
+        g_phi = g_p.T.contiguous() @ x  # (m, nd)
+        g_x = g_h.view(-1, n * d)
+        g_x.addmm_(g_p, phi)
+        g_x.addcmul_(x, ((g_z * z).sum(-1, keepdim=True) * r.square()).view(-1, 1), value=-1.0 / (n * d))
+        return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None)

@@ -1,0 +1,95 @@
+"""The CPU kernels of ``hyperbit/nn/native.c`` against their PyTorch references, and the fallback
+when they cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyperbit.nn import native
+from hyperbit.pathways import sinkhorn as sk
+
+needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler: the PyTorch path runs")
+
+
+def _logits(N, n, dtype, seed=0):
+    """Mild, wide (Sinkhorn far from converged) and floored (a row spread beyond LOGIT_RANGE)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randn(N, n, n, generator=g, dtype=dtype),
+                      4 * torch.randn(N, n, n, generator=g, dtype=dtype),
+                      30 * torch.randn(N, n, n, generator=g, dtype=dtype)])
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("iters", [1, 3, 20])
+def test_sinkhorn_kernel_matches_the_reference(n, iters, dtype, tol):
+    z = _logits(37, n, dtype)  # 111 tokens: blocks of 16 and a partial one
+    out = native.sinkhorn(z, iters, sk.LOGIT_RANGE, sk._DEFICIT_FLOOR)
+    torch.testing.assert_close(out, sk._sinkhorn_reference(z, iters), rtol=0, atol=tol)
+
+
+@needs_native
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("iters", [1, 3, 20])
+def test_sinkhorn_kernel_backward_matches_autograd_fp64(n, iters):
+    """Through the rounds and the rounding step, unconverged (few rounds, wide logits) included,
+    and exactly zero for floored logits, as autograd's clamp gives."""
+    z = _logits(37, n, torch.float64, seed=1).requires_grad_(True)
+    g = torch.randn(z.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    (ref,) = torch.autograd.grad(sk._sinkhorn_reference(z, iters), z, g)
+    out = native.sinkhorn_backward(z.detach(), g, iters, sk.LOGIT_RANGE, sk._DEFICIT_FLOOR)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+    floored = z - z.amax(-1, keepdim=True) < -sk.LOGIT_RANGE
+    assert (out[floored] == 0).all()
+
+
+@needs_native
+def test_sinkhorn_kernel_extreme_logits_are_finite():
+    signs = torch.randn(200, 4, 4, generator=torch.Generator().manual_seed(0)).sign()
+    z = torch.cat([1e4 * signs, torch.full((1, 4, 4), -1e4), torch.full((1, 4, 4), 1e4)])
+    out = native.sinkhorn(z, 20, sk.LOGIT_RANGE, sk._DEFICIT_FLOOR)
+    grad = native.sinkhorn_backward(z, torch.randn_like(z), 20, sk.LOGIT_RANGE, sk._DEFICIT_FLOOR)
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(out.sum(-1), torch.ones(z.shape[:-1]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.sum(-2), torch.ones(z.shape[:-1]), rtol=0, atol=1e-5)
+
+
+def test_the_pytorch_path_runs_when_the_kernels_are_off(monkeypatch):
+    """HYPERBIT_NATIVE=0: the recomputing autograd node, with the same values and gradients."""
+    z = _logits(5, 4, torch.float64).requires_grad_(True)
+    g = torch.randn(z.shape, dtype=torch.float64)
+    on = sk.sinkhorn(z, 5)
+    (g_on,) = torch.autograd.grad(on, z, g)
+    monkeypatch.setenv("HYPERBIT_NATIVE", "0")
+    assert native.library() is None and not native.usable(z)
+    off = sk.sinkhorn(z, 5)
+    (g_off,) = torch.autograd.grad(off, z, g)
+    torch.testing.assert_close(off, on, rtol=0, atol=1e-13)
+    torch.testing.assert_close(g_off, g_on, rtol=1e-9, atol=1e-11)
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("HYPERBIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.warns(UserWarning, match="CPU kernels unavailable"):
+        assert native.library() is None
+    assert native.library() is None  # remembered: no second attempt, no second warning
+    assert list(tmp_path.iterdir()) == []  # no partial library left behind
+    z = torch.randn(3, 4, 4, requires_grad=True)
+    sk.sinkhorn(z).sum().backward()
+    assert torch.isfinite(z.grad).all()
+
+
+@needs_native
+def test_the_library_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("HYPERBIT_CACHE", str(tmp_path))
+    assert native.library() is not None
+    (built,) = tmp_path.iterdir()
+    assert built.name.startswith("hyperbit_native_") and built.suffix == ".so"
+    mtime = built.stat().st_mtime_ns
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is not None and built.stat().st_mtime_ns == mtime  # reused, not rebuilt
