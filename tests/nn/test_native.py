@@ -93,3 +93,13 @@ def test_the_library_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
     mtime = built.stat().st_mtime_ns
     monkeypatch.setattr(native, "_state", {})
     assert native.library() is not None and built.stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+@needs_native
+def test_the_sinkhorn_operator_passes_opcheck():
+    """The custom op that puts the kernel inside ``torch.compile`` graphs: schema, fake (meta)
+    kernel, autograd registration, on contiguous and on transposed (strided) logits."""
+    z = torch.randn(6, 4, 4, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(sk._sinkhorn_op, (z, 5))
+    torch.library.opcheck(sk._sinkhorn_op, (z.transpose(0, 1), 5))
+    torch.library.opcheck(sk._sinkhorn_backward_op, (z.detach(), torch.randn_like(z), 5))

@@ -100,6 +100,13 @@ def library() -> ctypes.CDLL | None:
 SINKHORN_MAX_N = 8
 
 
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether the kernels are built and on (a constant to ``torch.compile``: ops that call them
+    through :mod:`torch.library` can sit inside compiled graphs)."""
+    return library() is not None
+
+
 def usable(*tensors: Tensor) -> bool:
     """Whether the kernels can take these tensors: CPU, fp32 or fp64, outside ``torch.compile``,
     and the library built."""

@@ -95,37 +95,62 @@ def round_doubly_stochastic(m: Tensor, dims: tuple[int, int] = (-2, -1)) -> Tens
 
 
 def _native_ok(logits: Tensor) -> bool:
-    return logits.shape[-1] <= native.SINKHORN_MAX_N and native.usable(logits)
+    """The CPU kernel takes these logits (also inside ``torch.compile``, as a custom op)."""
+    return (logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64)
+            and logits.shape[-1] <= native.SINKHORN_MAX_N and native.available())
 
 
-def _sinkhorn_forward(logits: Tensor, iters: int) -> Tensor:
-    """:func:`_sinkhorn_reference`'s values, from the CPU kernel where it can run (no autograd)."""
-    if not _native_ok(logits):
-        return _sinkhorn_reference(logits, iters)
+@torch.library.custom_op("hyperbit::sinkhorn", mutates_args=())
+def _sinkhorn_op(logits: Tensor, iters: int) -> Tensor:
+    """The CPU kernel as an operator: one call forward, one backward (saving only the logits), and
+    opaque to ``torch.compile`` (no unrolled rounds in the graph, no graph break)."""
     n = logits.shape[-1]
-    z = logits.detach().reshape(-1, n, n)
-    return native.sinkhorn(z, iters, LOGIT_RANGE, _DEFICIT_FLOOR).view(logits.shape)
+    return native.sinkhorn(logits.reshape(-1, n, n), iters, LOGIT_RANGE, _DEFICIT_FLOOR).view(logits.shape)
+
+
+@_sinkhorn_op.register_fake
+def _(logits: Tensor, iters: int) -> Tensor:
+    return logits.new_empty(logits.shape)  # contiguous, as the kernel writes it
+
+
+@torch.library.custom_op("hyperbit::sinkhorn_backward", mutates_args=())
+def _sinkhorn_backward_op(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
+    n = logits.shape[-1]
+    return native.sinkhorn_backward(logits.reshape(-1, n, n), grad.reshape(-1, n, n), iters,
+                                    LOGIT_RANGE, _DEFICIT_FLOOR).view(logits.shape)
+
+
+@_sinkhorn_backward_op.register_fake
+def _(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
+    return logits.new_empty(logits.shape)  # contiguous, as the kernel writes it
+
+
+def _op_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+    ctx.iters = inputs[1]
+
+
+def _op_backward(ctx, grad: Tensor):
+    (logits,) = ctx.saved_tensors
+    return _sinkhorn_backward_op(logits, grad, ctx.iters), None
+
+
+_sinkhorn_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
 class _Sinkhorn(torch.autograd.Function):
-    """Sinkhorn-Knopp that saves only its input logits. Backward: on CPU the kernel of
-    ``nn/native.c`` recomputes the rounds and runs the reverse of the rounds and of the rounding
-    step in one pass; elsewhere the rounds are recomputed under autograd."""
+    """Sinkhorn-Knopp that saves only its input logits and recomputes the rounds under autograd in
+    backward (where the CPU kernel cannot run)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, iters: int) -> Tensor:
         ctx.save_for_backward(logits)
         ctx.iters = iters
-        return _sinkhorn_forward(logits, iters)
+        return _sinkhorn_reference(logits, iters)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (logits,) = ctx.saved_tensors
-        n = logits.shape[-1]
-        if _native_ok(logits):
-            g = native.sinkhorn_backward(logits.detach().reshape(-1, n, n), grad.reshape(-1, n, n),
-                                         ctx.iters, LOGIT_RANGE, _DEFICIT_FLOOR)
-            return g.view(logits.shape), None
         with torch.enable_grad(), torch.autocast(logits.device.type, enabled=False):
             z = logits.detach().requires_grad_(True)
             (g_logits,) = torch.autograd.grad(_sinkhorn_reference(z, ctx.iters), z, grad)
@@ -137,21 +162,22 @@ def sinkhorn(logits: Tensor, iters: int = 20, *, recompute: bool = True) -> Tens
     ``exp(logits)``, then the rounding step), computed in fp32 (fp64 for fp64 logits) and returned
     in that dtype.
 
-    ``recompute=False`` is for callers that are themselves recomputing under autograd (a fused
-    node's backward): there the rounds go through plain autograd, unless the CPU kernel can take
-    them (which recomputes nothing it does not need)."""
+    On CPU (fp32 / fp64, n <= 8) this is one call of the C kernel forward and one backward, also
+    inside ``torch.compile``. Elsewhere: ``recompute=True`` keeps only the logits for backward and
+    recomputes the rounds there; ``recompute=False`` (for callers that are themselves recomputing
+    under autograd, as a fused node's backward) is plain autograd through the rounds."""
     if logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"sinkhorn expects square (..., n, n) logits, got shape {tuple(logits.shape)}")
     if iters < 1:
         raise ValueError(f"sinkhorn: iters must be >= 1, got {iters}")
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     with torch.autocast(logits.device.type, enabled=False):
+        if _native_ok(logits):
+            return _sinkhorn_op(logits, iters)
         # compiled, plain autograd: the graph stays whole and Inductor decides what to keep
         if torch.is_grad_enabled() and logits.requires_grad and not torch.compiler.is_compiling():
-            if recompute or _native_ok(logits):
-                return _Sinkhorn.apply(logits, iters)
-            return _sinkhorn_reference(logits, iters)
-        return _sinkhorn_forward(logits, iters)
+            return _Sinkhorn.apply(logits, iters) if recompute else _sinkhorn_reference(logits, iters)
+        return _sinkhorn_reference(logits, iters)
 
 
 def permutation_matrices(n: int) -> Tensor:
