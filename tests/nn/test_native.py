@@ -103,3 +103,51 @@ def test_the_sinkhorn_operator_passes_opcheck():
     torch.library.opcheck(sk._sinkhorn_op, (z, 5))
     torch.library.opcheck(sk._sinkhorn_op, (z.transpose(0, 1), 5))
     torch.library.opcheck(sk._sinkhorn_backward_op, (z.detach(), torch.randn_like(z), 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# hyper-connection mixing (the PyTorch path of pathways/_hc_fused.py is the reference)
+# ---------------------------------------------------------------------------------------------
+def _hc_inputs(n, d, dtype, per_token, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(3, 7, n, d, generator=g, dtype=dtype)
+    alpha = torch.randn(*((3, 7) if per_token else ()), n, n + 1, generator=g, dtype=dtype)
+    return h, alpha
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("n,d", [(1, 8), (3, 37), (4, 64)])
+def test_hc_mixing_kernels_match_pytorch(n, d, per_token, dtype, tol):
+    from hyperbit.pathways._hc_fused import mix_backward, mix_forward
+
+    h, alpha = _hc_inputs(n, d, dtype, per_token)
+    x, mixed, saved = native.hc_forward(h, alpha, save_bf16=dtype == torch.float32)
+    x_ref, mixed_ref, _ = mix_forward(h, alpha, None, 0.0)
+    torch.testing.assert_close(x, x_ref, rtol=0, atol=tol)
+    torch.testing.assert_close(mixed, mixed_ref, rtol=0, atol=tol)
+    if saved is not None:  # the bf16 copy is torch's rounding, bit for bit
+        assert torch.equal(saved, h.to(torch.bfloat16))
+        torch.testing.assert_close(native.hc_branch_input(saved, alpha, dtype),
+                                   mix_forward(saved.to(dtype), alpha, None, 0.0)[0], rtol=0, atol=tol)
+    g = torch.Generator().manual_seed(1)
+    g_x, g_mixed = torch.randn(x.shape, generator=g, dtype=dtype), torch.randn(mixed.shape, generator=g, dtype=dtype)
+    for gm in (g_mixed, None):
+        g_h, g_alpha, g_wt = native.hc_backward(h, alpha, g_x, gm, None, None, None, None, None, 0.0, 0.0, False)
+        g_h_ref, g_alpha_ref, _ = mix_backward(h, alpha, None, None, g_x, gm, False)
+        assert g_wt is None
+        torch.testing.assert_close(g_h, g_h_ref, rtol=0, atol=10 * tol)
+        torch.testing.assert_close(g_alpha, g_alpha_ref, rtol=0, atol=100 * tol)
+
+
+@needs_native
+def test_the_bf16_copy_rounds_like_torch_ties_and_specials_included():
+    bits = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x3F80_7FFF, 0x3F80_8001, 0x7F7FFFFF,
+                         0x7F800000, 0xFF800000, 0x00000001, 0x80000000, 0x3F800000, 0x4049_0FDB],
+                        dtype=torch.int64).to(torch.int32)  # ties to even/odd, max, inf, denormal
+    h = bits.view(torch.float32).reshape(1, 1, 3, 4)
+    _, _, saved = native.hc_forward(h, torch.eye(3, 4), save_bf16=True)
+    assert torch.equal(saved.view(torch.int16), h.to(torch.bfloat16).view(torch.int16))
+    nan = torch.full((1, 1, 1, 4), float("nan"))
+    assert native.hc_forward(nan, torch.eye(1, 2), save_bf16=True)[2].isnan().all()

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
+from hyperbit.nn import native
 from hyperbit.pathways import HyperConnection
 
 
@@ -31,10 +32,21 @@ def _run(hc, h, y_weight, reference):
     return out, grads
 
 
+@pytest.fixture(params=["native", "pytorch"])
+def kernels(request, monkeypatch):
+    """Both implementations of the fused node: the C kernels (CPU) and the PyTorch ops (the path
+    on CUDA, and without a C compiler)."""
+    if request.param == "pytorch":
+        monkeypatch.setenv("HYPERBIT_NATIVE", "0")
+    elif native.library() is None:
+        pytest.skip("no C compiler: only the PyTorch path runs here")
+    return request.param
+
+
 @pytest.mark.parametrize("dynamic,use_tanh", [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize("branch_norm", [True, False])
 @pytest.mark.parametrize("n", [1, 2, 3])
-def test_fused_matches_reference_values_and_gradients(n, dynamic, use_tanh, branch_norm):
+def test_fused_matches_reference_values_and_gradients(n, dynamic, use_tanh, branch_norm, kernels):
     d = 12
     hc = _random_hc(n, d, dynamic, use_tanh, branch_norm)
     h = torch.randn(2, 5, n, d, dtype=torch.float64)
@@ -48,7 +60,7 @@ def test_fused_matches_reference_values_and_gradients(n, dynamic, use_tanh, bran
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11, msg=name)
 
 
-def test_fused_under_autocast_is_close_to_fp32():
+def test_fused_under_autocast_is_close_to_fp32(kernels):
     """Under bf16 autocast only the saved copy of H is bf16: values exact, gradients close."""
     d, n = 32, 4
     hc = _random_hc(n, d, True, True, True, dtype=torch.float32)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
+from hyperbit.nn import native
 from hyperbit.pathways import ManifoldHyperConnection, expand_streams
 
 
@@ -41,10 +42,20 @@ def _assert_same(a, b, names, rtol, atol):
         torch.testing.assert_close(g, g_ref, rtol=rtol * 10, atol=atol * 10, msg=name)
 
 
+@pytest.fixture(params=["native", "pytorch"])
+def kernels(request, monkeypatch):
+    """Both implementations: the C kernels (CPU) and the PyTorch ops (CUDA, or no C compiler)."""
+    if request.param == "pytorch":
+        monkeypatch.setenv("HYPERBIT_NATIVE", "0")
+    elif native.library() is None:
+        pytest.skip("no C compiler: only the PyTorch path runs here")
+    return request.param
+
+
 @pytest.mark.parametrize("init", ["residual", "paper"])
 @pytest.mark.parametrize("res", ["sinkhorn", "permutations"])
 @pytest.mark.parametrize("n", [1, 2, 4])
-def test_fused_matches_reference_values_and_gradients_fp64(n, res, init):
+def test_fused_matches_reference_values_and_gradients_fp64(n, res, init, kernels):
     mhc = _random_mhc(n, 12, res, init)
     h = torch.randn(2, 5, n, 12, dtype=torch.float64)
     names = ["h"] + [k for k, _ in mhc.named_parameters()]
@@ -69,7 +80,7 @@ def test_fused_without_post_gradient_and_on_broadcast_streams():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_fused_matches_reference_in_low_precision_and_under_autocast(dtype):
+def test_fused_matches_reference_in_low_precision_and_under_autocast(dtype, kernels):
     """bf16 / fp16 parameters and streams: both paths compute in fp32 and round once, so they
     agree to a few units of the low precision; under bf16 autocast only the saved copy of H is
     bf16, so values are exact and gradients close."""

@@ -235,3 +235,187 @@ int hb_sinkhorn_backward_##SUF(const T *z, const T *g, T *gz, int64_t N, int n, 
 
 DEFINE_SINKHORN(float, f32, expf)
 DEFINE_SINKHORN(double, f64, exp)
+
+/* Hyper-connection width connection (pathways/_hc_fused.py), one token at a time, everything of
+   a token in L1: H (n, d) per token; alpha (n, n+1) static or per token. Forward writes the
+   branch input x = A_m^T H (the norm stays in PyTorch, so a one-stream HC is Pre-Norm bit for
+   bit) and the mixed streams A_r^T H. Backward takes dL/dx (after the norm's backward) and
+   dL/d mixed and writes dL/dH and dL/dalpha per token, and for DHC (r_i = rsqrt(mean(H_i^2) +
+   eps), P = H Wt^T, t = tanh(P r), alpha = t s_a + static alpha, beta = t s_b + static beta) runs
+   the chain back through the dynamic weights: dL/dH += dL/dP Wt - H r^3/d sum_k dL/dz_k P_k, and
+   dL/dWt. Parallel over tokens (OpenMP: the runtime torch uses). */
+
+#include <string.h>
+
+static inline float hb_bf16_to_f32(uint16_t v) {
+    uint32_t b = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+static inline uint16_t hb_f32_to_bf16(float f) {  /* round to nearest even, as torch does */
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    if (f != f) return 0x7fc0;
+    b += 0x7fff + ((b >> 16) & 1);
+    return (uint16_t)(b >> 16);
+}
+
+#define DEFINE_HC(T, SUF)                                                             \
+/* out row j (d) = sum_i a[i][j] h_i; j = 0: x, j >= 1: mixed stream j - 1 */                    \
+static void hc_mix_row_##SUF(const T *ht, int n, int64_t d, const T *a, int j, T *out) {         \
+    T a0 = a[j];                                                                                  \
+    _Pragma("omp simd")                                                                           \
+    for (int64_t c = 0; c < d; c++) out[c] = a0 * ht[c];                                          \
+    for (int i = 1; i < n; i++) {                                                                 \
+        T ai = a[i * (n + 1) + j];                                                                \
+        const T *hi = ht + i * d;                                                                 \
+        _Pragma("omp simd")                                                                       \
+        for (int64_t c = 0; c < d; c++) out[c] += ai * hi[c];                                     \
+    }                                                                                             \
+}                                                                                                 \
+                                                                                                  \
+/* h (N, n, d); alpha (n, n+1) or (N, n, n+1) (alpha_per_token); saved: a bf16 copy of h, or  \
+   NULL. (DHC's dynamic weights are computed before, in PyTorch: a norm, a GEMM, a tanh.) */    \
+int hb_hc_forward_##SUF(const T *h, int64_t N, int n, int64_t d, const T *alpha,                \
+                        int alpha_per_token, T *x, T *mixed, uint16_t *saved, int nthreads) {    \
+    if (n < 1 || n > 64) return 1;                                                                \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
+    for (int64_t tok = 0; tok < N; tok++) {                                                       \
+        const T *ht = h + tok * n * d;                                                            \
+        const T *a = alpha + (alpha_per_token ? tok * n * (n + 1) : 0);                           \
+        hc_mix_row_##SUF(ht, n, d, a, 0, x + tok * d);                                            \
+        for (int j = 1; j <= n; j++) hc_mix_row_##SUF(ht, n, d, a, j, mixed + (tok * n + j - 1) * d); \
+        if (saved)                                                                                \
+            for (int64_t c = 0; c < n * d; c++) saved[tok * n * d + c] = hb_f32_to_bf16((float)ht[c]); \
+    }                                                                                             \
+    return 0;                                                                                     \
+}                                                                                                 \
+                                                                                                  \
+/* one token's H in the compute type, from the saved copy (bf16 or T) */                          \
+static inline const T *hc_load_##SUF(const void *h, int h_bf16, int64_t tok, int n, int64_t d,   \
+                                     T *buf) {                                                    \
+    if (!h_bf16) return (const T *)h + tok * n * d;                                               \
+    const uint16_t *hb = (const uint16_t *)h + tok * n * d;                                       \
+    for (int64_t c = 0; c < n * d; c++) buf[c] = (T)hb_bf16_to_f32(hb[c]);                        \
+    return buf;                                                                                   \
+}                                                                                                 \
+                                                                                                  \
+int hb_hc_branch_input_##SUF(const void *h, int h_bf16, int64_t N, int n, int64_t d,             \
+                             const T *alpha, int alpha_per_token, T *x, int nthreads) {          \
+    int bad = 0;                                                                                  \
+    _Pragma("omp parallel num_threads(nthreads)")                                                 \
+    {                                                                                             \
+        T *buf = h_bf16 ? malloc(sizeof(T) * n * d) : NULL;                                       \
+        if (h_bf16 && !buf) bad = 1;                                                              \
+        else {                                                                                    \
+            _Pragma("omp for schedule(static)")                                                   \
+            for (int64_t tok = 0; tok < N; tok++) {                                               \
+                const T *ht = hc_load_##SUF(h, h_bf16, tok, n, d, buf);                           \
+                hc_mix_row_##SUF(ht, n, d, alpha + (alpha_per_token ? tok * n * (n + 1) : 0), 0,  \
+                                 x + tok * d);                                                    \
+            }                                                                                     \
+        }                                                                                         \
+        free(buf);                                                                                \
+    }                                                                                             \
+    return bad ? 2 : 0;                                                                           \
+}                                                                                                 \
+                                                                                                  \
+/* g_x (N, d): dL/dx after the norm; g_mixed (N, n, d) or NULL; dynamic (wt != NULL): g_beta      \
+   (N, n) or NULL, t, r, p from the forward. Out: g_h (N, n, d), g_alpha (N, n, n+1) (dL/dalpha   \
+   per token, before the dynamic chain), g_wt (n+2, d) when dynamic. */                          \
+int hb_hc_backward_##SUF(const void *h, int h_bf16, int64_t N, int n, int64_t d, const T *alpha, \
+                         int alpha_per_token, const T *g_x, const T *g_mixed, const T *g_beta,   \
+                         const T *t, const T *r, const T *p, const T *wt, T s_alpha, T s_beta,   \
+                         int use_tanh, T *g_h, T *g_alpha, T *g_wt, int nthreads) {              \
+    int k2 = n + 2, bad = 0;                                                                      \
+    int64_t wsize = wt ? (int64_t)k2 * d : 0;                                                     \
+    if (wt) memset(g_wt, 0, sizeof(T) * wsize);                                                   \
+    _Pragma("omp parallel num_threads(nthreads)")                                                 \
+    {                                                                                             \
+        T *buf = h_bf16 ? malloc(sizeof(T) * n * d) : NULL;                                       \
+        T *gw = wt ? calloc((size_t)wsize, sizeof(T)) : NULL;                                     \
+        T gp[64 * 66], coef[64];                                                                  \
+        if ((h_bf16 && !buf) || (wt && !gw)) bad = 1;                                             \
+        else {                                                                                    \
+            _Pragma("omp for schedule(static)")                                                   \
+            for (int64_t tok = 0; tok < N; tok++) {                                               \
+                const T *ht = hc_load_##SUF(h, h_bf16, tok, n, d, buf);                           \
+                const T *a = alpha + (alpha_per_token ? tok * n * (n + 1) : 0);                   \
+                const T *gx = g_x + tok * d;                                                      \
+                const T *gm = g_mixed ? g_mixed + tok * n * d : NULL;                             \
+                T *ga = g_alpha + tok * n * (n + 1);                                              \
+                for (int i = 0; i < n; i++) {                                                     \
+                    const T *hi = ht + i * d;                                                     \
+                    T acc = 0;                                                                    \
+                    _Pragma("omp simd reduction(+:acc)")                                          \
+                    for (int64_t c = 0; c < d; c++) acc += hi[c] * gx[c];                         \
+                    ga[i * (n + 1)] = acc;                                                        \
+                    for (int j = 0; j < n; j++) {                                                 \
+                        T accj = 0;                                                               \
+                        if (gm) {                                                                 \
+                            const T *gj = gm + j * d;                                             \
+                            _Pragma("omp simd reduction(+:accj)")                                 \
+                            for (int64_t c = 0; c < d; c++) accj += hi[c] * gj[c];                \
+                        }                                                                         \
+                        ga[i * (n + 1) + j + 1] = accj;                                           \
+                    }                                                                             \
+                }                                                                                 \
+                if (wt) { /* z = t (pre-tanh: P r); dL/dz, then dL/dP = dL/dz r */               \
+                    const T *tt = t + tok * n * k2, *pt = p + tok * n * k2, *rt = r + tok * n;    \
+                    for (int i = 0; i < n; i++) {                                                 \
+                        T cs = 0;                                                                 \
+                        for (int k = 0; k < k2; k++) {                                            \
+                            T gz = k <= n ? ga[i * (n + 1) + k] * s_alpha                         \
+                                          : (g_beta ? g_beta[tok * n + i] * s_beta : 0);          \
+                            if (use_tanh) gz *= 1 - tt[i * k2 + k] * tt[i * k2 + k];              \
+                            gp[i * k2 + k] = gz * rt[i];                                          \
+                            cs += gz * pt[i * k2 + k];                                            \
+                        }                                                                         \
+                        coef[i] = cs * rt[i] * rt[i] * rt[i] / (T)d;                              \
+                    }                                                                             \
+                }                                                                                 \
+                for (int i = 0; i < n; i++) {                                                     \
+                    T *gi = g_h + (tok * n + i) * d;                                              \
+                    const T *hi = ht + i * d;                                                     \
+                    T a0 = a[i * (n + 1)];                                                        \
+                    _Pragma("omp simd")                                                           \
+                    for (int64_t c = 0; c < d; c++) gi[c] = a0 * gx[c];                           \
+                    if (gm)                                                                       \
+                        for (int j = 0; j < n; j++) {                                             \
+                            T aj = a[i * (n + 1) + j + 1];                                        \
+                            const T *gj = gm + j * d;                                             \
+                            _Pragma("omp simd")                                                   \
+                            for (int64_t c = 0; c < d; c++) gi[c] += aj * gj[c];                  \
+                        }                                                                         \
+                    if (wt) {                                                                     \
+                        for (int k = 0; k < k2; k++) {                                            \
+                            T g = gp[i * k2 + k];                                                 \
+                            const T *wk = wt + k * d;                                             \
+                            T *gwk = gw + k * d;                                                  \
+                            _Pragma("omp simd")                                                   \
+                            for (int64_t c = 0; c < d; c++) {                                     \
+                                gi[c] += g * wk[c];                                               \
+                                gwk[c] += g * hi[c];                                              \
+                            }                                                                     \
+                        }                                                                         \
+                        T cf = coef[i];                                                           \
+                        _Pragma("omp simd")                                                       \
+                        for (int64_t c = 0; c < d; c++) gi[c] -= cf * hi[c];                      \
+                    }                                                                             \
+                }                                                                                 \
+            }                                                                                     \
+            if (wt) {                                                                             \
+                _Pragma("omp critical")                                                           \
+                for (int64_t c = 0; c < wsize; c++) g_wt[c] += gw[c];                             \
+            }                                                                                     \
+        }                                                                                         \
+        free(buf);                                                                                \
+        free(gw);                                                                                 \
+    }                                                                                             \
+    return bad ? 2 : 0;                                                                           \
+}
+
+DEFINE_HC(float, f32)
+DEFINE_HC(double, f64)

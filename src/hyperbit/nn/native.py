@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
+# -fopenmp: the kernels run on the OpenMP runtime torch has loaded (same soname, one thread pool)
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _state: dict[str, object] = {}
 
 
@@ -75,6 +76,14 @@ def _build() -> ctypes.CDLL | None:
         bwd.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                         ctypes.c_int, ctypes.c_int, ctype, ctype]
         fwd.restype = bwd.restype = ctypes.c_int
+        p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+        hc = getattr(lib, f"hb_hc_forward_{suffix}")
+        hc.argtypes = [p, i64, i, i64, p, i, p, p, p, i]
+        hx = getattr(lib, f"hb_hc_branch_input_{suffix}")
+        hx.argtypes = [p, i, i64, i, i64, p, i, p, i]
+        hb = getattr(lib, f"hb_hc_backward_{suffix}")
+        hb.argtypes = [p, i, i64, i, i64, p, i, p, p, p, p, p, p, p, ctype, ctype, i, p, p, p, i]
+        hc.restype = hx.restype = hb.restype = ctypes.c_int
     return lib
 
 
@@ -146,3 +155,62 @@ def sinkhorn_backward(z: Tensor, grad: Tensor, iters: int, logit_range: float,
     _check(_fn("hb_sinkhorn_backward", z.dtype)(z.data_ptr(), grad.data_ptr(), out.data_ptr(), N, n,
                                                  iters, logit_range, deficit_floor), "sinkhorn_backward")
     return out
+
+
+#: the largest n of the hyper-connection kernels
+HC_MAX_N = 64
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def hc_forward(h: Tensor, alpha: Tensor, save_bf16: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The width connection's mixing in one pass per token: ``h`` (B, T, n, d) in the compute
+    dtype, ``alpha`` (n, n+1) static or (B, T, n, n+1) per token. Returns the branch input
+    ``x = A_m^T H`` (B, T, d) before its norm, the mixed streams ``A_r^T H`` (B, T, n, d), and a
+    bf16 copy of ``h`` when ``save_bf16`` (else None)."""
+    lead, (n, d) = h.shape[:-2], h.shape[-2:]
+    # contiguous copies are held in names until the call returns (a temporary's memory could be
+    # reused while C still reads it)
+    h, alpha = h.contiguous(), alpha.contiguous()
+    x, mixed = h.new_empty(*lead, d), h.new_empty(*lead, n, d)
+    saved = torch.empty(h.shape, dtype=torch.bfloat16) if save_bf16 else None
+    _check(_fn("hb_hc_forward", h.dtype)(
+        h.data_ptr(), x[..., 0].numel(), n, d, alpha.data_ptr(), int(alpha.dim() > 2), x.data_ptr(),
+        mixed.data_ptr(), _ptr(saved), torch.get_num_threads()), "hc_forward")
+    return x, mixed, saved
+
+
+def hc_branch_input(h: Tensor, alpha: Tensor, compute: torch.dtype) -> Tensor:
+    """``x = A_m^T H`` (B, T, d) in ``compute``, from ``h`` (B, T, n, d) in ``compute`` or bf16."""
+    lead, (n, d) = h.shape[:-2], h.shape[-2:]
+    x = torch.empty(*lead, d, dtype=compute)
+    h, alpha = h.contiguous(), alpha.contiguous()
+    _check(_fn("hb_hc_branch_input", compute)(
+        h.data_ptr(), int(h.dtype == torch.bfloat16), x[..., 0].numel(), n, d,
+        alpha.data_ptr(), int(alpha.dim() > 2), x.data_ptr(), torch.get_num_threads()),
+        "hc_branch_input")
+    return x
+
+
+def hc_backward(h: Tensor, alpha: Tensor, g_x: Tensor, g_mixed: Tensor | None, g_beta: Tensor | None,
+                t: Tensor | None, r: Tensor | None, p: Tensor | None, wt: Tensor | None,
+                s_alpha: float, s_beta: float, use_tanh: bool):
+    """dL/dH (B, T, n, d), dL/dalpha per token (B, T, n, n+1) and, when ``wt`` is given, dL/dWt
+    (n+2, d), from dL/dx (after the norm's backward) and dL/d mixed; all in the dtype of ``g_x``."""
+    compute = g_x.dtype
+    lead, (n, d) = h.shape[:-2], h.shape[-2:]
+    g_h = torch.empty(h.shape, dtype=compute)
+    g_alpha = torch.empty(*lead, n, n + 1, dtype=compute)
+    g_wt = torch.empty(n + 2, d, dtype=compute) if wt is not None else None
+    c = lambda x: None if x is None else x.contiguous()  # noqa: E731
+    h, alpha, g_x, g_mixed, g_beta, t, r, p = (c(h), c(alpha), c(g_x), c(g_mixed), c(g_beta), c(t),
+                                               c(r), c(p))
+    _check(_fn("hb_hc_backward", compute)(
+        h.data_ptr(), int(h.dtype == torch.bfloat16), g_x[..., 0].numel(), n, d,
+        alpha.data_ptr(), int(alpha.dim() > 2), g_x.data_ptr(),
+        _ptr(g_mixed), _ptr(g_beta), _ptr(t), _ptr(r), _ptr(p), _ptr(wt), s_alpha, s_beta,
+        int(use_tanh), g_h.data_ptr(), g_alpha.data_ptr(), _ptr(g_wt), torch.get_num_threads()),
+        "hc_backward")
+    return g_h, g_alpha, g_wt

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..nn import native
 from ..nn.norm import rms_backward, rms_rstd
 
 
@@ -95,16 +96,41 @@ def mix_backward(h: Tensor, alpha: Tensor, norm_w: Tensor | None, x_rstd: Tensor
     return g_h, g_alpha_tok, g_norm_w
 
 
+def _native_ok(h: Tensor, compute: torch.dtype, save_dtype: torch.dtype) -> bool:
+    """The C kernels (``nn/native.c``) take this connection: CPU, not compiling, n small, and the
+    saved copy of H in the compute dtype or (for fp32) bf16."""
+    return (h.device.type == "cpu" and h.shape[-2] <= native.HC_MAX_N
+            and (save_dtype == compute or (compute == torch.float32 and save_dtype == torch.bfloat16))
+            and native.usable(torch.empty(0, dtype=compute)))
+
+
+def _norm_backward(x: Tensor, x_rstd: Tensor | None, norm_w: Tensor | None, g_out: Tensor,
+                   need_norm_w: bool) -> tuple[Tensor, Tensor | None]:
+    """dL/dx and dL/dnorm_w of ``out = x * x_rstd * norm_w`` (``norm_w`` None: no norm)."""
+    if norm_w is None:
+        return g_out, None
+    xhat = x * x_rstd
+    g_norm_w = (g_out * xhat).reshape(-1, x.shape[-1]).sum(0) if need_norm_w else None
+    return rms_backward(g_out * norm_w, xhat, x_rstd), g_norm_w
+
+
 class WidthConnection(torch.autograd.Function):
+    """The width connection in one node. On CPU the mixing, and backward also the chain through
+    DHC's dynamic weights, run in the C kernels of ``nn/native.c`` (one pass over a token's
+    streams forward, one backward, plus the branch input recomputed for the norm's backward);
+    elsewhere the PyTorch ops below, the reference arithmetic. The dynamic weights forward (a norm,
+    a GEMM, a tanh) and the branch norm are PyTorch in both: a one-stream HC stays Pre-Norm bit
+    for bit."""
+
     @staticmethod
     def forward(ctx, h, static_alpha, static_beta, dyn_wt, s_alpha, s_beta, norm_w,
                 stream_eps, norm_eps, use_tanh, save_dtype):
         # the weights come in the compute dtype (fp32, or fp64); h in the streams' dtype
         ctx.h_dtype, streams = h.dtype, h
-        h = h.to(static_alpha.dtype).contiguous()  # expand_streams' broadcast view would slow bmm
-        # the one copy of H kept for backward: in the save dtype, made from the original streams
-        saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()
+        compute = static_alpha.dtype
+        h = h.to(compute).contiguous()  # expand_streams' broadcast view would slow bmm
         n = h.shape[-2]
+        ctx.native = _native_ok(h, compute, save_dtype)
         if dyn_wt is not None:
             r = rms_rstd(h, stream_eps)  # (B, T, n, 1)
             p = _project(h, dyn_wt)  # H W: (B, T, n, n+2)
@@ -116,7 +142,19 @@ class WidthConnection(torch.autograd.Function):
         else:
             r = p = t = None
             alpha, beta = static_alpha, static_beta.clone()
-        out, mixed, x_rstd = mix_forward(h, alpha, norm_w, norm_eps)
+        if ctx.native:  # the mixing (and the bf16 copy of H, under autocast) in one pass
+            x, mixed, saved = native.hc_forward(h, alpha, save_dtype != compute and streams.dtype != save_dtype)
+            if saved is None:
+                saved = h if save_dtype == compute else streams.contiguous()
+            if norm_w is None:
+                out, x_rstd = x, None
+            else:
+                x_rstd = rms_rstd(x, norm_eps)
+                out = x * x_rstd * norm_w
+        else:
+            # the one copy of H kept for backward: in the save dtype, made from the original streams
+            saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()
+            out, mixed, x_rstd = mix_forward(h, alpha, norm_w, norm_eps)
         # H is the only n*d tensor kept; the rest is O(n^2) per token or parameters.
         ctx.save_for_backward(saved, static_alpha, dyn_wt, s_alpha, s_beta, norm_w,
                               alpha, r, p, t, x_rstd)
@@ -131,10 +169,21 @@ class WidthConnection(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, g_out, g_mixed, g_beta):
         h, static_alpha, dyn_wt, s_alpha, s_beta, norm_w, alpha, r, p, t, x_rstd = ctx.saved_tensors
-        h = h.to(alpha.dtype)  # the compute dtype: fp32, or fp64
+        compute = alpha.dtype  # fp32, or fp64
         n, d = h.shape[-2], h.shape[-1]
-        g_h, g_alpha_tok, g_norm_w = mix_backward(h, alpha, norm_w, x_rstd, g_out, g_mixed,
-                                                  ctx.needs_input_grad[6])
+        g_wt = None
+        if ctx.native:
+            x = native.hc_branch_input(h, alpha, compute) if norm_w is not None else None
+            g_x, g_norm_w = _norm_backward(x, x_rstd, norm_w, g_out.to(compute), ctx.needs_input_grad[6])
+            dyn = dyn_wt is not None
+            g_h, g_alpha_tok, g_wt = native.hc_backward(
+                h, alpha, g_x, None if g_mixed is None else g_mixed.to(compute),
+                None if g_beta is None else g_beta.to(compute), t, r, p, dyn_wt,
+                float(s_alpha) if dyn else 0.0, float(s_beta) if dyn else 0.0, ctx.use_tanh)
+        else:
+            h = h.to(compute)
+            g_h, g_alpha_tok, g_norm_w = mix_backward(h, alpha, norm_w, x_rstd, g_out, g_mixed,
+                                                      ctx.needs_input_grad[6])
         g_static_alpha = g_alpha_tok.reshape(-1, n, n + 1).sum(0)
         if dyn_wt is None:
             return (g_h.to(ctx.h_dtype), g_static_alpha, g_beta, None, None, None, g_norm_w,
@@ -144,14 +193,15 @@ class WidthConnection(torch.autograd.Function):
         g_static_beta = g_beta.reshape(-1, n).sum(0)
         g_sa = (g_alpha_tok * t[..., : n + 1]).sum().reshape(1)
         g_sb = (g_beta * t[..., n + 1]).sum().reshape(1)
-        g_z = torch.cat([g_alpha_tok * s_alpha, (g_beta * s_beta).unsqueeze(-1)], dim=-1)
-        if ctx.use_tanh:
-            g_z = g_z * (1 - t.square())
-        g_p = (g_z * r).reshape(-1, n + 2)  # dL/dP for P = H W, (B*T*n, n+2)
-        h_flat = h.reshape(-1, d)
-        g_wt = g_p.T.contiguous() @ h_flat  # (n+2, d)
-        g_h.view(-1, d).addmm_(g_p, dyn_wt)  # += dL/dP Wt
-        g_h.addcmul_(h, (g_z * p).sum(-1, keepdim=True) * r.pow(3), value=-1.0 / d)  # via r(H)
+        if g_wt is None:  # the PyTorch path: the dynamic weights' chain here
+            g_z = torch.cat([g_alpha_tok * s_alpha, (g_beta * s_beta).unsqueeze(-1)], dim=-1)
+            if ctx.use_tanh:
+                g_z = g_z * (1 - t.square())
+            g_p = (g_z * r).reshape(-1, n + 2)  # dL/dP for P = H W, (B*T*n, n+2)
+            h_flat = h.reshape(-1, d)
+            g_wt = g_p.T.contiguous() @ h_flat  # (n+2, d)
+            g_h.view(-1, d).addmm_(g_p, dyn_wt)  # += dL/dP Wt
+            g_h.addcmul_(h, (g_z * p).sum(-1, keepdim=True) * r.pow(3), value=-1.0 / d)  # via r(H)
         return (g_h.to(ctx.h_dtype), g_static_alpha, g_static_beta, g_wt, g_sa, g_sb, g_norm_w,
                 None, None, None, None)
 

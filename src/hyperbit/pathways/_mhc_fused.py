@@ -30,8 +30,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..nn import native
 from ..nn.norm import rms_rstd
-from ._hc_fused import _project, mix_backward, mix_forward
+from ._hc_fused import _native_ok, _norm_backward, _project, mix_backward, mix_forward
 
 #: ``(z, b_pre, b_post, b_res, a_pre, a_post, a_res, plain) -> pre, post, res``: the per-token
 #: map from the projections to the connection weights (``plain``: Sinkhorn in plain autograd)
@@ -57,7 +58,13 @@ class ManifoldWidth(torch.autograd.Function):
         z = _project(x, phi) * r  # (B, T, m)
         small = (b_pre, b_post, b_res, a_pre, a_post, a_res)
         pre, post, res = weights(z, *small, plain=False)
-        out, mixed, x_rstd = mix_forward(h, alpha_of(pre, res), norm_w, norm_eps)
+        ctx.native = _native_ok(h, phi.dtype, save_dtype)
+        if ctx.native:  # the mixing in one pass per token (C), the norm in PyTorch
+            xb, mixed, _ = native.hc_forward(h, alpha_of(pre, res), save_bf16=False)
+            x_rstd = rms_rstd(xb, norm_eps)
+            out = xb * x_rstd * norm_w
+        else:
+            out, mixed, x_rstd = mix_forward(h, alpha_of(pre, res), norm_w, norm_eps)
         ctx.save_for_backward(saved, phi, norm_w, z, r, x_rstd, *small)
         ctx.weights = weights
         return out.to(ctx.h_dtype), mixed, post
@@ -75,10 +82,17 @@ class ManifoldWidth(torch.autograd.Function):
         with torch.enable_grad():  # the per-token map, again, under autograd
             inputs = [z.detach().requires_grad_(True)] + [p.detach().requires_grad_(True) for p in small]
             pre, post, res = ctx.weights(*inputs, plain=True)
-            alpha = alpha_of(pre, res)
-        g_h, g_alpha, g_norm_w = mix_backward(h, alpha.detach(), norm_w, x_rstd, g_out, g_mixed,
-                                              ctx.needs_input_grad[10])
-        outputs, grads = [alpha], [g_alpha]
+            alpha_graph = alpha_of(pre, res)
+        alpha = alpha_graph.detach()
+        if ctx.native:
+            g_x, g_norm_w = _norm_backward(native.hc_branch_input(h, alpha, h.dtype), x_rstd, norm_w,
+                                           g_out.to(h.dtype), ctx.needs_input_grad[10])
+            g_h, g_alpha, _ = native.hc_backward(h, alpha, g_x, None if g_mixed is None else g_mixed.to(h.dtype),
+                                                 None, None, None, None, None, 0.0, 0.0, False)
+        else:
+            g_h, g_alpha, g_norm_w = mix_backward(h, alpha, norm_w, x_rstd, g_out, g_mixed,
+                                                  ctx.needs_input_grad[10])
+        outputs, grads = [alpha_graph], [g_alpha]
         if g_post is not None:
             outputs.append(post)
             grads.append(g_post.to(post.dtype))
