@@ -523,8 +523,32 @@ def step_configs(models: Sequence[str], modes: Sequence[str]) -> list[tuple[str,
         for m in models:
             if mode == "compiled-plain" and m != "dhc4":
                 continue
-            out.append((f"{m}/{mode}", m, mode != "eager", "plain" if mode == "compiled-plain" else "fused"))
+            if mode == "eager-pytorch" and m not in NATIVE_MODELS:
+                continue
+            hc = {"compiled-plain": "plain", "eager-pytorch": "pytorch"}.get(mode, "fused")
+            out.append((f"{m}/{mode}", m, mode.startswith("compiled"), hc))
     return out
+
+
+#: models whose connections run C kernels on CPU (``hyperbit/nn/native.c``); mode ``eager-pytorch``
+#: runs them with ``HYPERBIT_NATIVE=0``, the PyTorch implementation of the same fused nodes
+NATIVE_MODELS = ("shc4", "dhc4", "mhc4")
+
+
+def without_native(step: Callable[[], Any]) -> Callable[[], Any]:
+    """``step`` with the C kernels off (``HYPERBIT_NATIVE=0`` while it runs)."""
+    def run() -> Any:
+        old = os.environ.get("HYPERBIT_NATIVE")
+        os.environ["HYPERBIT_NATIVE"] = "0"
+        try:
+            return step()
+        finally:
+            if old is None:
+                del os.environ["HYPERBIT_NATIVE"]
+            else:
+                os.environ["HYPERBIT_NATIVE"] = old
+
+    return run
 
 
 def measure_steps(models: Sequence[str], modes: Sequence[str], shape: dict[str, int], device: str,
@@ -549,6 +573,8 @@ def measure_steps(models: Sequence[str], modes: Sequence[str], shape: dict[str, 
         model = build_step_model(name, shape, device, compiled, fused_hc=hc == "fused", compile_kwargs=compile_kwargs)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if cuda else None)
         step = make_train_step(model, opt, idx, targets, device, dtype)
+        if hc == "pytorch":
+            step = without_native(step)
         t0 = time.perf_counter()
         step()
         if sync:
@@ -567,8 +593,10 @@ def measure_steps(models: Sequence[str], modes: Sequence[str], shape: dict[str, 
             sync()
             mem = {"peak_bytes": torch.cuda.max_memory_allocated() - before + static, "static_bytes": static}
         else:
+            forward = lambda: model(idx, targets)[1]  # noqa: E731
             with autocast(device, dtype), torch.enable_grad():
-                mem = saved_activation_bytes(model, lambda: model(idx, targets)[1], exclude=[idx, targets])
+                mem = saved_activation_bytes(model, without_native(forward) if hc == "pytorch" else forward,
+                                             exclude=[idx, targets])
             mem = {"saved_bytes": mem["bytes"]}
         opt.zero_grad(set_to_none=True)
         fns[key] = step
@@ -588,7 +616,8 @@ def step_table(results: dict[str, dict], memory_key: str) -> tuple[list[str], li
     rows = []
     for key, r in results.items():
         mode = key.split("/", 1)[1]
-        plain, pre = results.get(f"plain/{mode.replace('-plain', '')}"), results.get(f"prenorm/{mode.replace('-plain', '')}")
+        base_mode = {"compiled-plain": "compiled", "eager-pytorch": "eager"}.get(mode, mode)
+        plain, pre = results.get(f"plain/{base_mode}"), results.get(f"prenorm/{base_mode}")
         mem = r.get(memory_key)
         rows.append([r["label"], mode, fmt(r["step_s"] * 1e3), fmt(ratio(r["step_s"], plain and plain["step_s"]), ".3f"),
                      fmt(ratio(r["step_s"], pre and pre["step_s"]), ".3f"), fmt(r["first_step_s"], ".1f"),

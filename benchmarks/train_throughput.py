@@ -51,7 +51,9 @@ d 256 x 6 blocks, batch 8 x seq 256, in the precision ``train.precision=auto`` p
 every model built side by side, steps timed round-robin (``_common.interleaved_timing``), medians
 of per-round medians; memory is the bytes autograd saves in one forward. Mode ``compiled-plain``
 compiles DHC x4 with plain-autograd hyper-connections instead of the custom autograd nodes that
-``compile_blocks`` keeps by default (the comparison that chose the default). Targets: DHC x4 <= 1.20x Pre-Norm eager, <= 1.10x
+``compile_blocks`` keeps by default (the comparison that chose the default); mode ``eager-pytorch``
+runs SHC x4, DHC x4 and mHC x4 with the C kernels off (``HYPERBIT_NATIVE=0``: the PyTorch
+implementation of the same nodes, the path on CUDA), so the kernels' effect is measured side by side. Targets: DHC x4 <= 1.20x Pre-Norm eager, <= 1.10x
 compiled.
 
     python benchmarks/train_throughput.py --models              # full (compiles: ~10+ min on 2 cores)
@@ -453,7 +455,7 @@ def models_main(argv) -> int:
     ap.add_argument("--models-list", default=",".join(C.STEP_MODELS), help="comma list of "
                     f"{','.join(C.STEP_MODELS)}")
     ap.add_argument("--modes", default="eager,compiled,compiled-plain",
-                    help="comma list of eager, compiled, compiled-plain")
+                    help="comma list of eager, compiled, compiled-plain, eager-pytorch")
     ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 4; 1 with --quick)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default 2; 1 with --quick)")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
@@ -462,9 +464,9 @@ def models_main(argv) -> int:
     args = ap.parse_args(argv)
     models = [m for m in args.models_list.split(",") if m]
     modes = [m for m in args.modes.split(",") if m]
-    bad = [m for m in models if m not in C.STEP_MODELS] + [m for m in modes if m not in ("eager", "compiled", "compiled-plain")]
+    bad = [m for m in models if m not in C.STEP_MODELS] + [m for m in modes if m not in ("eager", "compiled", "compiled-plain", "eager-pytorch")]
     if bad or not models or not modes:
-        ap.error(f"unknown or no models / modes {bad}; models: {list(C.STEP_MODELS)}, modes: eager, compiled, compiled-plain")
+        ap.error(f"unknown or no models / modes {bad}; models: {list(C.STEP_MODELS)}, modes: eager, compiled, compiled-plain, eager-pytorch")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     shape = MODEL_SHAPE_QUICK if args.quick else MODEL_SHAPE
@@ -484,7 +486,7 @@ def models_main(argv) -> int:
           + ("  [QUICK]" if args.quick else ""))
     print(C.format_table(*C.step_table(results, "saved_bytes")))
     print("step ms: median of per-round medians; x Pre-Norm: against Pre-Norm in the same mode "
-          "(compiled-plain against compiled); saved: bytes autograd keeps for backward in one forward")
+          "(compiled-plain against compiled, eager-pytorch against eager); saved: bytes autograd keeps for backward in one forward")
     targets = [C.step_target(results, "dhc4", "eager", 1.20), C.step_target(results, "dhc4", "compiled", 1.10),
                C.step_target(results, "dhc4", "eager", 1.15, what="saved_bytes"),
                C.step_target(results, "mhc4", "eager", 1.35), C.step_target(results, "mhc4", "compiled", 1.35),
