@@ -151,3 +151,41 @@ def test_the_bf16_copy_rounds_like_torch_ties_and_specials_included():
     assert torch.equal(saved.view(torch.int16), h.to(torch.bfloat16).view(torch.int16))
     nan = torch.full((1, 1, 1, 4), float("nan"))
     assert native.hc_forward(nan, torch.eye(1, 2), save_bf16=True)[2].isnan().all()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("y_bf16", [False, True])
+def test_depth_kernels_match_pytorch(per_token, y_bf16, dtype, tol):
+    if y_bf16 and dtype == torch.float64:
+        pytest.skip("bf16 branch outputs meet fp32 streams (autocast); fp64 streams get fp64 outputs")
+    g = torch.Generator().manual_seed(0)
+    n, d = 3, 37
+    mixed = torch.randn(2, 5, n, d, generator=g, dtype=dtype)
+    beta = torch.randn(*((2, 5) if per_token else ()), n, generator=g, dtype=dtype)
+    y = torch.randn(2, 5, d, generator=g, dtype=dtype)
+    y = y.to(torch.bfloat16) if y_bf16 else y
+    yc = y.to(dtype)
+    out = native.depth_forward(mixed, beta, y)
+    torch.testing.assert_close(out, mixed + beta.unsqueeze(-1) * yc.unsqueeze(-2), rtol=0, atol=tol)
+    grad = torch.randn(mixed.shape, generator=g, dtype=dtype)
+    g_y, g_beta = native.depth_backward(grad, beta, y, True, True)
+    torch.testing.assert_close(g_y, (beta.unsqueeze(-1) * grad).sum(-2), rtol=0, atol=tol)
+    torch.testing.assert_close(g_beta, (grad * yc.unsqueeze(-2)).sum(-1), rtol=0, atol=10 * tol)
+    assert native.depth_backward(grad, beta, y, False, True)[0] is None
+    assert native.depth_backward(grad, beta, y, True, False)[1] is None
+
+
+@needs_native
+def test_every_kernel_has_its_signature_declared():
+    """ctypes passes undeclared arguments as C ints: a 64-bit size or a double would be garbage
+    (or a crash). Every entry point of native.c gets its argument types."""
+    import re
+
+    lib = native.library()
+    names = re.findall(r"^int (hb_\w+)_##SUF\(", native.SOURCE.read_text(), flags=re.M)
+    assert len(names) >= 6
+    for name in names:
+        for suffix in ("f32", "f64"):
+            assert getattr(lib, f"{name}_{suffix}").argtypes is not None, name

@@ -419,3 +419,84 @@ int hb_hc_backward_##SUF(const void *h, int h_bf16, int64_t N, int n, int64_t d,
 
 DEFINE_HC(float, f32)
 DEFINE_HC(double, f64)
+
+/* Depth connection (pathways/_hc_fused.py: DepthConnection): out_i = mixed_i + beta_i y per token,
+   beta (n) static or (N, n) per token, y (N, d) in T or bf16 (a branch output under autocast).
+   Backward: dL/dy = sum_i beta_i g_i and dL/dbeta_i = <g_i, y> per token, in one pass over g. */
+
+#define DEFINE_DEPTH(T, SUF)                                                                      \
+static inline const T *depth_y_##SUF(const void *y, int y_bf16, int64_t tok, int64_t d, T *buf) {\
+    if (!y_bf16) return (const T *)y + tok * d;                                                   \
+    const uint16_t *yb = (const uint16_t *)y + tok * d;                                           \
+    for (int64_t c = 0; c < d; c++) buf[c] = (T)hb_bf16_to_f32(yb[c]);                            \
+    return buf;                                                                                   \
+}                                                                                                 \
+                                                                                                  \
+int hb_depth_forward_##SUF(const T *mixed, const T *beta, int beta_per_token, const void *y,     \
+                           int y_bf16, int64_t N, int n, int64_t d, T *out, int nthreads) {      \
+    int bad = 0;                                                                                  \
+    _Pragma("omp parallel num_threads(nthreads)")                                                 \
+    {                                                                                             \
+        T *buf = y_bf16 ? malloc(sizeof(T) * d) : NULL;                                           \
+        if (y_bf16 && !buf) bad = 1;                                                              \
+        else {                                                                                    \
+            _Pragma("omp for schedule(static)")                                                   \
+            for (int64_t tok = 0; tok < N; tok++) {                                               \
+                const T *yt = depth_y_##SUF(y, y_bf16, tok, d, buf);                              \
+                const T *bt = beta + (beta_per_token ? tok * n : 0);                              \
+                for (int i = 0; i < n; i++) {                                                     \
+                    const T *mi = mixed + (tok * n + i) * d;                                      \
+                    T *oi = out + (tok * n + i) * d, b = bt[i];                                   \
+                    _Pragma("omp simd")                                                           \
+                    for (int64_t c = 0; c < d; c++) oi[c] = mi[c] + b * yt[c];                    \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+        free(buf);                                                                                \
+    }                                                                                             \
+    return bad ? 2 : 0;                                                                           \
+}                                                                                                 \
+                                                                                                  \
+/* g (N, n, d); g_y (N, d) or NULL; g_beta (N, n) per token or NULL */                           \
+int hb_depth_backward_##SUF(const T *g, const T *beta, int beta_per_token, const void *y,        \
+                            int y_bf16, int64_t N, int n, int64_t d, T *g_y, T *g_beta,          \
+                            int nthreads) {                                                       \
+    int bad = 0;                                                                                  \
+    _Pragma("omp parallel num_threads(nthreads)")                                                 \
+    {                                                                                             \
+        T *buf = y_bf16 && g_beta ? malloc(sizeof(T) * d) : NULL;                                 \
+        if (y_bf16 && g_beta && !buf) bad = 1;                                                    \
+        else {                                                                                    \
+            _Pragma("omp for schedule(static)")                                                   \
+            for (int64_t tok = 0; tok < N; tok++) {                                               \
+                const T *gt = g + tok * n * d, *bt = beta + (beta_per_token ? tok * n : 0);       \
+                if (g_y) {                                                                        \
+                    T *gy = g_y + tok * d, b0 = bt[0];                                            \
+                    _Pragma("omp simd")                                                           \
+                    for (int64_t c = 0; c < d; c++) gy[c] = b0 * gt[c];                           \
+                    for (int i = 1; i < n; i++) {                                                 \
+                        const T *gi = gt + i * d;                                                 \
+                        T b = bt[i];                                                              \
+                        _Pragma("omp simd")                                                       \
+                        for (int64_t c = 0; c < d; c++) gy[c] += b * gi[c];                       \
+                    }                                                                             \
+                }                                                                                 \
+                if (g_beta) {                                                                     \
+                    const T *yt = depth_y_##SUF(y, y_bf16, tok, d, buf);                          \
+                    for (int i = 0; i < n; i++) {                                                 \
+                        const T *gi = gt + i * d;                                                 \
+                        T acc = 0;                                                                \
+                        _Pragma("omp simd reduction(+:acc)")                                      \
+                        for (int64_t c = 0; c < d; c++) acc += gi[c] * yt[c];                     \
+                        g_beta[tok * n + i] = acc;                                                \
+                    }                                                                             \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+        free(buf);                                                                                \
+    }                                                                                             \
+    return bad ? 2 : 0;                                                                           \
+}
+
+DEFINE_DEPTH(float, f32)
+DEFINE_DEPTH(double, f64)

@@ -84,6 +84,11 @@ def _build() -> ctypes.CDLL | None:
         hb = getattr(lib, f"hb_hc_backward_{suffix}")
         hb.argtypes = [p, i, i64, i, i64, p, i, p, p, p, p, p, p, p, ctype, ctype, i, p, p, p, i]
         hc.restype = hx.restype = hb.restype = ctypes.c_int
+        df = getattr(lib, f"hb_depth_forward_{suffix}")
+        df.argtypes = [p, p, i, p, i, i64, i, i64, p, i]
+        db = getattr(lib, f"hb_depth_backward_{suffix}")
+        db.argtypes = [p, p, i, p, i, i64, i, i64, p, p, i]
+        df.restype = db.restype = ctypes.c_int
     return lib
 
 
@@ -214,3 +219,28 @@ def hc_backward(h: Tensor, alpha: Tensor, g_x: Tensor, g_mixed: Tensor | None, g
         int(use_tanh), g_h.data_ptr(), g_alpha.data_ptr(), _ptr(g_wt), torch.get_num_threads()),
         "hc_backward")
     return g_h, g_alpha, g_wt
+
+
+def depth_forward(mixed: Tensor, beta: Tensor, y: Tensor) -> Tensor:
+    """``mixed + beta^T y``: ``mixed`` (B, T, n, d) contiguous in the compute dtype, ``beta`` (n,) or
+    (B, T, n) in it too, ``y`` (B, T, d) in it or in bf16. One pass, in the compute dtype."""
+    lead, (n, d) = mixed.shape[:-2], mixed.shape[-2:]
+    mixed, beta, y = mixed.contiguous(), beta.contiguous(), y.contiguous()
+    out = torch.empty_like(mixed)
+    _check(_fn("hb_depth_forward", mixed.dtype)(
+        mixed.data_ptr(), beta.data_ptr(), int(beta.dim() > 1), y.data_ptr(), int(y.dtype == torch.bfloat16),
+        y[..., 0].numel(), n, d, out.data_ptr(), torch.get_num_threads()), "depth_forward")
+    return out
+
+
+def depth_backward(g: Tensor, beta: Tensor, y: Tensor, need_y: bool, need_beta: bool
+                   ) -> tuple[Tensor | None, Tensor | None]:
+    """dL/dy (B, T, d) and dL/dbeta per token (B, T, n), in the dtype of ``g``, in one pass."""
+    lead, (n, d) = g.shape[:-2], g.shape[-2:]
+    g, beta, y = g.contiguous(), beta.contiguous(), y.contiguous()
+    g_y = torch.empty(*lead, d, dtype=g.dtype) if need_y else None
+    g_beta = torch.empty(*lead, n, dtype=g.dtype) if need_beta else None
+    _check(_fn("hb_depth_backward", g.dtype)(
+        g.data_ptr(), beta.data_ptr(), int(beta.dim() > 1), y.data_ptr(), int(y.dtype == torch.bfloat16),
+        y[..., 0].numel(), n, d, _ptr(g_y), _ptr(g_beta), torch.get_num_threads()), "depth_backward")
+    return g_y, g_beta

@@ -208,14 +208,22 @@ class WidthConnection(torch.autograd.Function):
 
 class DepthConnection(torch.autograd.Function):
     """``H' + beta^T y`` in one pass, rounded once to the streams' dtype; keeps ``y`` in its own
-    dtype and beta, nothing full-size."""
+    dtype and beta, nothing full-size. On CPU (fp32 / fp64 streams, ``y`` in that dtype or bf16)
+    forward and backward are C kernels (``nn/native.c``): one pass each, where the broadcasting
+    ``addcmul`` and the two skinny products below make several."""
 
     @staticmethod
     def forward(ctx, mixed, beta, y, out_dtype):
         # mixed, beta in the compute dtype; beta: (n,) static or (B, T, n) dynamic;
         # y: (B, T, d) in any float dtype
-        out = torch.addcmul(mixed, beta.unsqueeze(-1), y.to(mixed.dtype).unsqueeze(-2))
+        compute = mixed.dtype
+        ctx.native = (out_dtype == compute and mixed.is_contiguous()
+                      and (y.dtype == compute or (compute == torch.float32 and y.dtype == torch.bfloat16))
+                      and _native_ok(mixed, compute, compute))
         ctx.save_for_backward(beta, y)
+        if ctx.native:
+            return native.depth_forward(mixed, beta, y)
+        out = torch.addcmul(mixed, beta.unsqueeze(-1), y.to(mixed.dtype).unsqueeze(-2))
         return out.to(out_dtype)
 
     @staticmethod
@@ -228,11 +236,13 @@ class DepthConnection(torch.autograd.Function):
         beta, y = ctx.saved_tensors
         g = g.to(beta.dtype)
         n = g.shape[-2]
-        g_beta = g_y = None
-        if ctx.needs_input_grad[2]:
-            g_y = _bmm(beta.unsqueeze(-2), g).squeeze(-2).to(y.dtype)  # sum_i beta_i g_i
-        if ctx.needs_input_grad[1]:
-            g_beta = _bmm(g, y.to(g.dtype).unsqueeze(-1)).squeeze(-1)  # <g_i, y> per token
-            if beta.dim() == 1:
-                g_beta = g_beta.reshape(-1, n).sum(0)
+        need_y, need_beta = ctx.needs_input_grad[2], ctx.needs_input_grad[1]
+        if ctx.native:
+            g_y, g_beta = native.depth_backward(g, beta, y, need_y, need_beta)
+            g_y = None if g_y is None else g_y.to(y.dtype)
+        else:
+            g_y = _bmm(beta.unsqueeze(-2), g).squeeze(-2).to(y.dtype) if need_y else None  # sum_i beta_i g_i
+            g_beta = _bmm(g, y.to(g.dtype).unsqueeze(-1)).squeeze(-1) if need_beta else None  # <g_i, y>
+        if g_beta is not None and beta.dim() == 1:
+            g_beta = g_beta.reshape(-1, n).sum(0)
         return g, g_beta, g_y, None
