@@ -100,7 +100,7 @@ def library() -> ctypes.CDLL | None:
     if "lib" not in _state:
         try:
             _state["lib"] = _build()
-        except (OSError, subprocess.SubprocessError) as e:
+        except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
             import warnings
 
             detail = getattr(e, "stderr", b"") or b""
