@@ -12,7 +12,6 @@ import copy
 
 import pytest
 import torch
-from torch.autograd.graph import saved_tensors_hooks
 
 import hyperbit as hb
 from hyperbit.pathways import FracConnection, make_pathway
@@ -246,21 +245,9 @@ def test_perturbing_the_connection_changes_the_output(part):
 # ---------------------------------------------------------------------------------------------
 # memory: F once (plus y for B's gradient), never the normed or mixed copies
 # ---------------------------------------------------------------------------------------------
-def saved_bytes(fn, exclude=()):
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(v for k, v in seen.items() if k not in exclude)
-
-
 @pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_connection_saves_only_the_state_and_the_branch_output(dynamic, autocast):
+def test_connection_saves_only_the_state_and_the_branch_output(dynamic, autocast, saved_bytes):
     """Per token: F (d numbers, in bf16 under autocast) for the width node, y (d, in the branch
     output's dtype) for the depth node, plus O(m^2) per-token scalars for dynamic weights."""
     B, T, m, d = 2, 64, 4, 256
@@ -286,7 +273,7 @@ def test_connection_saves_only_the_state_and_the_branch_output(dynamic, autocast
     assert fused < 0.7 * plain
 
 
-def test_lm_saves_prenorm_plus_one_branch_output_per_branch():
+def test_lm_saves_prenorm_plus_one_branch_output_per_branch(saved_bytes):
     """A whole LM step (static frac): exactly Pre-Norm's saved activations plus y per branch."""
     torch.manual_seed(0)
     shape = dict(vocab_size=64, dim=64, n_layers=2, n_heads=4, max_seq_len=32)

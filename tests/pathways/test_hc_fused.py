@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.autograd.graph import saved_tensors_hooks
 
-from hyperbit.nn import native
 from hyperbit.pathways import HyperConnection
 
 
@@ -30,17 +28,6 @@ def _run(hc, h, y_weight, reference):
     loss = (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).pow(2).sum()
     grads = torch.autograd.grad(loss, [h] + list(hc.parameters()))
     return out, grads
-
-
-@pytest.fixture(params=["native", "pytorch"])
-def kernels(request, monkeypatch):
-    """Both implementations of the fused node: the C kernels (CPU) and the PyTorch ops (the path
-    on CUDA, and without a C compiler)."""
-    if request.param == "pytorch":
-        monkeypatch.setenv("HYPERBIT_NATIVE", "0")
-    elif native.library() is None:
-        pytest.skip("no C compiler: only the PyTorch path runs here")
-    return request.param
 
 
 @pytest.mark.parametrize("dynamic,use_tanh", [(False, True), (True, True), (True, False)])
@@ -74,20 +61,8 @@ def test_fused_under_autocast_is_close_to_fp32(kernels):
         assert (g_ac - g).norm() <= 2e-2 * g.norm() + 1e-6
 
 
-def _saved_bytes(fn):
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_width_connection_saves_only_the_streams(dynamic):
+def test_width_connection_saves_only_the_streams(dynamic, saved_bytes):
     """Per token it keeps H (n*d in bf16 under autocast) plus O(n^2) scalars, not the n*d
     normed copy and the (n+1)*d product a naive implementation keeps alive."""
     B, T, n, d = 2, 64, 4, 256
@@ -95,8 +70,8 @@ def test_width_connection_saves_only_the_streams(dynamic):
     params = {p.untyped_storage().data_ptr() for p in hc.parameters()}
     h = torch.randn(B, T, n, d, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = _saved_bytes(lambda: hc.width_connection(h))
-    naive = _saved_bytes(lambda: hc.width_connection_reference(h))
+        fused = saved_bytes(lambda: hc.width_connection(h))
+    naive = saved_bytes(lambda: hc.width_connection_reference(h))
     per_token_fused = (fused - sum(p.numel() * 4 for p in hc.parameters())) / (B * T)
     assert per_token_fused <= n * d * 2 + 64 * (n + 2) * 4, per_token_fused
     assert fused < naive / 2

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.autograd.graph import saved_tensors_hooks
 
-from hyperbit.nn import native
 from hyperbit.pathways import ManifoldHyperConnection, expand_streams
 
 
@@ -40,16 +38,6 @@ def _assert_same(a, b, names, rtol, atol):
             assert g is None or not g.any(), name
             continue
         torch.testing.assert_close(g, g_ref, rtol=rtol * 10, atol=atol * 10, msg=name)
-
-
-@pytest.fixture(params=["native", "pytorch"])
-def kernels(request, monkeypatch):
-    """Both implementations: the C kernels (CPU) and the PyTorch ops (CUDA, or no C compiler)."""
-    if request.param == "pytorch":
-        monkeypatch.setenv("HYPERBIT_NATIVE", "0")
-    elif native.library() is None:
-        pytest.skip("no C compiler: only the PyTorch path runs here")
-    return request.param
 
 
 @pytest.mark.parametrize("init", ["residual", "paper"])
@@ -104,27 +92,15 @@ def test_fused_matches_reference_in_low_precision_and_under_autocast(dtype, kern
         assert (g.float() - g_ref.float()).norm() <= 8 * u * g_ref.float().norm() + 1e-6, name
 
 
-def _saved_bytes(fn):
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
-def test_width_connection_saves_only_the_streams():
+def test_width_connection_saves_only_the_streams(saved_bytes):
     """Per token it keeps H once (n*d in bf16 under autocast) plus O(n^2) numbers; plain autograd
     keeps H in fp32 twice, the (n+1)*d mix and more."""
     B, T, n, d = 2, 64, 4, 256
     mhc = ManifoldHyperConnection(d, n, branch_index=0)
     h = torch.randn(B, T, n, d, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = _saved_bytes(lambda: mhc.width_connection(h))
-        naive = _saved_bytes(lambda: mhc.width_connection_reference(h))
+        fused = saved_bytes(lambda: mhc.width_connection(h))
+        naive = saved_bytes(lambda: mhc.width_connection_reference(h))
     per_token = (fused - sum(p.numel() * p.element_size() for p in mhc.parameters())) / (B * T)
     assert per_token <= n * d * 2 + 64 * (n * n + 2 * n) * 4, per_token
     assert fused < naive / 3, (fused, naive)
