@@ -562,7 +562,14 @@ def measure_steps(models: Sequence[str], modes: Sequence[str], shape: dict[str, 
     count each other); on CPU the bytes autograd saves in one forward (:func:`saved_activation_bytes`).
     """
     import torch
+    import torch._dynamo
 
+    # Every model's blocks share one code object (Block.forward): each model of another shape is a
+    # recompile of it, and past dynamo's recompile limit (8) the rest would silently run eager.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+            break
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else None
     g = torch.Generator().manual_seed(0)

@@ -131,6 +131,11 @@ def usable(*tensors: Tensor) -> bool:
     return library() is not None
 
 
+def _threads() -> int:
+    """Threads for the kernels' OpenMP regions: torch's intra-op thread count."""
+    return torch.get_num_threads()
+
+
 def _fn(name: str, dtype: torch.dtype):
     return getattr(library(), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
 
@@ -183,7 +188,7 @@ def hc_forward(h: Tensor, alpha: Tensor, save_bf16: bool) -> tuple[Tensor, Tenso
     saved = torch.empty(h.shape, dtype=torch.bfloat16) if save_bf16 else None
     _check(_fn("hb_hc_forward", h.dtype)(
         h.data_ptr(), x[..., 0].numel(), n, d, alpha.data_ptr(), int(alpha.dim() > 2), x.data_ptr(),
-        mixed.data_ptr(), _ptr(saved), torch.get_num_threads()), "hc_forward")
+        mixed.data_ptr(), _ptr(saved), _threads()), "hc_forward")
     return x, mixed, saved
 
 
@@ -194,7 +199,7 @@ def hc_branch_input(h: Tensor, alpha: Tensor, compute: torch.dtype) -> Tensor:
     h, alpha = h.contiguous(), alpha.contiguous()
     _check(_fn("hb_hc_branch_input", compute)(
         h.data_ptr(), int(h.dtype == torch.bfloat16), x[..., 0].numel(), n, d,
-        alpha.data_ptr(), int(alpha.dim() > 2), x.data_ptr(), torch.get_num_threads()),
+        alpha.data_ptr(), int(alpha.dim() > 2), x.data_ptr(), _threads()),
         "hc_branch_input")
     return x
 
@@ -216,7 +221,7 @@ def hc_backward(h: Tensor, alpha: Tensor, g_x: Tensor, g_mixed: Tensor | None, g
         h.data_ptr(), int(h.dtype == torch.bfloat16), g_x[..., 0].numel(), n, d,
         alpha.data_ptr(), int(alpha.dim() > 2), g_x.data_ptr(),
         _ptr(g_mixed), _ptr(g_beta), _ptr(t), _ptr(r), _ptr(p), _ptr(wt), s_alpha, s_beta,
-        int(use_tanh), g_h.data_ptr(), g_alpha.data_ptr(), _ptr(g_wt), torch.get_num_threads()),
+        int(use_tanh), g_h.data_ptr(), g_alpha.data_ptr(), _ptr(g_wt), _threads()),
         "hc_backward")
     return g_h, g_alpha, g_wt
 
@@ -229,7 +234,7 @@ def depth_forward(mixed: Tensor, beta: Tensor, y: Tensor) -> Tensor:
     out = torch.empty_like(mixed)
     _check(_fn("hb_depth_forward", mixed.dtype)(
         mixed.data_ptr(), beta.data_ptr(), int(beta.dim() > 1), y.data_ptr(), int(y.dtype == torch.bfloat16),
-        y[..., 0].numel(), n, d, out.data_ptr(), torch.get_num_threads()), "depth_forward")
+        y[..., 0].numel(), n, d, out.data_ptr(), _threads()), "depth_forward")
     return out
 
 
@@ -242,5 +247,5 @@ def depth_backward(g: Tensor, beta: Tensor, y: Tensor, need_y: bool, need_beta: 
     g_beta = torch.empty(*lead, n, dtype=g.dtype) if need_beta else None
     _check(_fn("hb_depth_backward", g.dtype)(
         g.data_ptr(), beta.data_ptr(), int(beta.dim() > 1), y.data_ptr(), int(y.dtype == torch.bfloat16),
-        y[..., 0].numel(), n, d, _ptr(g_y), _ptr(g_beta), torch.get_num_threads()), "depth_backward")
+        y[..., 0].numel(), n, d, _ptr(g_y), _ptr(g_beta), _threads()), "depth_backward")
     return g_y, g_beta
