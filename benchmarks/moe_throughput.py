@@ -8,11 +8,12 @@ Three models of one shape (the same attention, embedding and batch), each a full
 (forward + backward + AdamW step, under the precision ``hyperbit train`` picks on this machine):
 
     dense      ``ffn="swiglu"``, ``ffn_hidden = k * h``
-    moe        ``ffn="moe"``, E experts of width h, top-k (hyperbit's batched dispatch:
-               a stable sort into an (E, C, d) buffer, three ``torch.bmm``)
+    moe        ``ffn="moe"``, E experts of width h, top-k (hyperbit's dispatch: a stable sort,
+               the tokens gathered into rows grouped by expert, one ``torch.mm`` per expert and
+               projection, row counts bucketed so that oneDNN's compiled kernels are reused)
     moe-loop   the same MoE weights and routing, each layer's experts run one after the other
                (plain PyTorch, written here: ``nonzero`` per expert, ``F.linear``, ``index_add_``):
-               the common readable implementation, as a reference for the batched one
+               the common readable implementation, as a reference for hyperbit's
 
 Timed round-robin in one process (``_common.interleaved_timing``: the starting model rotates every
 round); medians over all timed steps; tokens/s = batch * seq_len / median step.

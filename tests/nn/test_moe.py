@@ -1,6 +1,7 @@
 """The mixture-of-experts FFN: routed output and gradients equal a naive per-token loop over the
-chosen experts (fp and BitNet), the auxiliary losses, capacity dropping on hand-made routings,
-and dtypes (bf16 parameters, bf16 autocast)."""
+chosen experts (fp and BitNet, with and without padding rows), the auxiliary losses, the dispatch
+plan (row order, bucketed row counts) and capacity dropping on hand-made routings, and dtypes
+(bf16 parameters, bf16 autocast)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hyperbit.nn.bitlinear import quantize_weight, ste_activation, ste_weight
-from hyperbit.nn.moe import (MoEFeedForward, balance_loss, capacity, expert_slots, quantize_expert_weight,
-                             route, z_loss)
+from hyperbit.nn.moe import MoEFeedForward, balance_loss, capacity, quantize_expert_weight, route, z_loss
+from hyperbit.nn.moe_dispatch import bucket_rows, dispatch_plan
 
 D, H, E = 16, 24, 4
 
@@ -139,7 +140,7 @@ def test_balance_loss_is_one_for_uniform_routing_and_larger_when_skewed():
         logits[:, 0] = skew
         logits += 0.01 * torch.arange(n * E).reshape(n, E).remainder(E)  # break ties deterministically
         probs, _, chosen = route(logits, 1)
-        _, load = expert_slots(chosen, E)
+        load = dispatch_plan(chosen, E).load
         values.append(balance_loss(probs, load).item())
     assert values[0] < values[1] < values[2] < values[3] < values[4] <= E
     assert values[4] == pytest.approx(E * torch.softmax(torch.tensor([8.0, 0.01, 0.02, 0.03]), 0)[0].item(), rel=1e-3)
@@ -154,7 +155,7 @@ def test_balance_loss_is_one_for_uniform_routing_and_larger_when_skewed():
 def test_balance_loss_gradient_pushes_towards_uniform():
     logits = torch.tensor([[3.0, 0.0, 0.0, 0.0]] * 8, requires_grad=True)
     probs, _, chosen = route(logits, 1)
-    balance_loss(probs, expert_slots(chosen, E)[1]).backward()
+    balance_loss(probs, dispatch_plan(chosen, E).load).backward()
     assert (logits.grad[:, 0] > 0).all() and (logits.grad[:, 1:] < 0).all()  # descent lowers expert 0
 
 
@@ -179,15 +180,53 @@ def hand_logits():
     return logits
 
 
-def test_slots_follow_the_priority_order():
-    chosen = torch.tensor(HAND)
-    slot, load = expert_slots(chosen, 3)
-    assert load.tolist() == [6, 3, 3]
-    # choice-major: first choices of tokens 0..5, then second choices of tokens 0..5
-    # expert 0: first choices of tokens 0, 1, 2, 4 -> slots 0..3, second choices of 3, 5 -> 4, 5;
-    # expert 1: token 3's first choice -> 0, second choices of 0, 2 -> 1, 2; expert 2 likewise (5; 1, 4)
-    assert slot.tolist() == [0, 1, 2, 0, 3, 0,   # first choices: experts 0 0 0 1 0 2
-                             1, 1, 2, 4, 2, 5]   # second choices: experts 1 2 1 0 2 0
+def test_rows_follow_the_priority_order():
+    plan = dispatch_plan(torch.tensor(HAND), 3)
+    assert plan.load.tolist() == [6, 3, 3] and plan.sizes == [6, 3, 3] and int(plan.dropped) == 0
+    # assignments choice-major: a = j * 6 + n. Expert 0 (rows 0-5): first choices of tokens
+    # 0, 1, 2, 4, then second choices of 3, 5; expert 1 (rows 6-8): token 3's first choice, second
+    # choices of 0, 2; expert 2 (rows 9-11): token 5's first choice, second choices of 1, 4
+    assert plan.row_assignment.tolist() == [0, 1, 2, 4, 9, 11, 3, 6, 8, 5, 7, 10]
+    assert plan.row.tolist() == [0, 1, 2, 6, 3, 9,    # first choices: experts 0 0 0 1 0 2
+                                 7, 10, 8, 4, 11, 5]  # second choices: experts 1 2 1 0 2 0
+    # capacity 2: every expert keeps its first two; the dropped ones get row M = 6
+    plan = dispatch_plan(torch.tensor(HAND), 3, 2)
+    assert plan.sizes == [2, 2, 2] and int(plan.dropped) == 6
+    assert plan.row_assignment.tolist() == [0, 1, 3, 6, 5, 7]
+    assert plan.row.tolist() == [0, 1, 6, 2, 6, 4, 3, 5, 6, 6, 6, 6]
+
+
+def test_row_counts_are_bucketed_and_padding_rows_hold_no_assignment():
+    assert [bucket_rows(r) for r in (0, 1, 15, 16, 17, 31, 32, 33, 513, 576, 577, 1000)] == \
+        [0, 1, 15, 16, 18, 32, 32, 36, 576, 576, 640, 1024]
+    for r in range(1, 5000):
+        assert r <= bucket_rows(r) <= r * 9 / 8
+    assert {bucket_rows(r) for r in range(513, 1025)} == set(range(576, 1025, 64))  # 8 per octave
+    # 17 tokens, all to expert 0 (top-1 of 2): 18 rows, the last a padding row (assignment k*N)
+    plan = dispatch_plan(torch.zeros(17, 1, dtype=torch.long), 2)
+    assert plan.sizes == [18, 0] and plan.row_assignment.tolist() == list(range(17)) + [17]
+    assert plan.row.tolist() == list(range(17))
+
+
+def test_padded_rows_output_and_gradients_equal_a_per_token_loop():
+    """A batch whose expert loads are not bucket sizes: padding rows (copies of token 0, weight 0)
+    must add nothing to the output or any gradient, with and without capacity drops."""
+    x = torch.randn(3, 40, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for linear, subln, factor in [("fp", False, None), ("fp", True, 0.9), ("bitnet", True, None)]:
+        moe = make(linear, subln, experts=4, capacity_factor=factor, dtype=torch.float64)
+        chosen = route(moe.router(x.reshape(-1, D)), 2)[2]
+        plan = dispatch_plan(chosen, 4, capacity(120, 2, 4, factor))
+        assert sum(plan.sizes) > 240 - int(plan.dropped)  # the batch has padding rows
+        out, g = grads(moe, x, moe)
+        dropped = set()
+        if factor is not None:  # the (token, choice) pairs the plan drops
+            lost = (plan.row == sum(plan.sizes)).nonzero().flatten().tolist()  # assignments j * 120 + n
+            dropped = {(a % 120, a // 120) for a in lost}
+            assert len(dropped) == int(plan.dropped) == int(moe.aux["dropped"]) > 0
+        ref, g_ref = grads(moe, x, lambda v: naive(moe, v, dropped))
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+        for name in g:
+            torch.testing.assert_close(g[name], g_ref[name], rtol=1e-10, atol=1e-12, msg=f"{linear} {name}")
 
 
 @pytest.mark.parametrize("factor,cap,dropped", [

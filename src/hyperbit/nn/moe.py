@@ -13,21 +13,36 @@ the router would learn from the auxiliary losses only.
 
 Experts are stored batched: ``gate_proj.weight`` and ``up_proj.weight`` are ``(E, hidden, d)``,
 ``down_proj.weight`` is ``(E, d, hidden)`` (:class:`ExpertLinear`). Dispatch has no Python loop
-over tokens or experts: the k*N assignments are ranked inside their expert (a stable sort),
-scattered into a padded buffer ``(E, C, d)`` (in the autocast dtype for fp experts), run through
-three batched matmuls (``torch.bmm``), scaled row by row by their combine weights and gathered
-back; every token has exactly k assignments, so combining is a sum over k accumulated in fp32 (no
-scatter-add: deterministic on every device). C is the largest expert load (one host sync per
-layer), or the capacity when ``capacity_factor`` is set (a static shape, no sync). Measured on
-CPU (``benchmarks/moe_throughput.py``): faster than a loop over the experts on exact-size
-segments and than ``F.grouped_mm``; its cost is the padding, C / (N k / E) - 1, largest when the
-routing is unbalanced (at init), which the balance loss reduces.
+over tokens: the k*N assignments are sorted by expert (a stable sort, so priority order within an
+expert) and the tokens gathered into rows grouped by expert (:func:`~hyperbit.nn.moe_dispatch.dispatch_plan`; in the
+autocast dtype for fp experts); every expert multiplies only its own rows, one ``torch.mm`` per
+expert and projection (gate and up fused into one); the outputs are scaled by their combine
+weights and gathered back. Every token has exactly k assignments, so combining is a sum over k
+accumulated in fp32. Both gathers have gathers as their backward (never a scatter-add:
+deterministic on every device). One host sync per forward: the expert loads, which set the row
+counts.
+
+Each expert's row count is rounded up to 4 significant bits (:func:`~hyperbit.nn.moe_dispatch.bucket_rows`: at most 1/8
+more rows; none for an expert without tokens). The reason is oneDNN, which runs bf16 matmuls on
+CPU: it JIT-compiles a kernel for every new matmul shape (1.5-2.5 ms each, measured), and the
+loads change every step; rounded, the shapes recur and the kernels come from its cache. A padding
+row holds a copy of token 0 and has combine weight 0, so it adds exactly zero to every gradient.
+
+Measured on CPU (``benchmarks/moe_throughput.py``: d 256, 4 blocks, 8 experts top-2, bf16
+autocast, whole training steps; a 2-core Xeon with AMX, shared, so noisy): 0.78x the dense model's
+tokens/s (median of 10 runs, 0.65-0.98, 2 threads) against 0.67x (7 runs, 0.62-0.78) for the
+earlier padded ``(E, C, d)`` buffer with one ``torch.bmm`` (C the largest load: a new shape, so
+9-12 kernel compilations every step, and the padding C / (N k / E) - 1, 0.2-0.7 at init); after
+warm-up 0.75x against 0.58x (2 threads), 0.79x against 0.64x (1 thread). About a third of what is
+left is AdamW over 2.7x the parameters. Without the rounding this dispatch ran at 0.4-0.5x (1
+thread); one ``torch.bmm`` over groups padded to a common bucketed size was no faster;
+``F.grouped_mm`` has no fast CPU kernel.
 
 Capacity: with factor c, an expert takes at most ``ceil(c * N * k / E)`` of the N*k assignments
 of a forward (N tokens). Priority: every token's first choice before any second choice (and so
 on); within a choice rank, tokens in batch order (row-major over ``(B, T)``). A dropped assignment
-contributes zero to its token (whose other choices still count, with their weights unchanged);
-the count of dropped assignments is recorded.
+is not computed and contributes zero to its token (whose other choices still count, with their
+weights unchanged); the count of dropped assignments is recorded.
 
 Auxiliary values of every forward, in :attr:`MoEFeedForward.aux`:
 
@@ -39,7 +54,7 @@ Auxiliary values of every forward, in :attr:`MoEFeedForward.aux`:
 
 With ``linear="bitnet"`` the experts are BitNet b1.58 (:mod:`hyperbit.nn.bitlinear`): one
 absmean weight scale per projection *per expert*, 8-bit absmax activations per token (each token's
-row of the buffer), the straight-through estimator; the router stays full precision.
+row), the straight-through estimator; the router stays full precision.
 """
 
 from __future__ import annotations
@@ -51,12 +66,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bitlinear import EPS, _STE, ste_activation
+from .moe_dispatch import _Combine, _Dispatch, _GroupedMatmul, _wide, dispatch_plan
 from .norm import rms_rstd
-
-
-def _wide(dtype: torch.dtype) -> torch.dtype:
-    """fp32, or fp64 for fp64: the dtype routing is computed in."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -83,7 +94,8 @@ def ste_expert_weight(w: Tensor) -> Tensor:
 
 
 class ExpertLinear(nn.Module):
-    """E bias-free linears applied batched: ``(E, C, in) -> (E, C, out)``, weight ``(E, out, in)``.
+    """E bias-free linears on rows grouped by expert: ``(M, in)`` with ``sizes`` rows per expert
+    -> ``(M, out)``, weight ``(E, out, in)``.
 
     ``linear="bitnet"`` quantises as :class:`~hyperbit.nn.bitlinear.BitLinear` does, with one
     weight scale per expert."""
@@ -97,11 +109,18 @@ class ExpertLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(experts, out_features, in_features))
         nn.init.normal_(self.weight, 0.0, in_features ** -0.5)
 
-    def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        if self.bitnet:
-            x, w = ste_activation(x), ste_expert_weight(w)
-        return torch.bmm(x, w.transpose(1, 2))  # (E, C, in) @ (E, in, out)
+    def forward(self, x: Tensor, sizes: list[int]) -> Tensor:
+        return self.fused_forward([self], x, sizes)
+
+    @staticmethod
+    def fused_forward(layers: list[ExpertLinear], x: Tensor, sizes: list[int]) -> Tensor:
+        """``torch.cat([layer(x, sizes) for layer in layers], -1)`` with one matmul per expert: the
+        weights concatenated (each quantised with its own scales for bitnet), x quantised once."""
+        weights = [layer.weight for layer in layers]
+        dtype = _compute_dtype(x)
+        if layers[0].bitnet:
+            x, weights = ste_activation(x), [ste_expert_weight(w) for w in weights]
+        return _GroupedMatmul.apply(x.to(dtype), sizes, *weights)
 
     def extra_repr(self) -> str:
         kind = ", w1.58a8" if self.bitnet else ""
@@ -109,17 +128,20 @@ class ExpertLinear(nn.Module):
 
 
 class ExpertRMSNorm(nn.Module):
-    """SubLN of every expert: RMSNorm over the last dim of ``(E, C, hidden)`` with one gain per
-    expert, ``weight (E, hidden)``; fp32 statistics, the formula of :mod:`hyperbit.nn.norm`."""
+    """SubLN of every expert: RMSNorm over the last dim of rows grouped by expert (``sizes`` rows
+    each) with one gain per expert, ``weight (E, hidden)``; fp32 statistics, the formula of
+    :mod:`hyperbit.nn.norm`."""
 
     def __init__(self, experts: int, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(experts, dim))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, sizes: list[int]) -> Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        y = xf * rms_rstd(xf, self.eps) * self.weight.to(xf.dtype).unsqueeze(1)
+        # each expert's gain on its rows (expand and cat: the backward is a sum, no scatter-add)
+        gain = torch.cat([g.expand(rows, -1) for g, rows in zip(self.weight.to(xf.dtype), sizes)])
+        y = xf * rms_rstd(xf, self.eps) * gain
         return y.to(x.dtype)
 
     def no_weight_decay(self) -> set[str]:
@@ -155,21 +177,6 @@ def capacity(tokens: int, top_k: int, experts: int, capacity_factor: float | Non
     if capacity_factor is None:
         return None
     return math.ceil(capacity_factor * tokens * top_k / experts)
-
-
-def expert_slots(experts: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
-    """Each assignment's rank inside its expert, in priority order, and every expert's load.
-
-    ``experts (N, k)`` -> ``(slot (k*N,), load (E,))`` over the assignments in *choice-major*
-    order (assignment ``j * N + n`` is token n's j-th choice): all first choices come before any
-    second choice, and tokens in order within a choice rank."""
-    flat = experts.t().reshape(-1)  # (k*N,) choice-major
-    load = torch.bincount(flat, minlength=num_experts)  # (E,)
-    order = torch.argsort(flat, stable=True)  # grouped by expert, priority order kept
-    start = load.cumsum(0) - load  # (E,) first position of each expert's group
-    rank_sorted = torch.arange(flat.numel(), device=flat.device) - start[flat[order]]
-    slot = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
-    return slot, load
 
 
 def balance_loss(probs: Tensor, load: Tensor) -> Tensor:
@@ -214,48 +221,32 @@ class MoEFeedForward(nn.Module):
         self.down_proj = ExpertLinear(experts, hidden, dim, linear)
         self.aux: dict = {}  # the last forward's balance, z, dropped and assignments
 
-    def experts_forward(self, x: Tensor) -> Tensor:
-        """Every expert on its own rows: ``(E, C, d) -> (E, C, d)``."""
-        gate = self.gate_proj(x)
-        hidden = F.silu(gate) * self.up_proj(x)  # (E, C, hidden)
+    def experts_forward(self, x: Tensor, sizes: list[int]) -> Tensor:
+        """Every expert on its own rows: ``(M, d) -> (M, d)``, ``sizes`` rows per expert."""
+        gate, up = ExpertLinear.fused_forward([self.gate_proj, self.up_proj], x, sizes).chunk(2, dim=-1)
+        hidden = F.silu(gate) * up  # (M, hidden)
         if self.ffn_sub_norm is not None:
-            hidden = self.ffn_sub_norm(hidden)
-        return self.down_proj(hidden)
+            hidden = self.ffn_sub_norm(hidden, sizes)
+        return self.down_proj(hidden, sizes)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, self.dim)  # (N, d)
-        n, k, e = x.shape[0], self.top_k, self.experts
+        n, k = x.shape[0], self.top_k
         logits = self.router(x)  # (N, E) fp32
         probs, weights, chosen = route(logits, k)
-        slot, load = expert_slots(chosen, e)  # (k*N,), (E,)
-        flat = chosen.t().reshape(-1)  # (k*N,) expert of each assignment, choice-major
-        cap = capacity(n, k, e, self.capacity_factor)
-        if cap is None:
-            rows, keep = int(load.max()), None  # the fullest expert (host sync)
-            dropped = load.new_zeros(())
-        else:
-            rows = min(cap, n)  # an expert never gets more than N assignments (one per token)
-            keep = slot < rows
-            slot = torch.where(keep, slot, rows)  # dropped assignments go to a spare row
-            dropped = (load - rows).clamp(min=0).sum()
-            rows += 1
+        cap = capacity(n, k, self.experts, self.capacity_factor)
+        plan = dispatch_plan(chosen, self.experts, cap)
+        row_token = plan.row_assignment % n  # a padding row (k*N) reads token 0
         if not self.gate_proj.bitnet:  # dispatch in the dtype the experts compute in (autocast)
             x = x.to(_compute_dtype(x))
-        # dispatch: token n's copy for choice j sits at (expert, slot) of assignment j * N + n
-        buf = x.new_zeros(e, rows, self.dim).index_put((flat, slot), x.repeat(k, 1))
-        y_buf = self.experts_forward(buf)  # (E, rows, d)
-        # each row times its combine weight, in the experts' dtype (a dropped one: times 0)
-        w = weights.t().reshape(-1, 1)  # (k*N, 1) choice-major
-        if keep is not None:
-            w = torch.where(keep.unsqueeze(-1), w, w.new_zeros(()))
-        w_buf = w.new_zeros(e, rows, 1).index_put((flat, slot), w).to(y_buf.dtype)
-        out = (y_buf * w_buf)[flat, slot]  # (k*N, d) each assignment's weighted expert output
-        # combine: every token has exactly k assignments: a sum over k (accumulated in fp32)
-        y = out.view(k, n, self.dim).sum(0, dtype=_wide(out.dtype))
-        self.aux = {"balance": balance_loss(probs, load), "z": z_loss(logits),
-                    "dropped": dropped, "assignments": n * k}
-        return y.to(out.dtype).reshape(shape)
+        rows = _Dispatch.apply(x, row_token, plan.row, k, cap is not None)  # (M, d)
+        out = self.experts_forward(rows, plan.sizes)
+        y = _Combine.apply(out, weights.t().reshape(-1), plan.row_assignment, row_token, plan.row, k,
+                           cap is not None)
+        self.aux = {"balance": balance_loss(probs, plan.load), "z": z_loss(logits),
+                    "dropped": plan.dropped, "assignments": n * k}
+        return y.reshape(shape)
 
     def extra_repr(self) -> str:
         return (f"experts={self.experts}, top_k={self.top_k}, hidden={self.hidden}, "
