@@ -293,12 +293,13 @@ int hb_hc_forward_##SUF(const T *h, int64_t N, int n, int64_t d, const T *alpha,
     return 0;                                                                                     \
 }                                                                                                 \
                                                                                                   \
-/* one token's H in the compute type, from the saved copy (bf16 or T) */                          \
-static inline const T *hc_load_##SUF(const void *h, int h_bf16, int64_t tok, int n, int64_t d,   \
-                                     T *buf) {                                                    \
-    if (!h_bf16) return (const T *)h + tok * n * d;                                               \
-    const uint16_t *hb = (const uint16_t *)h + tok * n * d;                                       \
-    for (int64_t c = 0; c < n * d; c++) buf[c] = (T)hb_bf16_to_f32(hb[c]);                        \
+/* count elements of a buffer from element start on, in T: in place when the buffer is T, else  \
+   (bf16: a saved copy of H, or a branch output under autocast) widened into buf */               \
+static inline const T *load_row_##SUF(const void *src, int bf16, int64_t start, int64_t count,    \
+                                      T *buf) {                                                   \
+    if (!bf16) return (const T *)src + start;                                                     \
+    const uint16_t *sb = (const uint16_t *)src + start;                                           \
+    for (int64_t c = 0; c < count; c++) buf[c] = (T)hb_bf16_to_f32(sb[c]);                        \
     return buf;                                                                                   \
 }                                                                                                 \
                                                                                                   \
@@ -312,7 +313,7 @@ int hb_hc_branch_input_##SUF(const void *h, int h_bf16, int64_t N, int n, int64_
         else {                                                                                    \
             _Pragma("omp for schedule(static)")                                                   \
             for (int64_t tok = 0; tok < N; tok++) {                                               \
-                const T *ht = hc_load_##SUF(h, h_bf16, tok, n, d, buf);                           \
+                const T *ht = load_row_##SUF(h, h_bf16, tok * n * d, n * d, buf);                 \
                 hc_mix_row_##SUF(ht, n, d, alpha + (alpha_per_token ? tok * n * (n + 1) : 0), 0,  \
                                  x + tok * d);                                                    \
             }                                                                                     \
@@ -341,7 +342,7 @@ int hb_hc_backward_##SUF(const void *h, int h_bf16, int64_t N, int n, int64_t d,
         else {                                                                                    \
             _Pragma("omp for schedule(static)")                                                   \
             for (int64_t tok = 0; tok < N; tok++) {                                               \
-                const T *ht = hc_load_##SUF(h, h_bf16, tok, n, d, buf);                           \
+                const T *ht = load_row_##SUF(h, h_bf16, tok * n * d, n * d, buf);                 \
                 const T *a = alpha + (alpha_per_token ? tok * n * (n + 1) : 0);                   \
                 const T *gx = g_x + tok * d;                                                      \
                 const T *gm = g_mixed ? g_mixed + tok * n * d : NULL;                             \
@@ -425,13 +426,6 @@ DEFINE_HC(double, f64)
    Backward: dL/dy = sum_i beta_i g_i and dL/dbeta_i = <g_i, y> per token, in one pass over g. */
 
 #define DEFINE_DEPTH(T, SUF)                                                                      \
-static inline const T *depth_y_##SUF(const void *y, int y_bf16, int64_t tok, int64_t d, T *buf) {\
-    if (!y_bf16) return (const T *)y + tok * d;                                                   \
-    const uint16_t *yb = (const uint16_t *)y + tok * d;                                           \
-    for (int64_t c = 0; c < d; c++) buf[c] = (T)hb_bf16_to_f32(yb[c]);                            \
-    return buf;                                                                                   \
-}                                                                                                 \
-                                                                                                  \
 int hb_depth_forward_##SUF(const T *mixed, const T *beta, int beta_per_token, const void *y,     \
                            int y_bf16, int64_t N, int n, int64_t d, T *out, int nthreads) {      \
     int bad = 0;                                                                                  \
@@ -442,7 +436,7 @@ int hb_depth_forward_##SUF(const T *mixed, const T *beta, int beta_per_token, co
         else {                                                                                    \
             _Pragma("omp for schedule(static)")                                                   \
             for (int64_t tok = 0; tok < N; tok++) {                                               \
-                const T *yt = depth_y_##SUF(y, y_bf16, tok, d, buf);                              \
+                const T *yt = load_row_##SUF(y, y_bf16, tok * d, d, buf);                         \
                 const T *bt = beta + (beta_per_token ? tok * n : 0);                              \
                 for (int i = 0; i < n; i++) {                                                     \
                     const T *mi = mixed + (tok * n + i) * d;                                      \
@@ -482,7 +476,7 @@ int hb_depth_backward_##SUF(const T *g, const T *beta, int beta_per_token, const
                     }                                                                             \
                 }                                                                                 \
                 if (g_beta) {                                                                     \
-                    const T *yt = depth_y_##SUF(y, y_bf16, tok, d, buf);                          \
+                    const T *yt = load_row_##SUF(y, y_bf16, tok * d, d, buf);                     \
                     for (int i = 0; i < n; i++) {                                                 \
                         const T *gi = gt + i * d;                                                 \
                         T acc = 0;                                                                \

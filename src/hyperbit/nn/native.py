@@ -121,14 +121,16 @@ def available() -> bool:
     return library() is not None
 
 
+def takes(*tensors: Tensor) -> bool:
+    """Whether the kernels can take these tensors: CPU, fp32 or fp64, and the library built (also
+    true inside ``torch.compile``, for kernels wrapped as :mod:`torch.library` ops)."""
+    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+               for t in tensors) and available()
+
+
 def usable(*tensors: Tensor) -> bool:
-    """Whether the kernels can take these tensors: CPU, fp32 or fp64, outside ``torch.compile``,
-    and the library built."""
-    if torch.compiler.is_compiling():
-        return False
-    if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) for t in tensors):
-        return False
-    return library() is not None
+    """:func:`takes`, outside ``torch.compile`` (a ``ctypes`` call cannot be traced)."""
+    return not torch.compiler.is_compiling() and takes(*tensors)
 
 
 def _threads() -> int:
@@ -229,7 +231,7 @@ def hc_backward(h: Tensor, alpha: Tensor, g_x: Tensor, g_mixed: Tensor | None, g
 def depth_forward(mixed: Tensor, beta: Tensor, y: Tensor) -> Tensor:
     """``mixed + beta^T y``: ``mixed`` (B, T, n, d) contiguous in the compute dtype, ``beta`` (n,) or
     (B, T, n) in it too, ``y`` (B, T, d) in it or in bf16. One pass, in the compute dtype."""
-    lead, (n, d) = mixed.shape[:-2], mixed.shape[-2:]
+    n, d = mixed.shape[-2:]
     mixed, beta, y = mixed.contiguous(), beta.contiguous(), y.contiguous()
     out = torch.empty_like(mixed)
     _check(_fn("hb_depth_forward", mixed.dtype)(

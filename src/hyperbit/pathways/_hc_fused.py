@@ -58,6 +58,16 @@ def _project(h: Tensor, wt: Tensor) -> Tensor:
     return (wt @ h.reshape(-1, h.shape[-1]).T).T.reshape(*h.shape[:-1], wt.shape[0])
 
 
+def branch_norm(x: Tensor, norm_w: Tensor | None, norm_eps: float) -> tuple[Tensor, Tensor | None]:
+    """The branch input ``x * rstd(x) * norm_w`` and its per-token rstd (``norm_w`` None: ``x`` as
+    it is, no rstd): the arithmetic of the Pre-Norm RMSNorm, so a one-stream HC matches it bit for
+    bit."""
+    if norm_w is None:
+        return x, None
+    x_rstd = rms_rstd(x, norm_eps)
+    return x * x_rstd * norm_w, x_rstd
+
+
 def mix_forward(h: Tensor, alpha: Tensor, norm_w: Tensor | None, norm_eps: float
                 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``alpha^T H`` for ``h`` (B, T, n, d) and ``alpha`` (n, n+1) or (B, T, n, n+1), both in the
@@ -65,43 +75,8 @@ def mix_forward(h: Tensor, alpha: Tensor, norm_w: Tensor | None, norm_eps: float
     mixed streams ``A_r^T H`` (B, T, n, d), and the norm's per-token rstd (None without a norm)."""
     mix = _bmm(alpha.transpose(-1, -2), h)  # alpha^T H: (B, T, n+1, d)
     x, mixed = mix[..., 0, :], mix[..., 1:, :]  # A_m^T H (branch input), A_r^T H
-    if norm_w is None:
-        return x, mixed, None
-    x_rstd = rms_rstd(x, norm_eps)
-    return x * x_rstd * norm_w, mixed, x_rstd
-
-
-def mix_backward(h: Tensor, alpha: Tensor, norm_w: Tensor | None, x_rstd: Tensor | None,
-                 g_out: Tensor, g_mixed: Tensor | None, need_norm_w: bool
-                 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The reverse of :func:`mix_forward` given the gradients of its branch input and mixed
-    streams (``g_mixed`` None: unused): ``dL/dH`` (B, T, n, d), ``dL/dalpha`` per token
-    (B, T, n, n+1), and ``dL/dnorm_w`` when ``need_norm_w``. The branch input is recomputed from
-    ``h``; everything is in the dtype of ``h`` (the compute dtype)."""
-    d = h.shape[-1]
-    g_out = g_out.to(h.dtype)
-    g_norm_w = None
-    if norm_w is not None:
-        x = _bmm(alpha[..., :, 0].unsqueeze(-2), h).squeeze(-2)  # recomputed A_m^T H
-        xhat = x * x_rstd
-        if need_norm_w:
-            g_norm_w = (g_out * xhat).reshape(-1, d).sum(0)
-        g_x = rms_backward(g_out * norm_w, xhat, x_rstd)
-    else:
-        g_x = g_out
-    g_mixed = torch.zeros_like(h) if g_mixed is None else g_mixed.to(h.dtype)
-    g_mix = torch.cat([g_x.unsqueeze(-2), g_mixed], dim=-2)  # (B, T, n+1, d)
-    g_h = _bmm(alpha, g_mix)  # (B, T, n, d)
-    g_alpha_tok = _bmm(h, g_mix.transpose(-1, -2))  # (B, T, n, n+1), per token
-    return g_h, g_alpha_tok, g_norm_w
-
-
-def _native_ok(h: Tensor, compute: torch.dtype, save_dtype: torch.dtype) -> bool:
-    """The C kernels (``nn/native.c``) take this connection: CPU, not compiling, n small, and the
-    saved copy of H in the compute dtype or (for fp32) bf16."""
-    return (h.device.type == "cpu" and h.shape[-2] <= native.HC_MAX_N
-            and (save_dtype == compute or (compute == torch.float32 and save_dtype == torch.bfloat16))
-            and native.usable(torch.empty(0, dtype=compute)))
+    out, x_rstd = branch_norm(x, norm_w, norm_eps)
+    return out, mixed, x_rstd
 
 
 def _norm_backward(x: Tensor, x_rstd: Tensor | None, norm_w: Tensor | None, g_out: Tensor,
@@ -112,6 +87,30 @@ def _norm_backward(x: Tensor, x_rstd: Tensor | None, norm_w: Tensor | None, g_ou
     xhat = x * x_rstd
     g_norm_w = (g_out * xhat).reshape(-1, x.shape[-1]).sum(0) if need_norm_w else None
     return rms_backward(g_out * norm_w, xhat, x_rstd), g_norm_w
+
+
+def mix_backward(h: Tensor, alpha: Tensor, norm_w: Tensor | None, x_rstd: Tensor | None,
+                 g_out: Tensor, g_mixed: Tensor | None, need_norm_w: bool
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The reverse of :func:`mix_forward` given the gradients of its branch input and mixed
+    streams (``g_mixed`` None: unused): ``dL/dH`` (B, T, n, d), ``dL/dalpha`` per token
+    (B, T, n, n+1), and ``dL/dnorm_w`` when ``need_norm_w``. The branch input is recomputed from
+    ``h``; everything is in the dtype of ``h`` (the compute dtype)."""
+    x = _bmm(alpha[..., :, 0].unsqueeze(-2), h).squeeze(-2) if norm_w is not None else None  # A_m^T H
+    g_x, g_norm_w = _norm_backward(x, x_rstd, norm_w, g_out.to(h.dtype), need_norm_w)
+    g_mixed = torch.zeros_like(h) if g_mixed is None else g_mixed.to(h.dtype)
+    g_mix = torch.cat([g_x.unsqueeze(-2), g_mixed], dim=-2)  # (B, T, n+1, d)
+    g_h = _bmm(alpha, g_mix)  # (B, T, n, d)
+    g_alpha_tok = _bmm(h, g_mix.transpose(-1, -2))  # (B, T, n, n+1), per token
+    return g_h, g_alpha_tok, g_norm_w
+
+
+def _native_ok(h: Tensor, compute: torch.dtype, save_dtype: torch.dtype) -> bool:
+    """The C kernels (``nn/native.c``) take this connection: CPU, not compiling, n small, and the
+    saved copy of H in the compute dtype or (for fp32) bf16."""
+    return (h.shape[-2] <= native.HC_MAX_N
+            and (save_dtype == compute or (compute == torch.float32 and save_dtype == torch.bfloat16))
+            and native.usable(h))
 
 
 class WidthConnection(torch.autograd.Function):
@@ -146,11 +145,7 @@ class WidthConnection(torch.autograd.Function):
             x, mixed, saved = native.hc_forward(h, alpha, save_dtype != compute and streams.dtype != save_dtype)
             if saved is None:
                 saved = h if save_dtype == compute else streams.contiguous()
-            if norm_w is None:
-                out, x_rstd = x, None
-            else:
-                x_rstd = rms_rstd(x, norm_eps)
-                out = x * x_rstd * norm_w
+            out, x_rstd = branch_norm(x, norm_w, norm_eps)
         else:
             # the one copy of H kept for backward: in the save dtype, made from the original streams
             saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()

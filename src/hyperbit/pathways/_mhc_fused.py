@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..nn import native
 from ..nn.norm import rms_rstd
-from ._hc_fused import _native_ok, _norm_backward, _project, mix_backward, mix_forward
+from ._hc_fused import _native_ok, _norm_backward, _project, branch_norm, mix_backward, mix_forward
 
 #: ``(z, b_pre, b_post, b_res, a_pre, a_post, a_res, plain) -> pre, post, res``: the per-token
 #: map from the projections to the connection weights (``plain``: Sinkhorn in plain autograd)
@@ -61,8 +61,7 @@ class ManifoldWidth(torch.autograd.Function):
         ctx.native = _native_ok(h, phi.dtype, save_dtype)
         if ctx.native:  # the mixing in one pass per token (C), the norm in PyTorch
             xb, mixed, _ = native.hc_forward(h, alpha_of(pre, res), save_bf16=False)
-            x_rstd = rms_rstd(xb, norm_eps)
-            out = xb * x_rstd * norm_w
+            out, x_rstd = branch_norm(xb, norm_w, norm_eps)
         else:
             out, mixed, x_rstd = mix_forward(h, alpha_of(pre, res), norm_w, norm_eps)
         ctx.save_for_backward(saved, phi, norm_w, z, r, x_rstd, *small)

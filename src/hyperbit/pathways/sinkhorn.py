@@ -21,9 +21,10 @@ and redoes the iterations in backward, so ``iters`` rounds do not keep ``2 * ite
 ``(n, n)`` tensors per token alive until backward. On CPU (n <= 8, fp32 / fp64) the node's forward
 and backward are each one call of a C kernel (``hyperbit/nn/native.c``: every round of a token in
 registers, instead of ~4 tensor ops per round forward and ~3x that backward, each a dispatch and a
-pass over memory); elsewhere, or without a C compiler, the backward recomputes the rounds under
-autograd. Inside ``torch.compile`` they are plain autograd (the node's backward would split the
-graph), and Inductor chooses what to save or recompute.
+pass over memory), also inside ``torch.compile`` (as a ``torch.library`` op). Elsewhere, or
+without a C compiler, the backward recomputes the rounds under autograd; and inside
+``torch.compile`` they are plain autograd there (the node's backward would split the graph), with
+Inductor choosing what to save or recompute.
 """
 
 from __future__ import annotations
@@ -96,8 +97,7 @@ def round_doubly_stochastic(m: Tensor, dims: tuple[int, int] = (-2, -1)) -> Tens
 
 def _native_ok(logits: Tensor) -> bool:
     """The CPU kernel takes these logits (also inside ``torch.compile``, as a custom op)."""
-    return (logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64)
-            and logits.shape[-1] <= native.SINKHORN_MAX_N and native.available())
+    return logits.shape[-1] <= native.SINKHORN_MAX_N and native.takes(logits)
 
 
 @torch.library.custom_op("hyperbit::sinkhorn", mutates_args=())
