@@ -104,3 +104,18 @@ def test_width_connection_saves_only_the_streams(saved_bytes):
     per_token = (fused - sum(p.numel() * p.element_size() for p in mhc.parameters())) / (B * T)
     assert per_token <= n * d * 2 + 64 * (n * n + 2 * n) * 4, per_token
     assert fused < naive / 3, (fused, naive)
+
+
+def test_backward_twice_through_a_retained_graph(kernels):
+    """The node keeps the per-token map's graph instead of re-running it in backward: a second
+    backward through a retained graph must find it intact and give the same gradients."""
+    mhc = _random_mhc(4, 16, "sinkhorn", "residual")
+    h = torch.randn(2, 3, 4, 16, dtype=torch.float64, requires_grad=True)
+    x, ctx = mhc.width_connection(h)
+    loss = mhc.depth_connection(ctx, torch.tanh(x)).square().sum()
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in (h, mhc.phi, mhc.bias_res, mhc.gate_pre)]
+    loss.backward()
+    for g, p in zip(first, (h, mhc.phi, mhc.bias_res, mhc.gate_pre)):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(p.grad, 2 * g, rtol=1e-12, atol=0)

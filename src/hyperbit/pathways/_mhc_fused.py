@@ -5,7 +5,8 @@ the projection of the flattened state and for the stream mixing), the whole ``(n
 norm's input, and turns the two slices of the mix into two zero-filled full-size gradients in
 backward. This node keeps the streams once (in their own dtype, or the autocast dtype when
 autocast is on, as :class:`~hyperbit.pathways._hc_fused.WidthConnection` does), the projections
-``z`` (``2n + r`` numbers per token) and the per-token rstds, and recomputes the rest.
+``z`` (``2n + r`` numbers per token), the per-token rstds and the small autograd graph of the
+per-token map (below), and recomputes the rest.
 
 Forward, for ``H`` (B, T, n, d) flattened to ``x`` (B, T, nd)::
 
@@ -13,10 +14,12 @@ Forward, for ``H`` (B, T, n, d) flattened to ``x`` (B, T, nd)::
     pre, post, res = weights(z, biases, gates)     sigmoid, 2 sigmoid, Sinkhorn or Birkhoff
     out, mixed = norm(pre H), res H                the mixing of ``_hc_fused.mix_forward``
 
-Backward: :func:`~hyperbit.pathways._hc_fused.mix_backward` gives ``dL/dH`` through the mixing and
-``dL/d[pre | res^T]`` per token; the small per-token map ``weights`` is re-run under autograd (its
-Sinkhorn as plain autograd: the iterates live only during this call) for ``dL/dz`` and the
-gradients of the biases and gates; then, with ``g_z = dL/dz``::
+The per-token map ``weights`` runs under autograd in forward, from a detached copy of ``z``, and
+its graph is kept on the node: O(m) numbers per token (the Sinkhorn keeps only its logits, see
+:mod:`.sinkhorn`), so backward need not run it again. Backward:
+:func:`~hyperbit.pathways._hc_fused.mix_backward` gives ``dL/dH`` through the mixing and
+``dL/d[pre | res^T]`` per token; the kept graph gives ``dL/dz`` and the gradients of the biases
+and gates; then, with ``g_z = dL/dz``::
 
     dL/dphi = (g_z r)^T x        dL/dx += (g_z r) phi - x r^2/(nd) * sum_k g_z[k] z[k]
 
@@ -34,8 +37,8 @@ from ..nn import native
 from ..nn.norm import rms_rstd
 from ._hc_fused import _native_ok, _norm_backward, _project, branch_norm, mix_backward, mix_forward
 
-#: ``(z, b_pre, b_post, b_res, a_pre, a_post, a_res, plain) -> pre, post, res``: the per-token
-#: map from the projections to the connection weights (``plain``: Sinkhorn in plain autograd)
+#: ``(z, b_pre, b_post, b_res, a_pre, a_post, a_res) -> pre, post, res``: the per-token map from
+#: the projections to the connection weights
 WeightsFn = Callable[..., tuple[Tensor, Tensor, Tensor]]
 
 
@@ -52,21 +55,29 @@ class ManifoldWidth(torch.autograd.Function):
         # phi, the biases, gates and norm gain come in the compute dtype (fp32, or fp64)
         ctx.h_dtype, streams = h.dtype, h
         h = h.to(phi.dtype).contiguous()  # expand_streams' broadcast view would slow the products
-        saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()
         x = h.flatten(-2)  # (B, T, nd)
         r = rms_rstd(x, stream_eps)  # (B, T, 1)
         z = _project(x, phi) * r  # (B, T, m)
-        small = (b_pre, b_post, b_res, a_pre, a_post, a_res)
-        pre, post, res = weights(z, *small, plain=False)
+        # The per-token map under autograd, its small graph kept for backward (O(m) numbers per
+        # token: the Sinkhorn op keeps only its logits), so backward does not re-run it.
+        ctx.inputs = [z.detach().requires_grad_(True)] + [
+            p.detach().requires_grad_(True) for p in (b_pre, b_post, b_res, a_pre, a_post, a_res)]
+        with torch.enable_grad():
+            pre, post, res = weights(*ctx.inputs)
+            ctx.alpha = alpha_of(pre, res)  # (B, T, n, n+1)
+        ctx.post = post
+        alpha = ctx.alpha.detach()
         ctx.native = _native_ok(h, phi.dtype, save_dtype)
-        if ctx.native:  # the mixing in one pass per token (C), the norm in PyTorch
-            xb, mixed, _ = native.hc_forward(h, alpha_of(pre, res), save_bf16=False)
+        if ctx.native:  # the mixing and the bf16 copy of H in one pass per token (C), the norm in PyTorch
+            xb, mixed, saved = native.hc_forward(h, alpha, save_dtype != h.dtype and streams.dtype != save_dtype)
+            if saved is None:
+                saved = h if h.dtype == save_dtype else streams.contiguous()
             out, x_rstd = branch_norm(xb, norm_w, norm_eps)
         else:
-            out, mixed, x_rstd = mix_forward(h, alpha_of(pre, res), norm_w, norm_eps)
-        ctx.save_for_backward(saved, phi, norm_w, z, r, x_rstd, *small)
-        ctx.weights = weights
-        return out.to(ctx.h_dtype), mixed, post
+            saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()
+            out, mixed, x_rstd = mix_forward(h, alpha, norm_w, norm_eps)
+        ctx.save_for_backward(saved, phi, norm_w, r, x_rstd, z)
+        return out.to(ctx.h_dtype), mixed, post.detach()
 
     @staticmethod
     def backward(ctx, g_out, g_mixed, g_post):
@@ -75,14 +86,10 @@ class ManifoldWidth(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g_out, g_mixed, g_post):
-        saved, phi, norm_w, z, r, x_rstd, *small = ctx.saved_tensors
+        saved, phi, norm_w, r, x_rstd, z = ctx.saved_tensors
         h = saved.to(phi.dtype)
         n, d = h.shape[-2], h.shape[-1]
-        with torch.enable_grad():  # the per-token map, again, under autograd
-            inputs = [z.detach().requires_grad_(True)] + [p.detach().requires_grad_(True) for p in small]
-            pre, post, res = ctx.weights(*inputs, plain=True)
-            alpha_graph = alpha_of(pre, res)
-        alpha = alpha_graph.detach()
+        alpha = ctx.alpha.detach()
         if ctx.native:
             g_x, g_norm_w = _norm_backward(native.hc_branch_input(h, alpha, h.dtype), x_rstd, norm_w,
                                            g_out.to(h.dtype), ctx.needs_input_grad[10])
@@ -91,11 +98,13 @@ class ManifoldWidth(torch.autograd.Function):
         else:
             g_h, g_alpha, g_norm_w = mix_backward(h, alpha, norm_w, x_rstd, g_out, g_mixed,
                                                   ctx.needs_input_grad[10])
-        outputs, grads = [alpha_graph], [g_alpha]
+        outputs, grads = [ctx.alpha], [g_alpha]
         if g_post is not None:
-            outputs.append(post)
-            grads.append(g_post.to(post.dtype))
-        g_z, *g_small = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+            outputs.append(ctx.post)
+            grads.append(g_post.to(ctx.post.dtype))
+        # retain_graph: the small graph is freed with this node, not by its first backward (a
+        # backward with retain_graph=True may run this node again)
+        g_z, *g_small = torch.autograd.grad(outputs, ctx.inputs, grads, allow_unused=True, retain_graph=True)
         g_p = (g_z * r).flatten(0, -2)  # dL/d(x phi^T): (B*T, m)
         x = h.view(-1, n * d)
         g_phi = g_p.T.contiguous() @ x  # (m, nd)

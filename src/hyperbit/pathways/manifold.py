@@ -142,9 +142,8 @@ class ManifoldHyperConnection(Pathway):
                                              self.gate_pre, self.gate_post, self.gate_res))
 
     def _map(self, z: Tensor, b_pre: Tensor, b_post: Tensor, b_res: Tensor, a_pre: Tensor,
-             a_post: Tensor, a_res: Tensor, plain: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        """The per-token map from the projections ``z`` ``(B, T, 2n + r)`` to pre, post and res
-        (``plain``: the Sinkhorn iterations in plain autograd, for the fused node's backward)."""
+             a_post: Tensor, a_res: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The per-token map from the projections ``z`` ``(B, T, 2n + r)`` to pre, post and res."""
         n = self.expansion_rate
         z_pre, z_post, z_res = z[..., :n], z[..., n:2 * n], z[..., 2 * n:]
         pre = torch.sigmoid(a_pre * z_pre + b_pre)
@@ -153,7 +152,7 @@ class ManifoldHyperConnection(Pathway):
         if self.res == "permutations":
             return pre, post, birkhoff(logits, self.perms)
         logits = logits.unflatten(-1, (n, n))
-        return pre, post, sinkhorn(logits, self.sinkhorn_iters, recompute=not plain)
+        return pre, post, sinkhorn(logits, self.sinkhorn_iters)
 
     def mhc_weights(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """pre ``(B, T, n)``, post ``(B, T, n)`` and res ``(B, T, n, n)`` for the streams ``h``, in
