@@ -142,6 +142,58 @@ def test_hc_mixing_kernels_match_pytorch(n, d, per_token, dtype, tol):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("use_tanh", [True, False])
+@pytest.mark.parametrize("n,d", [(1, 8), (3, 37), (4, 64)])
+def test_dynamic_forward_kernel_matches_pytorch(n, d, use_tanh, dtype, tol):
+    """DHC's weights and mixing in one pass against the PyTorch formulas of the same node."""
+    from hyperbit.nn.norm import rms_rstd
+    from hyperbit.pathways._hc_fused import mix_forward
+
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(3, 7, n, d, generator=g, dtype=dtype)
+    static_alpha, static_beta = torch.randn(n, n + 1, generator=g, dtype=dtype), torch.randn(n, generator=g, dtype=dtype)
+    wt = torch.randn(n + 2, d, generator=g, dtype=dtype) / d**0.5
+    s_alpha, s_beta, eps = 0.3, -0.2, 1e-6
+    (x, mixed, saved), (alpha, beta, r, p, t) = native.hc_forward_dynamic(
+        h, static_alpha, static_beta, wt, s_alpha, s_beta, eps, use_tanh, save_bf16=dtype == torch.float32)
+    r_ref = rms_rstd(h, eps)
+    p_ref = h @ wt.T
+    t_ref = (p_ref * r_ref).tanh() if use_tanh else p_ref * r_ref
+    alpha_ref = t_ref[..., : n + 1] * s_alpha + static_alpha
+    for got, want in ((r, r_ref), (p, p_ref), (t, t_ref), (alpha, alpha_ref),
+                      (beta, t_ref[..., n + 1] * s_beta + static_beta)):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    x_ref, mixed_ref, _ = mix_forward(h, alpha_ref, None, 0.0)
+    torch.testing.assert_close(x, x_ref, rtol=0, atol=10 * tol)
+    torch.testing.assert_close(mixed, mixed_ref, rtol=0, atol=10 * tol)
+    assert (saved is None) == (dtype == torch.float64)
+    if saved is not None:
+        assert torch.equal(saved, h.to(torch.bfloat16))
+
+
+@needs_native
+def test_the_float_tanh_is_within_two_ulp_everywhere():
+    """The fp32 kernel's own tanh (inline, branch-free) over magnitudes from 1e-30 to 1e3, both
+    signs and zero, against float64 tanh rounded to float32; NaN stays NaN. The arguments go in as
+    the projection weights, with streams of ones (d = 1, eps = 0: r = 1, so t = tanh(wt))."""
+    mags = torch.cat([torch.logspace(-30, 3, 12000), torch.linspace(0.5, 1.0, 3000),
+                      torch.tensor([0.0, 0.625, 9.0, 20.0])])
+    z = torch.cat([mags, -mags, torch.tensor([float("nan")])])
+    n = 64
+    got = torch.cat([native.hc_forward_dynamic(torch.ones(1, 1, n, 1), torch.zeros(n, n + 1), torch.zeros(n),
+                                               chunk.unsqueeze(-1), 1.0, 1.0, 0.0, True, False)[1][4][0, 0, 0, :len(chunk)]
+                     for chunk in torch.nn.functional.pad(z, (0, -len(z) % (n + 2))).split(n + 2)])[:len(z)]
+    want = torch.tanh(z.double()).float()
+    assert got[-1].isnan() and not got[:-1].isnan().any()
+    got, want = got[:-1], want[:-1]
+    ulp = (torch.nextafter(want.abs(), torch.tensor(float("inf"))) - want.abs()).double()
+    err = (got.double() - want.double()).abs() / ulp
+    assert err.max() <= 2.0, (float(err.max()), float(z[err.argmax()]))
+    assert torch.equal(got[want == 0], want[want == 0])
+
+
+@needs_native
 def test_the_bf16_copy_rounds_like_torch_ties_and_specials_included():
     bits = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x3F80_7FFF, 0x3F80_8001, 0x7F7FFFFF,
                          0x7F800000, 0xFF800000, 0x00000001, 0x80000000, 0x3F800000, 0x4049_0FDB],

@@ -239,7 +239,8 @@ DEFINE_SINKHORN(double, f64, exp)
 /* Hyper-connection width connection (pathways/_hc_fused.py), one token at a time, everything of
    a token in L1: H (n, d) per token; alpha (n, n+1) static or per token. Forward writes the
    branch input x = A_m^T H (the norm stays in PyTorch, so a one-stream HC is Pre-Norm bit for
-   bit) and the mixed streams A_r^T H. Backward takes dL/dx (after the norm's backward) and
+   bit) and the mixed streams A_r^T H; for DHC it first computes the token's dynamic weights
+   (below) in the same pass. Backward takes dL/dx (after the norm's backward) and
    dL/d mixed and writes dL/dH and dL/dalpha per token, and for DHC (r_i = rsqrt(mean(H_i^2) +
    eps), P = H Wt^T, t = tanh(P r), alpha = t s_a + static alpha, beta = t s_b + static beta) runs
    the chain back through the dynamic weights: dL/dH += dL/dP Wt - H r^3/d sum_k dL/dz_k P_k, and
@@ -262,7 +263,38 @@ static inline uint16_t hb_f32_to_bf16(float f) {  /* round to nearest even, as t
     return (uint16_t)(b >> 16);
 }
 
-#define DEFINE_HC(T, SUF)                                                             \
+/* tanh in float to about 1 ulp, branch-free so that a loop of them vectorises (glibc's tanhf is
+   an out-of-line call, several times slower): an odd polynomial below |x| = 0.625 (tanh(x) / x - 1
+   fitted in x^2), else 1 - 2 / (e^{2|x|} + 1), with e^y = 2^k e^f, |f| <= ln 2 / 2, by its Taylor
+   series to f^7; |x| is capped at 9, where float rounds tanh to 1. NaN stays NaN. */
+static inline float hb_tanhf(float x) {
+    float a = fabsf(x), s = x * x;
+    float q = 0.0023143845f;
+    q = q * s - 0.0083661100f;
+    q = q * s + 0.021777019f;
+    q = q * s - 0.053960511f;
+    q = q * s + 0.13333311f;
+    q = q * s - 0.33333333f;
+    float small = x + x * s * q;
+    float y = 2 * (a > 9.0f ? 9.0f : a);                         /* NaN passes */
+    int k = (int)(y * 1.44269504f + 0.5f);                        /* round(y / ln 2), y >= 0 */
+    float f = (y - (float)k * 0.693145751953125f) - (float)k * 1.42860677e-06f;  /* y - k ln 2 */
+    float e = 1.0f / 5040;
+    e = e * f + 1.0f / 720;
+    e = e * f + 1.0f / 120;
+    e = e * f + 1.0f / 24;
+    e = e * f + 1.0f / 6;
+    e = e * f + 0.5f;
+    e = e * f + 1.0f;
+    e = e * f + 1.0f;
+    uint32_t bits = (uint32_t)(k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    float big = copysignf(1.0f - 2.0f / (e * scale + 1.0f), x);
+    return a < 0.625f ? small : big;
+}
+
+#define DEFINE_HC(T, SUF, SQRT, TANH)                                                             \
 /* out row j (d) = sum_i a[i][j] h_i; j = 0: x, j >= 1: mixed stream j - 1 */                    \
 static void hc_mix_row_##SUF(const T *ht, int n, int64_t d, const T *a, int j, T *out) {         \
     T a0 = a[j];                                                                                  \
@@ -276,19 +308,70 @@ static void hc_mix_row_##SUF(const T *ht, int n, int64_t d, const T *a, int j, T
     }                                                                                             \
 }                                                                                                 \
                                                                                                   \
+/* one token's mixing: x (d) = A_m^T H, mixed (n, d) = A_r^T H, and the bf16 copy of H if saved */ \
+static void hc_mix_token_##SUF(const T *ht, int n, int64_t d, const T *a, T *x, T *mixed,         \
+                               uint16_t *saved) {                                                 \
+    hc_mix_row_##SUF(ht, n, d, a, 0, x);                                                          \
+    for (int j = 1; j <= n; j++) hc_mix_row_##SUF(ht, n, d, a, j, mixed + (int64_t)(j - 1) * d);  \
+    if (saved)                                                                                    \
+        for (int64_t c = 0; c < n * d; c++) saved[c] = hb_f32_to_bf16((float)ht[c]);             \
+}                                                                                                 \
+                                                                                                  \
 /* h (N, n, d); alpha (n, n+1) or (N, n, n+1) (alpha_per_token); saved: a bf16 copy of h, or  \
-   NULL. (DHC's dynamic weights are computed before, in PyTorch: a norm, a GEMM, a tanh.) */    \
+   NULL. */                                                                                       \
 int hb_hc_forward_##SUF(const T *h, int64_t N, int n, int64_t d, const T *alpha,                \
                         int alpha_per_token, T *x, T *mixed, uint16_t *saved, int nthreads) {    \
     if (n < 1 || n > 64) return 1;                                                                \
     _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
+    for (int64_t tok = 0; tok < N; tok++)                                                         \
+        hc_mix_token_##SUF(h + tok * n * d, n, d,                                                 \
+                           alpha + (alpha_per_token ? tok * n * (n + 1) : 0), x + tok * d,       \
+                           mixed + tok * n * d, saved ? saved + tok * n * d : NULL);              \
+    return 0;                                                                                     \
+}                                                                                                 \
+                                                                                                  \
+/* DHC's forward, the dynamic weights and the mixing in one pass over a token's streams (in L1):  \
+   per stream i, r_i = 1 / sqrt(mean(H_i^2) + eps), p_ik = <H_i, wt_k> (k < n + 2),              \
+   t = tanh(p r) (or p r), alpha_i = s_alpha t_i[:n+1] + static_alpha_i, beta_i =                \
+   s_beta t_i[n+1] + static_beta_i; then the mixing with these alpha. Writes r (N, n), p and t    \
+   (N, n, n+2), alpha (N, n, n+1), beta (N, n), and x, mixed, saved as hb_hc_forward. */          \
+int hb_hc_forward_dynamic_##SUF(const T *h, int64_t N, int n, int64_t d, const T *static_alpha,  \
+                                const T *static_beta, const T *wt, T s_alpha, T s_beta, T eps,   \
+                                int use_tanh, T *r, T *p, T *t, T *alpha, T *beta, T *x,         \
+                                T *mixed, uint16_t *saved, int nthreads) {                       \
+    if (n < 1 || n > 64) return 1;                                                                \
+    int k2 = n + 2;                                                                               \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
     for (int64_t tok = 0; tok < N; tok++) {                                                       \
         const T *ht = h + tok * n * d;                                                            \
-        const T *a = alpha + (alpha_per_token ? tok * n * (n + 1) : 0);                           \
-        hc_mix_row_##SUF(ht, n, d, a, 0, x + tok * d);                                            \
-        for (int j = 1; j <= n; j++) hc_mix_row_##SUF(ht, n, d, a, j, mixed + (tok * n + j - 1) * d); \
-        if (saved)                                                                                \
-            for (int64_t c = 0; c < n * d; c++) saved[tok * n * d + c] = hb_f32_to_bf16((float)ht[c]); \
+        T *pt = p + tok * n * k2, *tt = t + tok * n * k2, *at = alpha + tok * n * (n + 1);        \
+        for (int i = 0; i < n; i++) {                                                             \
+            const T *hi = ht + i * d;                                                             \
+            T ss = 0;                                                                             \
+            _Pragma("omp simd reduction(+:ss)")                                                   \
+            for (int64_t c = 0; c < d; c++) ss += hi[c] * hi[c];                                  \
+            T ri = 1 / SQRT(ss / (T)d + eps);                                                     \
+            r[tok * n + i] = ri;                                                                  \
+            for (int k = 0; k < k2; k++) {                                                        \
+                const T *wk = wt + k * d;                                                         \
+                T acc = 0;                                                                        \
+                _Pragma("omp simd reduction(+:acc)")                                              \
+                for (int64_t c = 0; c < d; c++) acc += hi[c] * wk[c];                             \
+                pt[i * k2 + k] = acc;                                                             \
+                tt[i * k2 + k] = acc * ri;                                                        \
+            }                                                                                     \
+        }                                                                                         \
+        if (use_tanh) {                                                                           \
+            _Pragma("omp simd")                                                                   \
+            for (int q = 0; q < n * k2; q++) tt[q] = TANH(tt[q]);                                 \
+        }                                                                                         \
+        for (int i = 0; i < n; i++) {                                                             \
+            for (int j = 0; j <= n; j++)                                                          \
+                at[i * (n + 1) + j] = tt[i * k2 + j] * s_alpha + static_alpha[i * (n + 1) + j];   \
+            beta[tok * n + i] = tt[i * k2 + n + 1] * s_beta + static_beta[i];                     \
+        }                                                                                         \
+        hc_mix_token_##SUF(ht, n, d, at, x + tok * d, mixed + tok * n * d,                        \
+                           saved ? saved + tok * n * d : NULL);                                   \
     }                                                                                             \
     return 0;                                                                                     \
 }                                                                                                 \
@@ -418,8 +501,8 @@ int hb_hc_backward_##SUF(const void *h, int h_bf16, int64_t N, int n, int64_t d,
     return bad ? 2 : 0;                                                                           \
 }
 
-DEFINE_HC(float, f32)
-DEFINE_HC(double, f64)
+DEFINE_HC(float, f32, sqrtf, hb_tanhf)
+DEFINE_HC(double, f64, sqrt, tanh)
 
 /* Depth connection (pathways/_hc_fused.py: DepthConnection): out_i = mixed_i + beta_i y per token,
    beta (n) static or (N, n) per token, y (N, d) in T or bf16 (a branch output under autocast).

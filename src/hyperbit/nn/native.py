@@ -83,7 +83,9 @@ def _build() -> ctypes.CDLL | None:
         hx.argtypes = [p, i, i64, i, i64, p, i, p, i]
         hb = getattr(lib, f"hb_hc_backward_{suffix}")
         hb.argtypes = [p, i, i64, i, i64, p, i, p, p, p, p, p, p, p, ctype, ctype, i, p, p, p, i]
-        hc.restype = hx.restype = hb.restype = ctypes.c_int
+        hd = getattr(lib, f"hb_hc_forward_dynamic_{suffix}")
+        hd.argtypes = [p, i64, i, i64, p, p, p, ctype, ctype, ctype, i, p, p, p, p, p, p, p, p, i]
+        hc.restype = hx.restype = hb.restype = hd.restype = ctypes.c_int
         df = getattr(lib, f"hb_depth_forward_{suffix}")
         df.argtypes = [p, p, i, p, i, i64, i, i64, p, i]
         db = getattr(lib, f"hb_depth_backward_{suffix}")
@@ -192,6 +194,29 @@ def hc_forward(h: Tensor, alpha: Tensor, save_bf16: bool) -> tuple[Tensor, Tenso
         h.data_ptr(), x[..., 0].numel(), n, d, alpha.data_ptr(), int(alpha.dim() > 2), x.data_ptr(),
         mixed.data_ptr(), _ptr(saved), _threads()), "hc_forward")
     return x, mixed, saved
+
+
+def hc_forward_dynamic(h: Tensor, static_alpha: Tensor, static_beta: Tensor, wt: Tensor,
+                       s_alpha: float, s_beta: float, eps: float, use_tanh: bool, save_bf16: bool
+                       ) -> tuple[tuple[Tensor, Tensor, Tensor | None], tuple[Tensor, ...]]:
+    """DHC's width connection forward in one pass per token: the dynamic weights (the stream
+    norm's ``r`` (B, T, n, 1), ``p = H Wt^T`` and ``t = tanh(p r)`` (B, T, n, n+2), alpha
+    (B, T, n, n+1), beta (B, T, n)), then the mixing of :func:`hc_forward`. Returns
+    ``(x, mixed, saved)`` and ``(alpha, beta, r, p, t)``; ``wt`` (n+2, d) and the static weights
+    in the dtype of ``h``."""
+    lead, (n, d) = h.shape[:-2], h.shape[-2:]
+    h, static_alpha, static_beta, wt = (h.contiguous(), static_alpha.contiguous(),
+                                        static_beta.contiguous(), wt.contiguous())
+    x, mixed = h.new_empty(*lead, d), h.new_empty(*lead, n, d)
+    saved = torch.empty(h.shape, dtype=torch.bfloat16) if save_bf16 else None
+    r, p, t = h.new_empty(*lead, n, 1), h.new_empty(*lead, n, n + 2), h.new_empty(*lead, n, n + 2)
+    alpha, beta = h.new_empty(*lead, n, n + 1), h.new_empty(*lead, n)
+    _check(_fn("hb_hc_forward_dynamic", h.dtype)(
+        h.data_ptr(), x[..., 0].numel(), n, d, static_alpha.data_ptr(), static_beta.data_ptr(),
+        wt.data_ptr(), s_alpha, s_beta, eps, int(use_tanh), r.data_ptr(), p.data_ptr(), t.data_ptr(),
+        alpha.data_ptr(), beta.data_ptr(), x.data_ptr(), mixed.data_ptr(), _ptr(saved), _threads()),
+        "hc_forward_dynamic")
+    return (x, mixed, saved), (alpha, beta, r, p, t)
 
 
 def hc_branch_input(h: Tensor, alpha: Tensor, compute: torch.dtype) -> Tensor:

@@ -114,12 +114,12 @@ def _native_ok(h: Tensor, compute: torch.dtype, save_dtype: torch.dtype) -> bool
 
 
 class WidthConnection(torch.autograd.Function):
-    """The width connection in one node. On CPU the mixing, and backward also the chain through
-    DHC's dynamic weights, run in the C kernels of ``nn/native.c`` (one pass over a token's
-    streams forward, one backward, plus the branch input recomputed for the norm's backward);
-    elsewhere the PyTorch ops below, the reference arithmetic. The dynamic weights forward (a norm,
-    a GEMM, a tanh) and the branch norm are PyTorch in both: a one-stream HC stays Pre-Norm bit
-    for bit."""
+    """The width connection in one node. On CPU DHC's dynamic weights and the mixing (forward),
+    and the mixing and the chain through the dynamic weights (backward), run in the C kernels of
+    ``nn/native.c``: one pass over a token's streams forward, one backward, plus the branch input
+    recomputed for the norm's backward. Elsewhere the PyTorch ops below, the reference arithmetic.
+    The branch norm is PyTorch in both: a one-stream HC stays Pre-Norm bit for bit (at init the
+    dynamic part is exactly zero on either path)."""
 
     @staticmethod
     def forward(ctx, h, static_alpha, static_beta, dyn_wt, s_alpha, s_beta, norm_w,
@@ -130,23 +130,31 @@ class WidthConnection(torch.autograd.Function):
         h = h.to(compute).contiguous()  # expand_streams' broadcast view would slow bmm
         n = h.shape[-2]
         ctx.native = _native_ok(h, compute, save_dtype)
-        if dyn_wt is not None:
-            r = rms_rstd(h, stream_eps)  # (B, T, n, 1)
-            p = _project(h, dyn_wt)  # H W: (B, T, n, n+2)
-            t = p * r
-            if use_tanh:
-                t = t.tanh()
-            alpha = t[..., : n + 1] * s_alpha + static_alpha  # (B, T, n, n+1)
-            beta = t[..., n + 1] * s_beta + static_beta  # (B, T, n)
-        else:
-            r = p = t = None
-            alpha, beta = static_alpha, static_beta.clone()
-        if ctx.native:  # the mixing (and the bf16 copy of H, under autocast) in one pass
-            x, mixed, saved = native.hc_forward(h, alpha, save_dtype != compute and streams.dtype != save_dtype)
+        if ctx.native:  # the dynamic weights, the mixing and the bf16 copy of H: one pass per token
+            save_bf16 = save_dtype != compute and streams.dtype != save_dtype
+            if dyn_wt is not None:
+                (x, mixed, saved), (alpha, beta, r, p, t) = native.hc_forward_dynamic(
+                    h, static_alpha, static_beta, dyn_wt, float(s_alpha), float(s_beta), stream_eps,
+                    use_tanh, save_bf16)
+            else:
+                r = p = t = None
+                alpha, beta = static_alpha, static_beta.clone()
+                x, mixed, saved = native.hc_forward(h, alpha, save_bf16)
             if saved is None:
                 saved = h if save_dtype == compute else streams.contiguous()
             out, x_rstd = branch_norm(x, norm_w, norm_eps)
         else:
+            if dyn_wt is not None:
+                r = rms_rstd(h, stream_eps)  # (B, T, n, 1)
+                p = _project(h, dyn_wt)  # H W: (B, T, n, n+2)
+                t = p * r
+                if use_tanh:
+                    t = t.tanh()
+                alpha = t[..., : n + 1] * s_alpha + static_alpha  # (B, T, n, n+1)
+                beta = t[..., n + 1] * s_beta + static_beta  # (B, T, n)
+            else:
+                r = p = t = None
+                alpha, beta = static_alpha, static_beta.clone()
             # the one copy of H kept for backward: in the save dtype, made from the original streams
             saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()
             out, mixed, x_rstd = mix_forward(h, alpha, norm_w, norm_eps)
