@@ -386,6 +386,40 @@ static inline const T *load_row_##SUF(const void *src, int bf16, int64_t start, 
     return buf;                                                                                   \
 }                                                                                                 \
                                                                                                   \
+/* The streams a depth connection made, rebuilt from what the nodes before it keep: out_i =     \
+   sum_j alpha[j][i + 1] prev_j + beta_i y, with the arithmetic (and so, from prev in T, the     \
+   bits) of hb_hc_forward's mixing followed by hb_depth_forward. prev (N, n, d) and y (N, d) in   \
+   T or bf16; alpha (n, n+1) or (N, n, n+1); beta (n) or (N, n); out (N, n, d) in T. */          \
+int hb_hc_rebuild_##SUF(const void *prev, int prev_bf16, int64_t N, int n, int64_t d,           \
+                        const T *alpha, int alpha_per_token, const T *beta, int beta_per_token,  \
+                        const void *y, int y_bf16, T *out, int nthreads) {                       \
+    int bad = 0;                                                                                  \
+    _Pragma("omp parallel num_threads(nthreads)")                                                 \
+    {                                                                                             \
+        T *buf = prev_bf16 ? malloc(sizeof(T) * n * d) : NULL;                                    \
+        T *ybuf = y_bf16 ? malloc(sizeof(T) * d) : NULL;                                          \
+        if ((prev_bf16 && !buf) || (y_bf16 && !ybuf)) bad = 1;                                    \
+        else {                                                                                    \
+            _Pragma("omp for schedule(static)")                                                   \
+            for (int64_t tok = 0; tok < N; tok++) {                                               \
+                const T *ht = load_row_##SUF(prev, prev_bf16, tok * n * d, n * d, buf);           \
+                const T *yt = load_row_##SUF(y, y_bf16, tok * d, d, ybuf);                        \
+                const T *a = alpha + (alpha_per_token ? tok * n * (n + 1) : 0);                   \
+                const T *bt = beta + (beta_per_token ? tok * n : 0);                              \
+                for (int i = 0; i < n; i++) {                                                     \
+                    T *oi = out + (tok * n + i) * d, b = bt[i];                                   \
+                    hc_mix_row_##SUF(ht, n, d, a, i + 1, oi);                                     \
+                    _Pragma("omp simd")                                                           \
+                    for (int64_t c = 0; c < d; c++) oi[c] = oi[c] + b * yt[c];                    \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+        free(buf);                                                                                \
+        free(ybuf);                                                                               \
+    }                                                                                             \
+    return bad ? 2 : 0;                                                                           \
+}                                                                                                 \
+                                                                                                  \
 int hb_hc_branch_input_##SUF(const void *h, int h_bf16, int64_t N, int n, int64_t d,             \
                              const T *alpha, int alpha_per_token, T *x, int nthreads) {          \
     int bad = 0;                                                                                  \

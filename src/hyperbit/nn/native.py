@@ -85,7 +85,9 @@ def _build() -> ctypes.CDLL | None:
         hb.argtypes = [p, i, i64, i, i64, p, i, p, p, p, p, p, p, p, ctype, ctype, i, p, p, p, i]
         hd = getattr(lib, f"hb_hc_forward_dynamic_{suffix}")
         hd.argtypes = [p, i64, i, i64, p, p, p, ctype, ctype, ctype, i, p, p, p, p, p, p, p, p, i]
-        hc.restype = hx.restype = hb.restype = hd.restype = ctypes.c_int
+        hr = getattr(lib, f"hb_hc_rebuild_{suffix}")
+        hr.argtypes = [p, i, i64, i, i64, p, i, p, i, p, i, p, i]
+        hc.restype = hx.restype = hb.restype = hd.restype = hr.restype = ctypes.c_int
         df = getattr(lib, f"hb_depth_forward_{suffix}")
         df.argtypes = [p, p, i, p, i, i64, i, i64, p, i]
         db = getattr(lib, f"hb_depth_backward_{suffix}")
@@ -217,6 +219,21 @@ def hc_forward_dynamic(h: Tensor, static_alpha: Tensor, static_beta: Tensor, wt:
         alpha.data_ptr(), beta.data_ptr(), x.data_ptr(), mixed.data_ptr(), _ptr(saved), _threads()),
         "hc_forward_dynamic")
     return (x, mixed, saved), (alpha, beta, r, p, t)
+
+
+def hc_rebuild(prev: Tensor, alpha: Tensor, beta: Tensor, y: Tensor, compute: torch.dtype) -> Tensor:
+    """``A_r^T prev + beta y`` (B, T, n, d) in ``compute``: the streams a depth connection made,
+    rebuilt from the previous width connection's saved streams ``prev`` and ``alpha`` and the
+    depth connection's ``beta`` and branch output ``y`` (``prev``, ``y`` in ``compute`` or bf16),
+    with the forward kernels' arithmetic (bit for bit from ``prev`` in ``compute``)."""
+    lead, (n, d) = prev.shape[:-2], prev.shape[-2:]
+    out = torch.empty(*lead, n, d, dtype=compute)
+    prev, alpha, beta, y = prev.contiguous(), alpha.contiguous(), beta.contiguous(), y.contiguous()
+    _check(_fn("hb_hc_rebuild", compute)(
+        prev.data_ptr(), int(prev.dtype == torch.bfloat16), y[..., 0].numel(), n, d,
+        alpha.data_ptr(), int(alpha.dim() > 2), beta.data_ptr(), int(beta.dim() > 1), y.data_ptr(),
+        int(y.dtype == torch.bfloat16), out.data_ptr(), _threads()), "hc_rebuild")
+    return out
 
 
 def hc_branch_input(h: Tensor, alpha: Tensor, compute: torch.dtype) -> Tensor:

@@ -17,6 +17,11 @@ The dynamic weights use ``P = H W`` (raw) and the stream norm's ``r = rsqrt(mean
 ``z = P * r`` equals ``norm(H) W`` without materialising ``norm(H)``. Backward, with
 ``g_z = dL/dz``: ``dL/dH = (g_z r) Wt - H r^3/d * sum_k g_z[k] P[k]`` and ``dL/dWt = (g_z r)^T H``.
 
+Every other branch keeps no copy of ``H`` at all: when ``H`` is what the previous connection's
+depth node returned, ``H = A_r^T H_prev + beta y`` is determined by tensors the previous width and
+depth nodes keep for their own backward (their saved streams and alpha, beta and the branch
+output ``y``), and :func:`rebuild_streams` recomputes it in backward (``hyper._offer_rebuild``).
+
 Skinny matrix products are written with the long dimension last (``Wt @ H^T`` rather than
 ``H @ W``): on CPU that is 3-7x faster for n + 2 columns.
 """
@@ -105,6 +110,23 @@ def mix_backward(h: Tensor, alpha: Tensor, norm_w: Tensor | None, x_rstd: Tensor
     return g_h, g_alpha_tok, g_norm_w
 
 
+def rebuild_streams(prev: Tensor, alpha: Tensor, beta: Tensor, y: Tensor, compute: torch.dtype,
+                    dtype: torch.dtype, use_native: bool) -> Tensor:
+    """The streams ``H' = A_r^T prev + beta y`` that a depth connection returned (in ``dtype``),
+    rebuilt in ``compute`` from what the nodes that made them keep for their own backward: the
+    width connection's saved streams ``prev`` and ``alpha``, the depth connection's ``beta`` and
+    branch output ``y``. With the forward's arithmetic, so bit for bit the streams given when
+    ``prev`` is the full-precision copy (no autocast); under autocast ``prev`` is the bf16 copy,
+    and the rebuilt streams carry the same bf16 round-off a bf16 copy of ``H'`` would."""
+    takes = (compute,) + ((torch.bfloat16,) if compute == torch.float32 else ())
+    if use_native and prev.dtype in takes and y.dtype in takes:
+        out = native.hc_rebuild(prev, alpha, beta, y, compute)
+    else:
+        mixed = mix_forward(prev.to(compute).contiguous(), alpha, None, 0.0)[1]
+        out = torch.addcmul(mixed, beta.unsqueeze(-1), y.to(compute).unsqueeze(-2))
+    return out if dtype == compute else out.to(dtype).to(compute)
+
+
 def _native_ok(h: Tensor, compute: torch.dtype, save_dtype: torch.dtype) -> bool:
     """The C kernels (``nn/native.c``) take this connection: CPU, not compiling, n small, and the
     saved copy of H in the compute dtype or (for fp32) bf16."""
@@ -123,8 +145,10 @@ class WidthConnection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, static_alpha, static_beta, dyn_wt, s_alpha, s_beta, norm_w,
-                stream_eps, norm_eps, use_tanh, save_dtype):
-        # the weights come in the compute dtype (fp32, or fp64); h in the streams' dtype
+                stream_eps, norm_eps, use_tanh, save_dtype, source=None, keep=None):
+        # the weights come in the compute dtype (fp32, or fp64); h in the streams' dtype.
+        # source: (prev, alpha, beta, y) that rebuild h (see rebuild_streams): h is not kept.
+        # keep: a list that receives (saved h, alpha) when h is kept, for the next node's source.
         ctx.h_dtype, streams = h.dtype, h
         compute = static_alpha.dtype
         h = h.to(compute).contiguous()  # expand_streams' broadcast view would slow bmm
@@ -158,9 +182,14 @@ class WidthConnection(torch.autograd.Function):
             # the one copy of H kept for backward: in the save dtype, made from the original streams
             saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()
             out, mixed, x_rstd = mix_forward(h, alpha, norm_w, norm_eps)
-        # H is the only n*d tensor kept; the rest is O(n^2) per token or parameters.
+        # H is the only n*d tensor kept, or none when it can be rebuilt from what earlier nodes
+        # keep anyway; the rest is O(n^2) per token or parameters.
+        if source is not None:
+            saved = None
+        elif keep is not None:
+            keep.extend((saved.detach(), alpha.detach()))
         ctx.save_for_backward(saved, static_alpha, dyn_wt, s_alpha, s_beta, norm_w,
-                              alpha, r, p, t, x_rstd)
+                              alpha, r, p, t, x_rstd, *(source or (None,) * 4))
         ctx.use_tanh = use_tanh
         return out.to(ctx.h_dtype), mixed, beta
 
@@ -171,8 +200,10 @@ class WidthConnection(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g_out, g_mixed, g_beta):
-        h, static_alpha, dyn_wt, s_alpha, s_beta, norm_w, alpha, r, p, t, x_rstd = ctx.saved_tensors
+        h, static_alpha, dyn_wt, s_alpha, s_beta, norm_w, alpha, r, p, t, x_rstd, *source = ctx.saved_tensors
         compute = alpha.dtype  # fp32, or fp64
+        if h is None:
+            h = rebuild_streams(*source, compute, ctx.h_dtype, ctx.native)
         n, d = h.shape[-2], h.shape[-1]
         g_wt = None
         if ctx.native:
@@ -190,7 +221,7 @@ class WidthConnection(torch.autograd.Function):
         g_static_alpha = g_alpha_tok.reshape(-1, n, n + 1).sum(0)
         if dyn_wt is None:
             return (g_h.to(ctx.h_dtype), g_static_alpha, g_beta, None, None, None, g_norm_w,
-                    None, None, None, None)
+                    None, None, None, None, None, None)
         if g_beta is None:
             g_beta = torch.zeros_like(t[..., 0])
         g_static_beta = g_beta.reshape(-1, n).sum(0)
@@ -206,7 +237,7 @@ class WidthConnection(torch.autograd.Function):
             g_h.view(-1, d).addmm_(g_p, dyn_wt)  # += dL/dP Wt
             g_h.addcmul_(h, (g_z * p).sum(-1, keepdim=True) * r.pow(3), value=-1.0 / d)  # via r(H)
         return (g_h.to(ctx.h_dtype), g_static_alpha, g_static_beta, g_wt, g_sa, g_sb, g_norm_w,
-                None, None, None, None)
+                None, None, None, None, None, None)
 
 
 class DepthConnection(torch.autograd.Function):

@@ -35,7 +35,8 @@ from torch import Tensor
 
 from ..nn import native
 from ..nn.norm import rms_rstd
-from ._hc_fused import _native_ok, _norm_backward, _project, branch_norm, mix_backward, mix_forward
+from ._hc_fused import (_native_ok, _norm_backward, _project, branch_norm, mix_backward, mix_forward,
+                        rebuild_streams)
 
 #: ``(z, b_pre, b_post, b_res, a_pre, a_post, a_res) -> pre, post, res``: the per-token map from
 #: the projections to the connection weights
@@ -51,7 +52,10 @@ class ManifoldWidth(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, phi: Tensor, stream_eps: float, weights: WeightsFn,
                 b_pre: Tensor, b_post: Tensor, b_res: Tensor, a_pre: Tensor, a_post: Tensor,
-                a_res: Tensor, norm_w: Tensor, norm_eps: float, save_dtype: torch.dtype):
+                a_res: Tensor, norm_w: Tensor, norm_eps: float, save_dtype: torch.dtype,
+                source: tuple[Tensor, ...] | None = None, keep: list | None = None):
+        # source / keep: as for _hc_fused.WidthConnection (the streams rebuilt in backward from
+        # what the previous connection's nodes keep, instead of a copy)
         # phi, the biases, gates and norm gain come in the compute dtype (fp32, or fp64)
         ctx.h_dtype, streams = h.dtype, h
         h = h.to(phi.dtype).contiguous()  # expand_streams' broadcast view would slow the products
@@ -76,7 +80,11 @@ class ManifoldWidth(torch.autograd.Function):
         else:
             saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()
             out, mixed, x_rstd = mix_forward(h, alpha, norm_w, norm_eps)
-        ctx.save_for_backward(saved, phi, norm_w, r, x_rstd, z)
+        if source is not None:
+            saved = None
+        elif keep is not None:
+            keep.extend((saved.detach(), alpha))
+        ctx.save_for_backward(saved, phi, norm_w, r, x_rstd, z, *(source or (None,) * 4))
         return out.to(ctx.h_dtype), mixed, post.detach()
 
     @staticmethod
@@ -86,8 +94,8 @@ class ManifoldWidth(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g_out, g_mixed, g_post):
-        saved, phi, norm_w, r, x_rstd, z = ctx.saved_tensors
-        h = saved.to(phi.dtype)
+        saved, phi, norm_w, r, x_rstd, z, *source = ctx.saved_tensors
+        h = saved.to(phi.dtype) if saved is not None else rebuild_streams(*source, phi.dtype, ctx.h_dtype, ctx.native)
         n, d = h.shape[-2], h.shape[-1]
         alpha = ctx.alpha.detach()
         if ctx.native:
@@ -111,4 +119,4 @@ class ManifoldWidth(torch.autograd.Function):
         g_x = g_h.view(-1, n * d)
         g_x.addmm_(g_p, phi)
         g_x.addcmul_(x, ((g_z * z).sum(-1, keepdim=True) * r.square()).view(-1, 1), value=-1.0 / (n * d))
-        return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None)
+        return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None, None, None)

@@ -197,7 +197,7 @@ class FracConnection(Pathway):
             return FracDepth.apply(mixed, ctx.beta, y, ctx.dtype)  # (B, T, m, c)
 
     def depth_connection_reference(self, ctx: DepthContext, y: Tensor) -> Tensor:
-        mixed, beta, dtype = ctx
+        mixed, beta, dtype = ctx.mixed, ctx.beta, ctx.dtype
         with torch.autocast(y.device.type, enabled=False):
             y = y.to(mixed.dtype).unflatten(-1, (self.frac_rate, self.frac_dim))  # (B, T, m, c)
             return (mixed + beta.unsqueeze(-1) * y).to(dtype)

@@ -42,6 +42,10 @@ class DepthContext(NamedTuple):
     mixed: Tensor  # A_r^T H, (B, T, n, d), in the compute dtype (fp32, or fp64)
     beta: Tensor  # (n,) static or (B, T, n) dynamic, in the compute dtype
     dtype: torch.dtype  # the streams' dtype: the new streams are returned in it
+    #: (the streams the width node keeps for backward, alpha), or None: with the depth node's beta
+    #: and branch output they rebuild the new streams (``_hc_fused.rebuild_streams``), so the next
+    #: width node need not keep a copy of its own (:func:`_offer_rebuild`)
+    kept: tuple[Tensor, Tensor] | None = None
 
 
 class HyperConnection(Pathway):
@@ -118,10 +122,12 @@ class HyperConnection(Pathway):
             norm_w = self.norm.weight.to(compute) if self.norm is not None else None
             stream_eps = self.stream_norm.eps if self.dynamic else 0.0
             norm_eps = self.norm.eps if self.norm is not None else 0.0
+            source, keep = _take_rebuild(h), []
             x, mixed, beta = WidthConnection.apply(
                 h, self.static_alpha.to(compute), self.static_beta.to(compute), dyn_w, s_alpha,
-                s_beta, norm_w, stream_eps, norm_eps, self.use_tanh, save_dtype)
-        return x, DepthContext(mixed, beta, h.dtype)
+                s_beta, norm_w, stream_eps, norm_eps, self.use_tanh, save_dtype, source,
+                None if torch.compiler.is_compiling() else keep)
+        return x, DepthContext(mixed, beta, h.dtype, tuple(keep) if keep else None)
 
     def width_connection_reference(self, h: Tensor) -> tuple[Tensor, DepthContext]:
         """The same computation in plain autograd (reference for tests, and for inference)."""
@@ -162,17 +168,20 @@ class HyperConnection(Pathway):
 
         Computed in fp32 (``y`` is kept for backward in its own, e.g. autocast, dtype); the new
         streams come back in the dtype of the streams ``width_connection`` was given."""
-        mixed, beta, dtype = ctx
+        mixed, beta, dtype = ctx.mixed, ctx.beta, ctx.dtype
         if y.shape != mixed.shape[:-2] + mixed.shape[-1:]:
             raise ValueError(f"depth_connection expects the branch output (B, T, d) = "
                              f"{tuple(mixed.shape[:-2] + mixed.shape[-1:])}, got shape {tuple(y.shape)}")
         if not (self.fused and torch.is_grad_enabled()):
             return self.depth_connection_reference(ctx, y)
         with torch.autocast(y.device.type, enabled=False):
-            return DepthConnection.apply(mixed, beta, y, dtype)  # (B, T, n, d)
+            out = DepthConnection.apply(mixed, beta, y, dtype)  # (B, T, n, d)
+        if ctx.kept is not None:
+            _offer_rebuild(out, (*ctx.kept, beta.detach(), y.detach()))
+        return out
 
     def depth_connection_reference(self, ctx: DepthContext, y: Tensor) -> Tensor:
-        mixed, beta, dtype = ctx
+        mixed, beta, dtype = ctx.mixed, ctx.beta, ctx.dtype
         with torch.autocast(y.device.type, enabled=False):
             return (mixed + beta.unsqueeze(-1) * y.to(mixed.dtype).unsqueeze(-2)).to(dtype)
 
@@ -211,6 +220,32 @@ class HyperConnection(Pathway):
     def extra_repr(self) -> str:
         kind = "dynamic" if self.dynamic else "static"
         return f"dim={self.dim}, expansion_rate={self.expansion_rate}, branch={self.branch_index}, {kind}, tanh={self.use_tanh}"
+
+
+# Saved streams, every other branch. A width node keeps the streams it was given for backward
+# (n*d per token, bf16 under autocast). When those streams are what the previous connection's
+# depth node just returned, the tensors that the previous width and depth nodes keep for their own
+# backward already determine them (H' = A_r^T H + beta y): the width node keeps references to
+# those instead of a copy and rebuilds the streams in backward (one pass, in the C kernel on CPU).
+# A node that rebuilds offers nothing to the next one, so every other branch keeps a copy. The
+# offer is an attribute of the returned tensor, with its version: an in-place change of the
+# streams in between cancels it. Never inside torch.compile (Inductor decides what to keep).
+_REBUILD = "_hyperbit_rebuild"
+#: rebuild the streams of every other branch in backward instead of keeping a copy (False: every
+#: width connection keeps its own copy; the gradients are the same, bit for bit without autocast)
+REBUILD_STREAMS = True
+
+
+def _offer_rebuild(out: Tensor, source: tuple[Tensor, ...]) -> None:
+    if not torch.compiler.is_compiling():
+        setattr(out, _REBUILD, (out._version, source))
+
+
+def _take_rebuild(h: Tensor) -> tuple[Tensor, ...] | None:
+    if not REBUILD_STREAMS or torch.compiler.is_compiling():
+        return None
+    offer = getattr(h, _REBUILD, None)
+    return offer[1] if offer is not None and offer[0] == h._version else None
 
 
 def static_and_gain_names(dynamic: bool) -> set[str]:

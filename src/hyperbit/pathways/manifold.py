@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from ..nn.norm import RMSNorm, rms_rstd
 from ._hc_fused import DepthConnection, _bmm, _project
 from .base import Branch, Pathway, check_streams, expand_streams, reduce_streams
-from .hyper import DepthContext
+from .hyper import DepthContext, _offer_rebuild, _take_rebuild
 from ._mhc_fused import ManifoldWidth
 from .sinkhorn import birkhoff, permutation_matrices, sinkhorn
 
@@ -181,10 +181,11 @@ class ManifoldHyperConnection(Pathway):
         device, compute = h.device.type, _compute_dtype(h)
         save_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         with torch.autocast(device, enabled=False):
+            source, keep = _take_rebuild(h), []
             x, mixed, post = ManifoldWidth.apply(
                 h, self.phi.to(compute), self.stream_eps, self._map, *self._small(compute),
-                self.norm.weight.to(compute), self.norm.eps, save_dtype)
-        return x, DepthContext(mixed, post, h.dtype)
+                self.norm.weight.to(compute), self.norm.eps, save_dtype, source, keep)
+        return x, DepthContext(mixed, post, h.dtype, tuple(keep) if keep else None)
 
     def width_connection_reference(self, h: Tensor) -> tuple[Tensor, DepthContext]:
         """The same computation in plain autograd (the reference for tests, and the path inside
@@ -206,13 +207,16 @@ class ManifoldHyperConnection(Pathway):
     def depth_connection(self, ctx: DepthContext, y: Tensor) -> Tensor:
         """``res H + post^T y``: the branch output ``y: (B, T, d)`` added to every stream, scaled
         by post; computed in fp32 and returned in the dtype of the streams given to width."""
-        mixed, post, dtype = ctx
+        mixed, post, dtype = ctx.mixed, ctx.beta, ctx.dtype
         if y.shape != mixed.shape[:-2] + mixed.shape[-1:]:
             raise ValueError(f"depth_connection expects the branch output (B, T, d) = "
                              f"{tuple(mixed.shape[:-2] + mixed.shape[-1:])}, got shape {tuple(y.shape)}")
         with torch.autocast(y.device.type, enabled=False):
             if torch.is_grad_enabled():  # keeps y and post for backward, nothing of size n*d
-                return DepthConnection.apply(mixed, post, y, dtype)
+                out = DepthConnection.apply(mixed, post, y, dtype)
+                if ctx.kept is not None:
+                    _offer_rebuild(out, (*ctx.kept, post.detach(), y.detach()))
+                return out
             return (mixed + post.unsqueeze(-1) * y.to(mixed.dtype).unsqueeze(-2)).to(dtype)
 
     def forward(self, h: Tensor, branch: Branch) -> Tensor:
