@@ -117,6 +117,18 @@ def test_an_in_place_change_of_the_streams_cancels_the_rebuild(kernels):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
 
 
+def test_rebuilt_bf16_streams_match_the_kept_copy(kernels, monkeypatch):
+    """A bf16 model: its streams are bf16, and the rebuilt ones go through bf16 too."""
+    model = _lm().to(torch.bfloat16)
+    loss, grads = _grads(model)
+    _without_rebuild(monkeypatch)
+    loss_ref, grads_ref = _grads(model)
+    assert torch.equal(loss, loss_ref)
+    for k in grads:
+        g, g_ref = grads[k].float(), grads_ref[k].float()
+        assert (g - g_ref).norm() <= 2.0**-7 * g_ref.norm() + 1e-6, k
+
+
 @pytest.mark.skipif(native.library() is None, reason="no C compiler")
 @pytest.mark.parametrize("per_token", [False, True])
 @pytest.mark.parametrize("bf16", [False, True])
@@ -135,3 +147,6 @@ def test_rebuild_kernel_matches_pytorch(per_token, bf16):
     want64 = (alpha[..., 1:].transpose(-1, -2).double() @ prev.double()
               + beta.double().unsqueeze(-1) * y.double().unsqueeze(-2))
     torch.testing.assert_close(got.double(), want64, rtol=0, atol=1e-5)
+    rounded = rebuild_streams(prev, alpha, beta, y, torch.float32, torch.bfloat16, use_native=True)
+    torch.testing.assert_close(rounded, got.bfloat16().float(), rtol=2.0**-8, atol=0)
+    assert torch.equal(rounded, rounded.bfloat16().float())

@@ -263,6 +263,16 @@ static inline uint16_t hb_f32_to_bf16(float f) {  /* round to nearest even, as t
     return (uint16_t)(b >> 16);
 }
 
+/* The streams a backward kernel reads per token: h itself (T or bf16), or, when h is NULL, h
+   rebuilt from what the nodes before keep: h_i = sum_j alpha[j][i + 1] prev_j + beta_i y (the
+   mixing of hb_hc_forward, then hb_depth_forward: bit for bit the streams made from prev in T),
+   rounded through bf16 when the streams were bf16. prev (N, n, d), y (N, d) in T or bf16; alpha
+   (n, n+1) or (N, n, n+1); beta (n) or (N, n), in T. */
+typedef struct {
+    const void *h, *prev, *alpha, *beta, *y;
+    int h_bf16, prev_bf16, alpha_per_token, beta_per_token, y_bf16, round_bf16;
+} hb_streams;
+
 /* tanh in float to about 1 ulp, branch-free so that a loop of them vectorises (glibc's tanhf is
    an out-of-line call, several times slower): an odd polynomial below |x| = 0.625 (tanh(x) / x - 1
    fitted in x^2), else 1 - 2 / (e^{2|x|} + 1), with e^y = 2^k e^f, |f| <= ln 2 / 2, by its Taylor
@@ -386,51 +396,56 @@ static inline const T *load_row_##SUF(const void *src, int bf16, int64_t start, 
     return buf;                                                                                   \
 }                                                                                                 \
                                                                                                   \
-/* The streams a depth connection made, rebuilt from what the nodes before it keep: out_i =     \
-   sum_j alpha[j][i + 1] prev_j + beta_i y, with the arithmetic (and so, from prev in T, the     \
-   bits) of hb_hc_forward's mixing followed by hb_depth_forward. prev (N, n, d) and y (N, d) in   \
-   T or bf16; alpha (n, n+1) or (N, n, n+1); beta (n) or (N, n); out (N, n, d) in T. */          \
-int hb_hc_rebuild_##SUF(const void *prev, int prev_bf16, int64_t N, int n, int64_t d,           \
-                        const T *alpha, int alpha_per_token, const T *beta, int beta_per_token,  \
-                        const void *y, int y_bf16, T *out, int nthreads) {                       \
+/* a token's streams (n, d) in T, read or rebuilt (hb_streams) into per-thread scratch: buf (n d), \
+   pbuf (n d), ybuf (d) */                                                                        \
+static const T *streams_row_##SUF(const hb_streams *s, int64_t tok, int n, int64_t d, T *buf,    \
+                                  T *pbuf, T *ybuf) {                                             \
+    if (s->h) return load_row_##SUF(s->h, s->h_bf16, tok * n * d, n * d, buf);                   \
+    const T *pt = load_row_##SUF(s->prev, s->prev_bf16, tok * n * d, n * d, pbuf);                \
+    const T *yt = load_row_##SUF(s->y, s->y_bf16, tok * d, d, ybuf);                              \
+    const T *a = (const T *)s->alpha + (s->alpha_per_token ? tok * n * (n + 1) : 0);              \
+    const T *bt = (const T *)s->beta + (s->beta_per_token ? tok * n : 0);                         \
+    for (int i = 0; i < n; i++) {                                                                 \
+        T *oi = buf + i * d, b = bt[i];                                                           \
+        hc_mix_row_##SUF(pt, n, d, a, i + 1, oi);                                                 \
+        _Pragma("omp simd")                                                                       \
+        for (int64_t c = 0; c < d; c++) oi[c] = oi[c] + b * yt[c];                                \
+        if (s->round_bf16)                                                                        \
+            for (int64_t c = 0; c < d; c++) oi[c] = (T)hb_bf16_to_f32(hb_f32_to_bf16((float)oi[c])); \
+    }                                                                                             \
+    return buf;                                                                                   \
+}                                                                                                 \
+                                                                                                  \
+/* the streams of hb_streams written out (N, n, d) in T */                                        \
+int hb_hc_rebuild_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, T *out, int nthreads) { \
     int bad = 0;                                                                                  \
     _Pragma("omp parallel num_threads(nthreads)")                                                 \
     {                                                                                             \
-        T *buf = prev_bf16 ? malloc(sizeof(T) * n * d) : NULL;                                    \
-        T *ybuf = y_bf16 ? malloc(sizeof(T) * d) : NULL;                                          \
-        if ((prev_bf16 && !buf) || (y_bf16 && !ybuf)) bad = 1;                                    \
+        T *buf = malloc(sizeof(T) * (2 * n * d + d));                                             \
+        if (!buf) bad = 1;                                                                        \
         else {                                                                                    \
             _Pragma("omp for schedule(static)")                                                   \
             for (int64_t tok = 0; tok < N; tok++) {                                               \
-                const T *ht = load_row_##SUF(prev, prev_bf16, tok * n * d, n * d, buf);           \
-                const T *yt = load_row_##SUF(y, y_bf16, tok * d, d, ybuf);                        \
-                const T *a = alpha + (alpha_per_token ? tok * n * (n + 1) : 0);                   \
-                const T *bt = beta + (beta_per_token ? tok * n : 0);                              \
-                for (int i = 0; i < n; i++) {                                                     \
-                    T *oi = out + (tok * n + i) * d, b = bt[i];                                   \
-                    hc_mix_row_##SUF(ht, n, d, a, i + 1, oi);                                     \
-                    _Pragma("omp simd")                                                           \
-                    for (int64_t c = 0; c < d; c++) oi[c] = oi[c] + b * yt[c];                    \
-                }                                                                                 \
+                const T *ht = streams_row_##SUF(s, tok, n, d, buf, buf + n * d, buf + 2 * n * d); \
+                memcpy(out + tok * n * d, ht, sizeof(T) * n * d);                                 \
             }                                                                                     \
         }                                                                                         \
         free(buf);                                                                                \
-        free(ybuf);                                                                               \
     }                                                                                             \
     return bad ? 2 : 0;                                                                           \
 }                                                                                                 \
                                                                                                   \
-int hb_hc_branch_input_##SUF(const void *h, int h_bf16, int64_t N, int n, int64_t d,             \
-                             const T *alpha, int alpha_per_token, T *x, int nthreads) {          \
+int hb_hc_branch_input_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const T *alpha,   \
+                             int alpha_per_token, T *x, int nthreads) {                          \
     int bad = 0;                                                                                  \
     _Pragma("omp parallel num_threads(nthreads)")                                                 \
     {                                                                                             \
-        T *buf = h_bf16 ? malloc(sizeof(T) * n * d) : NULL;                                       \
-        if (h_bf16 && !buf) bad = 1;                                                              \
+        T *buf = malloc(sizeof(T) * (2 * n * d + d));                                             \
+        if (!buf) bad = 1;                                                                        \
         else {                                                                                    \
             _Pragma("omp for schedule(static)")                                                   \
             for (int64_t tok = 0; tok < N; tok++) {                                               \
-                const T *ht = load_row_##SUF(h, h_bf16, tok * n * d, n * d, buf);                 \
+                const T *ht = streams_row_##SUF(s, tok, n, d, buf, buf + n * d, buf + 2 * n * d); \
                 hc_mix_row_##SUF(ht, n, d, alpha + (alpha_per_token ? tok * n * (n + 1) : 0), 0,  \
                                  x + tok * d);                                                    \
             }                                                                                     \
@@ -443,7 +458,7 @@ int hb_hc_branch_input_##SUF(const void *h, int h_bf16, int64_t N, int n, int64_
 /* g_x (N, d): dL/dx after the norm; g_mixed (N, n, d) or NULL; dynamic (wt != NULL): g_beta      \
    (N, n) or NULL, t, r, p from the forward. Out: g_h (N, n, d), g_alpha (N, n, n+1) (dL/dalpha   \
    per token, before the dynamic chain), g_wt (n+2, d) when dynamic. */                          \
-int hb_hc_backward_##SUF(const void *h, int h_bf16, int64_t N, int n, int64_t d, const T *alpha, \
+int hb_hc_backward_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const T *alpha,        \
                          int alpha_per_token, const T *g_x, const T *g_mixed, const T *g_beta,   \
                          const T *t, const T *r, const T *p, const T *wt, T s_alpha, T s_beta,   \
                          int use_tanh, T *g_h, T *g_alpha, T *g_wt, int nthreads) {              \
@@ -452,14 +467,14 @@ int hb_hc_backward_##SUF(const void *h, int h_bf16, int64_t N, int n, int64_t d,
     if (wt) memset(g_wt, 0, sizeof(T) * wsize);                                                   \
     _Pragma("omp parallel num_threads(nthreads)")                                                 \
     {                                                                                             \
-        T *buf = h_bf16 ? malloc(sizeof(T) * n * d) : NULL;                                       \
+        T *buf = malloc(sizeof(T) * (2 * n * d + d));                                             \
         T *gw = wt ? calloc((size_t)wsize, sizeof(T)) : NULL;                                     \
         T gp[64 * 66], coef[64];                                                                  \
-        if ((h_bf16 && !buf) || (wt && !gw)) bad = 1;                                             \
+        if (!buf || (wt && !gw)) bad = 1;                                                         \
         else {                                                                                    \
             _Pragma("omp for schedule(static)")                                                   \
             for (int64_t tok = 0; tok < N; tok++) {                                               \
-                const T *ht = load_row_##SUF(h, h_bf16, tok * n * d, n * d, buf);                 \
+                const T *ht = streams_row_##SUF(s, tok, n, d, buf, buf + n * d, buf + 2 * n * d); \
                 const T *a = alpha + (alpha_per_token ? tok * n * (n + 1) : 0);                   \
                 const T *gx = g_x + tok * d;                                                      \
                 const T *gm = g_mixed ? g_mixed + tok * n * d : NULL;                             \

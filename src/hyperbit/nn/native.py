@@ -79,14 +79,15 @@ def _build() -> ctypes.CDLL | None:
         p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         hc = getattr(lib, f"hb_hc_forward_{suffix}")
         hc.argtypes = [p, i64, i, i64, p, i, p, p, p, i]
+        st = ctypes.POINTER(_Streams)
         hx = getattr(lib, f"hb_hc_branch_input_{suffix}")
-        hx.argtypes = [p, i, i64, i, i64, p, i, p, i]
+        hx.argtypes = [st, i64, i, i64, p, i, p, i]
         hb = getattr(lib, f"hb_hc_backward_{suffix}")
-        hb.argtypes = [p, i, i64, i, i64, p, i, p, p, p, p, p, p, p, ctype, ctype, i, p, p, p, i]
+        hb.argtypes = [st, i64, i, i64, p, i, p, p, p, p, p, p, p, ctype, ctype, i, p, p, p, i]
         hd = getattr(lib, f"hb_hc_forward_dynamic_{suffix}")
         hd.argtypes = [p, i64, i, i64, p, p, p, ctype, ctype, ctype, i, p, p, p, p, p, p, p, p, i]
         hr = getattr(lib, f"hb_hc_rebuild_{suffix}")
-        hr.argtypes = [p, i, i64, i, i64, p, i, p, i, p, i, p, i]
+        hr.argtypes = [st, i64, i, i64, p, i]
         hc.restype = hx.restype = hb.restype = hd.restype = hr.restype = ctypes.c_int
         df = getattr(lib, f"hb_depth_forward_{suffix}")
         df.argtypes = [p, p, i, p, i, i64, i, i64, p, i]
@@ -221,52 +222,81 @@ def hc_forward_dynamic(h: Tensor, static_alpha: Tensor, static_beta: Tensor, wt:
     return (x, mixed, saved), (alpha, beta, r, p, t)
 
 
-def hc_rebuild(prev: Tensor, alpha: Tensor, beta: Tensor, y: Tensor, compute: torch.dtype) -> Tensor:
+class _Streams(ctypes.Structure):
+    """``hb_streams`` of native.c: the streams a backward kernel reads, given (``h``) or rebuilt."""
+
+    _fields_ = [("h", ctypes.c_void_p), ("prev", ctypes.c_void_p), ("alpha", ctypes.c_void_p),
+                ("beta", ctypes.c_void_p), ("y", ctypes.c_void_p), ("h_bf16", ctypes.c_int),
+                ("prev_bf16", ctypes.c_int), ("alpha_per_token", ctypes.c_int),
+                ("beta_per_token", ctypes.c_int), ("y_bf16", ctypes.c_int), ("round_bf16", ctypes.c_int)]
+
+
+def _streams(h: Tensor | None, source: tuple[Tensor, ...] | None, round_bf16: bool
+             ) -> tuple[_Streams, list[Tensor], tuple[int, ...], int, int]:
+    """The kernels' view of the streams: ``h`` (B, T, n, d), or ``source`` = (prev, alpha, beta, y)
+    that rebuild them (see ``pathways._hc_fused.rebuild_streams``). Returns the structure, the
+    contiguous tensors it points into (hold them until the call returns), and lead dims, n, d."""
+    bf16 = lambda t: int(t.dtype == torch.bfloat16)  # noqa: E731
+    if h is not None:
+        h = h.contiguous()
+        return _Streams(h=h.data_ptr(), h_bf16=bf16(h)), [h], h.shape[:-2], h.shape[-2], h.shape[-1]
+    prev, alpha, beta, y = (t.contiguous() for t in source)
+    st = _Streams(prev=prev.data_ptr(), alpha=alpha.data_ptr(), beta=beta.data_ptr(), y=y.data_ptr(),
+                  prev_bf16=bf16(prev), alpha_per_token=int(alpha.dim() > 2),
+                  beta_per_token=int(beta.dim() > 1), y_bf16=bf16(y), round_bf16=int(round_bf16))
+    return st, [prev, alpha, beta, y], prev.shape[:-2], prev.shape[-2], prev.shape[-1]
+
+
+def hc_rebuild(prev: Tensor, alpha: Tensor, beta: Tensor, y: Tensor, compute: torch.dtype,
+               round_bf16: bool = False) -> Tensor:
     """``A_r^T prev + beta y`` (B, T, n, d) in ``compute``: the streams a depth connection made,
     rebuilt from the previous width connection's saved streams ``prev`` and ``alpha`` and the
-    depth connection's ``beta`` and branch output ``y`` (``prev``, ``y`` in ``compute`` or bf16),
-    with the forward kernels' arithmetic (bit for bit from ``prev`` in ``compute``)."""
-    lead, (n, d) = prev.shape[:-2], prev.shape[-2:]
+    depth connection's ``beta`` and branch output ``y`` (``prev``, ``y`` in ``compute`` or bf16;
+    ``round_bf16``: through bf16, as bf16 streams were), with the forward kernels' arithmetic (bit
+    for bit from ``prev`` in ``compute``)."""
+    st, hold, lead, n, d = _streams(None, (prev, alpha, beta, y), round_bf16)
     out = torch.empty(*lead, n, d, dtype=compute)
-    prev, alpha, beta, y = prev.contiguous(), alpha.contiguous(), beta.contiguous(), y.contiguous()
-    _check(_fn("hb_hc_rebuild", compute)(
-        prev.data_ptr(), int(prev.dtype == torch.bfloat16), y[..., 0].numel(), n, d,
-        alpha.data_ptr(), int(alpha.dim() > 2), beta.data_ptr(), int(beta.dim() > 1), y.data_ptr(),
-        int(y.dtype == torch.bfloat16), out.data_ptr(), _threads()), "hc_rebuild")
+    _check(_fn("hb_hc_rebuild", compute)(ctypes.byref(st), out[..., 0, 0].numel(), n, d,
+                                          out.data_ptr(), _threads()), "hc_rebuild")
+    del hold
     return out
 
 
-def hc_branch_input(h: Tensor, alpha: Tensor, compute: torch.dtype) -> Tensor:
-    """``x = A_m^T H`` (B, T, d) in ``compute``, from ``h`` (B, T, n, d) in ``compute`` or bf16."""
-    lead, (n, d) = h.shape[:-2], h.shape[-2:]
+def hc_branch_input(h: Tensor | None, alpha: Tensor, compute: torch.dtype,
+                    source: tuple[Tensor, ...] | None = None, round_bf16: bool = False) -> Tensor:
+    """``x = A_m^T H`` (B, T, d) in ``compute``, from ``h`` (B, T, n, d) in ``compute`` or bf16, or
+    (``h`` None) from the streams ``source`` rebuilds per token (:func:`hc_rebuild`)."""
+    st, hold, lead, n, d = _streams(h, source, round_bf16)
     x = torch.empty(*lead, d, dtype=compute)
-    h, alpha = h.contiguous(), alpha.contiguous()
+    alpha = alpha.contiguous()
     _check(_fn("hb_hc_branch_input", compute)(
-        h.data_ptr(), int(h.dtype == torch.bfloat16), x[..., 0].numel(), n, d,
-        alpha.data_ptr(), int(alpha.dim() > 2), x.data_ptr(), _threads()),
-        "hc_branch_input")
+        ctypes.byref(st), x[..., 0].numel(), n, d, alpha.data_ptr(), int(alpha.dim() > 2),
+        x.data_ptr(), _threads()), "hc_branch_input")
+    del hold
     return x
 
 
-def hc_backward(h: Tensor, alpha: Tensor, g_x: Tensor, g_mixed: Tensor | None, g_beta: Tensor | None,
+def hc_backward(h: Tensor | None, alpha: Tensor, g_x: Tensor, g_mixed: Tensor | None, g_beta: Tensor | None,
                 t: Tensor | None, r: Tensor | None, p: Tensor | None, wt: Tensor | None,
-                s_alpha: float, s_beta: float, use_tanh: bool):
+                s_alpha: float, s_beta: float, use_tanh: bool,
+                source: tuple[Tensor, ...] | None = None, round_bf16: bool = False):
     """dL/dH (B, T, n, d), dL/dalpha per token (B, T, n, n+1) and, when ``wt`` is given, dL/dWt
-    (n+2, d), from dL/dx (after the norm's backward) and dL/d mixed; all in the dtype of ``g_x``."""
+    (n+2, d), from dL/dx (after the norm's backward) and dL/d mixed; all in the dtype of ``g_x``.
+    The streams: ``h``, or (``h`` None) rebuilt per token from ``source`` (:func:`hc_rebuild`)."""
     compute = g_x.dtype
-    lead, (n, d) = h.shape[:-2], h.shape[-2:]
-    g_h = torch.empty(h.shape, dtype=compute)
+    st, hold, lead, n, d = _streams(h, source, round_bf16)
+    g_h = torch.empty(*lead, n, d, dtype=compute)
     g_alpha = torch.empty(*lead, n, n + 1, dtype=compute)
     g_wt = torch.empty(n + 2, d, dtype=compute) if wt is not None else None
     c = lambda x: None if x is None else x.contiguous()  # noqa: E731
-    h, alpha, g_x, g_mixed, g_beta, t, r, p = (c(h), c(alpha), c(g_x), c(g_mixed), c(g_beta), c(t),
-                                               c(r), c(p))
+    alpha, g_x, g_mixed, g_beta, t, r, p = c(alpha), c(g_x), c(g_mixed), c(g_beta), c(t), c(r), c(p)
     _check(_fn("hb_hc_backward", compute)(
-        h.data_ptr(), int(h.dtype == torch.bfloat16), g_x[..., 0].numel(), n, d,
+        ctypes.byref(st), g_x[..., 0].numel(), n, d,
         alpha.data_ptr(), int(alpha.dim() > 2), g_x.data_ptr(),
         _ptr(g_mixed), _ptr(g_beta), _ptr(t), _ptr(r), _ptr(p), _ptr(wt), s_alpha, s_beta,
         int(use_tanh), g_h.data_ptr(), g_alpha.data_ptr(), _ptr(g_wt), _threads()),
         "hc_backward")
+    del hold
     return g_h, g_alpha, g_wt
 
 

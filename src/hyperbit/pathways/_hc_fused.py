@@ -110,6 +110,14 @@ def mix_backward(h: Tensor, alpha: Tensor, norm_w: Tensor | None, x_rstd: Tensor
     return g_h, g_alpha_tok, g_norm_w
 
 
+def _kernels_rebuild(source: tuple[Tensor, ...], compute: torch.dtype, dtype: torch.dtype) -> bool:
+    """Whether the C kernels can rebuild streams of ``dtype`` from ``source`` (CPU is implied by
+    the caller's ``_native_ok``): prev and y in the compute dtype or (fp32) bf16, streams in the
+    compute dtype or bf16."""
+    takes = (compute,) + ((torch.bfloat16,) if compute == torch.float32 else ())
+    return source[0].dtype in takes and source[3].dtype in takes and dtype in takes
+
+
 def rebuild_streams(prev: Tensor, alpha: Tensor, beta: Tensor, y: Tensor, compute: torch.dtype,
                     dtype: torch.dtype, use_native: bool) -> Tensor:
     """The streams ``H' = A_r^T prev + beta y`` that a depth connection returned (in ``dtype``),
@@ -117,13 +125,12 @@ def rebuild_streams(prev: Tensor, alpha: Tensor, beta: Tensor, y: Tensor, comput
     width connection's saved streams ``prev`` and ``alpha``, the depth connection's ``beta`` and
     branch output ``y``. With the forward's arithmetic, so bit for bit the streams given when
     ``prev`` is the full-precision copy (no autocast); under autocast ``prev`` is the bf16 copy,
-    and the rebuilt streams carry the same bf16 round-off a bf16 copy of ``H'`` would."""
-    takes = (compute,) + ((torch.bfloat16,) if compute == torch.float32 else ())
-    if use_native and prev.dtype in takes and y.dtype in takes:
-        out = native.hc_rebuild(prev, alpha, beta, y, compute)
-    else:
-        mixed = mix_forward(prev.to(compute).contiguous(), alpha, None, 0.0)[1]
-        out = torch.addcmul(mixed, beta.unsqueeze(-1), y.to(compute).unsqueeze(-2))
+    and the rebuilt streams carry the same bf16 round-off a bf16 copy of ``H'`` would. (The HC
+    backward kernels rebuild each token's streams themselves, from the same ``source``.)"""
+    if use_native and _kernels_rebuild((prev, alpha, beta, y), compute, dtype):
+        return native.hc_rebuild(prev, alpha, beta, y, compute, round_bf16=dtype != compute)
+    mixed = mix_forward(prev.to(compute).contiguous(), alpha, None, 0.0)[1]
+    out = torch.addcmul(mixed, beta.unsqueeze(-1), y.to(compute).unsqueeze(-2))
     return out if dtype == compute else out.to(dtype).to(compute)
 
 
@@ -202,18 +209,23 @@ class WidthConnection(torch.autograd.Function):
     def _backward(ctx, g_out, g_mixed, g_beta):
         h, static_alpha, dyn_wt, s_alpha, s_beta, norm_w, alpha, r, p, t, x_rstd, *source = ctx.saved_tensors
         compute = alpha.dtype  # fp32, or fp64
+        n, d = alpha.shape[-2], g_out.shape[-1]
+        src = None  # the kernels rebuild each token's streams from these
         if h is None:
-            h = rebuild_streams(*source, compute, ctx.h_dtype, ctx.native)
-        n, d = h.shape[-2], h.shape[-1]
+            if ctx.native and _kernels_rebuild(source, compute, ctx.h_dtype):
+                src = source
+            else:
+                h = rebuild_streams(*source, compute, ctx.h_dtype, use_native=False)
         g_wt = None
         if ctx.native:
-            x = native.hc_branch_input(h, alpha, compute) if norm_w is not None else None
+            rb = ctx.h_dtype != compute  # rebuilt streams go through the streams' dtype
+            x = native.hc_branch_input(h, alpha, compute, src, rb) if norm_w is not None else None
             g_x, g_norm_w = _norm_backward(x, x_rstd, norm_w, g_out.to(compute), ctx.needs_input_grad[6])
             dyn = dyn_wt is not None
             g_h, g_alpha_tok, g_wt = native.hc_backward(
                 h, alpha, g_x, None if g_mixed is None else g_mixed.to(compute),
                 None if g_beta is None else g_beta.to(compute), t, r, p, dyn_wt,
-                float(s_alpha) if dyn else 0.0, float(s_beta) if dyn else 0.0, ctx.use_tanh)
+                float(s_alpha) if dyn else 0.0, float(s_beta) if dyn else 0.0, ctx.use_tanh, src, rb)
         else:
             h = h.to(compute)
             g_h, g_alpha_tok, g_norm_w = mix_backward(h, alpha, norm_w, x_rstd, g_out, g_mixed,
