@@ -28,7 +28,11 @@ def test_training_logs_test_accuracy_well_above_chance(vit_run):
     records = [json.loads(line) for line in (vit_run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val_acc" in r]
     assert [r["step"] for r in evals] == [40, 80]
-    assert evals[-1]["val_acc"] > 0.3  # chance is 0.1; 80 short steps
+    # chance: accuracy 0.1, loss ln 10 = 2.30. After these 80 short steps seeds 0-2 on 1 and 2
+    # threads gave 0.27-0.35 and 1.82-1.94 (round-off differences between thread counts change
+    # the trajectory), so the bounds leave room for that spread.
+    assert evals[-1]["val_acc"] > 0.2
+    assert evals[-1]["val_loss"] < 2.0
     assert any("monitor" in r for r in records)
 
 

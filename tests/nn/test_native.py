@@ -123,7 +123,8 @@ def test_hc_mixing_kernels_match_pytorch(n, d, per_token, dtype, tol):
     from hyperbit.pathways._hc_fused import mix_backward, mix_forward
 
     h, alpha = _hc_inputs(n, d, dtype, per_token)
-    x, mixed, saved = native.hc_forward(h, alpha, save_bf16=dtype == torch.float32)
+    x, mixed, saved, rstd = native.hc_forward(h, alpha, save_bf16=dtype == torch.float32)
+    assert rstd is None
     x_ref, mixed_ref, _ = mix_forward(h, alpha, None, 0.0)
     torch.testing.assert_close(x, x_ref, rtol=0, atol=tol)
     torch.testing.assert_close(mixed, mixed_ref, rtol=0, atol=tol)
@@ -134,7 +135,8 @@ def test_hc_mixing_kernels_match_pytorch(n, d, per_token, dtype, tol):
     g = torch.Generator().manual_seed(1)
     g_x, g_mixed = torch.randn(x.shape, generator=g, dtype=dtype), torch.randn(mixed.shape, generator=g, dtype=dtype)
     for gm in (g_mixed, None):
-        g_h, g_alpha, g_wt = native.hc_backward(h, alpha, g_x, gm, None, None, None, None, None, 0.0, 0.0, False)
+        g_h, g_alpha, g_wt, g_w = native.hc_backward(h, alpha, g_x, gm, None, None, None, None, None, 0.0, 0.0, False)
+        assert g_w is None
         g_h_ref, g_alpha_ref, _ = mix_backward(h, alpha, None, None, g_x, gm, False)
         assert g_wt is None
         torch.testing.assert_close(g_h, g_h_ref, rtol=0, atol=10 * tol)
@@ -155,7 +157,7 @@ def test_dynamic_forward_kernel_matches_pytorch(n, d, use_tanh, dtype, tol):
     static_alpha, static_beta = torch.randn(n, n + 1, generator=g, dtype=dtype), torch.randn(n, generator=g, dtype=dtype)
     wt = torch.randn(n + 2, d, generator=g, dtype=dtype) / d**0.5
     s_alpha, s_beta, eps = 0.3, -0.2, 1e-6
-    (x, mixed, saved), (alpha, beta, r, p, t) = native.hc_forward_dynamic(
+    (x, mixed, saved, _), (alpha, beta, r, p, t) = native.hc_forward_dynamic(
         h, static_alpha, static_beta, wt, s_alpha, s_beta, eps, use_tanh, save_bf16=dtype == torch.float32)
     r_ref = rms_rstd(h, eps)
     p_ref = h @ wt.T
@@ -194,12 +196,72 @@ def test_the_float_tanh_is_within_two_ulp_everywhere():
 
 
 @needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("need_gain_grad", [True, False])
+def test_the_branch_norm_in_the_kernels_matches_pytorch(per_token, need_gain_grad, dtype, tol):
+    """Forward: the normed branch input and its rstd; backward: dL/dH, dL/dalpha and dL/d(gain)
+    with the norm's backward run per token inside the kernel, against the PyTorch norm around the
+    same kernels."""
+    from hyperbit.pathways._hc_fused import _norm_backward, branch_norm
+
+    n, d = 3, 37
+    h, alpha = _hc_inputs(n, d, dtype, per_token)
+    g = torch.Generator().manual_seed(3)
+    norm_w = 1 + 0.3 * torch.randn(d, generator=g, dtype=dtype)
+    out, mixed, _, rstd = native.hc_forward(h, alpha, False, norm_w, 1e-5)
+    x, mixed_ref, _, _ = native.hc_forward(h, alpha, False)
+    out_ref, rstd_ref = branch_norm(x, norm_w, 1e-5)
+    torch.testing.assert_close(out, out_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(rstd, rstd_ref, rtol=tol, atol=0)
+    assert torch.equal(mixed, mixed_ref)
+    g_out = torch.randn(out.shape, generator=g, dtype=dtype)
+    g_mixed = torch.randn(mixed.shape, generator=g, dtype=dtype)
+    g_h, g_alpha, _, g_w = native.hc_backward(h, alpha, g_out, g_mixed, None, None, None, None, None,
+                                              0.0, 0.0, False, norm=(rstd, norm_w, need_gain_grad))
+    g_x, g_w_ref = _norm_backward(x, rstd_ref, norm_w, g_out, True)
+    g_h_ref, g_alpha_ref, _, _ = native.hc_backward(h, alpha, g_x, g_mixed, None, None, None, None, None, 0.0, 0.0, False)
+    torch.testing.assert_close(g_h, g_h_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(g_alpha, g_alpha_ref, rtol=tol, atol=10 * tol)
+    if need_gain_grad:
+        torch.testing.assert_close(g_w, g_w_ref, rtol=tol, atol=10 * tol)
+    else:
+        assert g_w is None
+
+
+@needs_native
+def test_parameter_gradients_are_reproducible_across_threads_runs():
+    """dL/dWt and dL/d(norm gain) are sums over tokens of per-thread partial sums: added in thread
+    order, so repeated calls with several threads give the same bits (training runs reproduce)."""
+    n, d = 4, 64
+    h, alpha = _hc_inputs(n, d, torch.float32, True)
+    h, alpha = h.repeat(40, 1, 1, 1), alpha.repeat(40, 1, 1, 1)
+    g = torch.Generator().manual_seed(5)
+    wt = torch.randn(n + 2, d, generator=g)
+    t, p = torch.randn(*h.shape[:-1], n + 2, generator=g).tanh(), torch.randn(*h.shape[:-1], n + 2, generator=g)
+    r = torch.rand(*h.shape[:-1], 1, generator=g) + 0.5
+    g_out, g_mixed = torch.randn(*h.shape[:-2], d, generator=g), torch.randn(h.shape, generator=g)
+    g_beta = torch.randn(*h.shape[:-1], generator=g)
+    norm = (torch.rand(*h.shape[:-2], 1, generator=g) + 0.5, torch.randn(d, generator=g), True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        runs = [native.hc_backward(h, alpha, g_out, g_mixed, g_beta, t, r, p, wt, 0.1, 0.2, True, norm=norm)
+                for _ in range(5)]
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a, b)
+
+
+@needs_native
 def test_the_bf16_copy_rounds_like_torch_ties_and_specials_included():
     bits = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x3F80_7FFF, 0x3F80_8001, 0x7F7FFFFF,
                          0x7F800000, 0xFF800000, 0x00000001, 0x80000000, 0x3F800000, 0x4049_0FDB],
                         dtype=torch.int64).to(torch.int32)  # ties to even/odd, max, inf, denormal
     h = bits.view(torch.float32).reshape(1, 1, 3, 4)
-    _, _, saved = native.hc_forward(h, torch.eye(3, 4), save_bf16=True)
+    _, _, saved, _ = native.hc_forward(h, torch.eye(3, 4), save_bf16=True)
     assert torch.equal(saved.view(torch.int16), h.to(torch.bfloat16).view(torch.int16))
     nan = torch.full((1, 1, 1, 4), float("nan"))
     assert native.hc_forward(nan, torch.eye(1, 2), save_bf16=True)[2].isnan().all()

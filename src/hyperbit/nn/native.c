@@ -238,15 +238,17 @@ DEFINE_SINKHORN(double, f64, exp)
 
 /* Hyper-connection width connection (pathways/_hc_fused.py), one token at a time, everything of
    a token in L1: H (n, d) per token; alpha (n, n+1) static or per token. Forward writes the
-   branch input x = A_m^T H (the norm stays in PyTorch, so a one-stream HC is Pre-Norm bit for
-   bit) and the mixed streams A_r^T H; for DHC it first computes the token's dynamic weights
-   (below) in the same pass. Backward takes dL/dx (after the norm's backward) and
-   dL/d mixed and writes dL/dH and dL/dalpha per token, and for DHC (r_i = rsqrt(mean(H_i^2) +
+   branch input x = A_m^T H, RMS-normed when given the norm (hb_norm; the callers keep one-stream
+   connections on PyTorch's norm, so a one-stream HC is Pre-Norm bit for bit), and the mixed
+   streams A_r^T H; for DHC it first computes the token's dynamic weights (below) in the same
+   pass. Backward takes dL/dx, or dL/d(normed x) and runs the norm's backward per token, and
+   dL/d mixed, and writes dL/dH and dL/dalpha per token, and for DHC (r_i = rsqrt(mean(H_i^2) +
    eps), P = H Wt^T, t = tanh(P r), alpha = t s_a + static alpha, beta = t s_b + static beta) runs
    the chain back through the dynamic weights: dL/dH += dL/dP Wt - H r^3/d sum_k dL/dz_k P_k, and
    dL/dWt. Parallel over tokens (OpenMP: the runtime torch uses). */
 
 #include <string.h>
+#include <omp.h>
 
 static inline float hb_bf16_to_f32(uint16_t v) {
     uint32_t b = (uint32_t)v << 16;
@@ -272,6 +274,16 @@ typedef struct {
     const void *h, *prev, *alpha, *beta, *y;
     int h_bf16, prev_bf16, alpha_per_token, beta_per_token, y_bf16, round_bf16;
 } hb_streams;
+
+/* The branch norm of a width connection, when the kernels apply it (n >= 2; see _hc_fused):
+   forward, the branch input x (d) becomes x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps),
+   rstd written per token; backward, dL/dx comes from dL/d(normed x) g_out and the saved rstd
+   (x recomputed from the streams), and dL/dw is accumulated. Pointers in the kernel's T. */
+typedef struct {
+    const void *w, *g_out;
+    void *rstd, *g_w;
+    double eps;
+} hb_norm;
 
 /* tanh in float to about 1 ulp, branch-free so that a loop of them vectorises (glibc's tanhf is
    an out-of-line call, several times slower): an odd polynomial below |x| = 0.625 (tanh(x) / x - 1
@@ -318,25 +330,40 @@ static void hc_mix_row_##SUF(const T *ht, int n, int64_t d, const T *a, int j, T
     }                                                                                             \
 }                                                                                                 \
                                                                                                   \
-/* one token's mixing: x (d) = A_m^T H, mixed (n, d) = A_r^T H, and the bf16 copy of H if saved */ \
+/* one token's branch norm, in place: x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) */         \
+static void hc_norm_token_##SUF(T *x, int64_t d, const hb_norm *nm, int64_t tok) {                \
+    const T *w = (const T *)nm->w;                                                                \
+    T ss = 0;                                                                                     \
+    _Pragma("omp simd reduction(+:ss)")                                                           \
+    for (int64_t c = 0; c < d; c++) ss += x[c] * x[c];                                            \
+    T rs = 1 / SQRT(ss / (T)d + (T)nm->eps);                                                      \
+    ((T *)nm->rstd)[tok] = rs;                                                                    \
+    _Pragma("omp simd")                                                                           \
+    for (int64_t c = 0; c < d; c++) x[c] = x[c] * rs * w[c];                                      \
+}                                                                                                 \
+                                                                                                  \
+/* one token's mixing: x (d) = A_m^T H (normed if nm), mixed (n, d) = A_r^T H, and the bf16 copy \
+   of H if saved */                                                                               \
 static void hc_mix_token_##SUF(const T *ht, int n, int64_t d, const T *a, T *x, T *mixed,         \
-                               uint16_t *saved) {                                                 \
+                               uint16_t *saved, const hb_norm *nm, int64_t tok) {                 \
     hc_mix_row_##SUF(ht, n, d, a, 0, x);                                                          \
+    if (nm) hc_norm_token_##SUF(x, d, nm, tok);                                                   \
     for (int j = 1; j <= n; j++) hc_mix_row_##SUF(ht, n, d, a, j, mixed + (int64_t)(j - 1) * d);  \
     if (saved)                                                                                    \
         for (int64_t c = 0; c < n * d; c++) saved[c] = hb_f32_to_bf16((float)ht[c]);             \
 }                                                                                                 \
                                                                                                   \
 /* h (N, n, d); alpha (n, n+1) or (N, n, n+1) (alpha_per_token); saved: a bf16 copy of h, or  \
-   NULL. */                                                                                       \
+   NULL; nm: the branch norm, or NULL. */                                                        \
 int hb_hc_forward_##SUF(const T *h, int64_t N, int n, int64_t d, const T *alpha,                \
-                        int alpha_per_token, T *x, T *mixed, uint16_t *saved, int nthreads) {    \
+                        int alpha_per_token, T *x, T *mixed, uint16_t *saved, const hb_norm *nm, \
+                        int nthreads) {                                                           \
     if (n < 1 || n > 64) return 1;                                                                \
     _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
     for (int64_t tok = 0; tok < N; tok++)                                                         \
         hc_mix_token_##SUF(h + tok * n * d, n, d,                                                 \
                            alpha + (alpha_per_token ? tok * n * (n + 1) : 0), x + tok * d,       \
-                           mixed + tok * n * d, saved ? saved + tok * n * d : NULL);              \
+                           mixed + tok * n * d, saved ? saved + tok * n * d : NULL, nm, tok);     \
     return 0;                                                                                     \
 }                                                                                                 \
                                                                                                   \
@@ -348,7 +375,7 @@ int hb_hc_forward_##SUF(const T *h, int64_t N, int n, int64_t d, const T *alpha,
 int hb_hc_forward_dynamic_##SUF(const T *h, int64_t N, int n, int64_t d, const T *static_alpha,  \
                                 const T *static_beta, const T *wt, T s_alpha, T s_beta, T eps,   \
                                 int use_tanh, T *r, T *p, T *t, T *alpha, T *beta, T *x,         \
-                                T *mixed, uint16_t *saved, int nthreads) {                       \
+                                T *mixed, uint16_t *saved, const hb_norm *nm, int nthreads) {    \
     if (n < 1 || n > 64) return 1;                                                                \
     int k2 = n + 2;                                                                               \
     _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
@@ -381,7 +408,7 @@ int hb_hc_forward_dynamic_##SUF(const T *h, int64_t N, int n, int64_t d, const T
             beta[tok * n + i] = tt[i * k2 + n + 1] * s_beta + static_beta[i];                     \
         }                                                                                         \
         hc_mix_token_##SUF(ht, n, d, at, x + tok * d, mixed + tok * n * d,                        \
-                           saved ? saved + tok * n * d : NULL);                                   \
+                           saved ? saved + tok * n * d : NULL, nm, tok);                          \
     }                                                                                             \
     return 0;                                                                                     \
 }                                                                                                 \
@@ -461,22 +488,50 @@ int hb_hc_branch_input_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, c
 int hb_hc_backward_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const T *alpha,        \
                          int alpha_per_token, const T *g_x, const T *g_mixed, const T *g_beta,   \
                          const T *t, const T *r, const T *p, const T *wt, T s_alpha, T s_beta,   \
-                         int use_tanh, T *g_h, T *g_alpha, T *g_wt, int nthreads) {              \
+                         int use_tanh, T *g_h, T *g_alpha, T *g_wt, const hb_norm *nm,          \
+                         int nthreads) {                                                          \
     int k2 = n + 2, bad = 0;                                                                      \
     int64_t wsize = wt ? (int64_t)k2 * d : 0;                                                     \
-    if (wt) memset(g_wt, 0, sizeof(T) * wsize);                                                   \
+    T *g_w = nm ? (T *)nm->g_w : NULL;                                                            \
+    /* the parameter gradients: one partial sum per thread, added in thread order afterwards, so \
+       that a run is reproducible (a critical section would add them in arrival order) */         \
+    int64_t part = wsize + (g_w ? d : 0);                                                         \
+    T *parts = part ? calloc((size_t)(nthreads * part), sizeof(T)) : NULL;                        \
+    if (part && !parts) return 2;                                                                 \
     _Pragma("omp parallel num_threads(nthreads)")                                                 \
     {                                                                                             \
-        T *buf = malloc(sizeof(T) * (2 * n * d + d));                                             \
-        T *gw = wt ? calloc((size_t)wsize, sizeof(T)) : NULL;                                     \
+        T *buf = malloc(sizeof(T) * (2 * n * d + 3 * d));                                         \
+        T *gw = wt ? parts + omp_get_thread_num() * part : NULL;                                  \
+        T *gnw = g_w ? parts + omp_get_thread_num() * part + wsize : NULL;                        \
         T gp[64 * 66], coef[64];                                                                  \
-        if (!buf || (wt && !gw)) bad = 1;                                                         \
+        if (!buf) bad = 1;                                                                        \
         else {                                                                                    \
             _Pragma("omp for schedule(static)")                                                   \
             for (int64_t tok = 0; tok < N; tok++) {                                               \
                 const T *ht = streams_row_##SUF(s, tok, n, d, buf, buf + n * d, buf + 2 * n * d); \
                 const T *a = alpha + (alpha_per_token ? tok * n * (n + 1) : 0);                   \
-                const T *gx = g_x + tok * d;                                                      \
+                const T *gx = nm ? buf + 2 * n * d + 2 * d : g_x + tok * d;                       \
+                if (nm) { /* the branch norm's backward: x (recomputed) -> dL/dx */              \
+                    T *xb = buf + 2 * n * d + d, *gxb = buf + 2 * n * d + 2 * d;                  \
+                    const T *w = (const T *)nm->w, *go = (const T *)nm->g_out + tok * d;          \
+                    T rs = ((const T *)nm->rstd)[tok], dot = 0;                                   \
+                    hc_mix_row_##SUF(ht, n, d, a, 0, xb);                                         \
+                    _Pragma("omp simd reduction(+:dot)")                                          \
+                    for (int64_t c = 0; c < d; c++) {                                             \
+                        T xh = xb[c] * rs;                                                        \
+                        dot += go[c] * w[c] * xh;                                                 \
+                    }                                                                             \
+                    T m = dot / (T)d;                                                             \
+                    _Pragma("omp simd")                                                           \
+                    for (int64_t c = 0; c < d; c++) {                                             \
+                        T xh = xb[c] * rs;                                                        \
+                        gxb[c] = (go[c] * w[c] - xh * m) * rs;                                    \
+                    }                                                                             \
+                    if (gnw) {                                                                    \
+                        _Pragma("omp simd")                                                       \
+                        for (int64_t c = 0; c < d; c++) gnw[c] += go[c] * (xb[c] * rs);           \
+                    }                                                                             \
+                }                                                                                 \
                 const T *gm = g_mixed ? g_mixed + tok * n * d : NULL;                             \
                 T *ga = g_alpha + tok * n * (n + 1);                                              \
                 for (int i = 0; i < n; i++) {                                                     \
@@ -539,14 +594,17 @@ int hb_hc_backward_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const
                     }                                                                             \
                 }                                                                                 \
             }                                                                                     \
-            if (wt) {                                                                             \
-                _Pragma("omp critical")                                                           \
-                for (int64_t c = 0; c < wsize; c++) g_wt[c] += gw[c];                             \
-            }                                                                                     \
         }                                                                                         \
         free(buf);                                                                                \
-        free(gw);                                                                                 \
     }                                                                                             \
+    if (wt) memset(g_wt, 0, sizeof(T) * wsize);                                                   \
+    if (g_w) memset(g_w, 0, sizeof(T) * d);                                                       \
+    for (int th = 0; th < nthreads; th++) {                                                       \
+        for (int64_t c = 0; c < wsize; c++) g_wt[c] += parts[th * part + c];                      \
+        if (g_w)                                                                                  \
+            for (int64_t c = 0; c < d; c++) g_w[c] += parts[th * part + wsize + c];               \
+    }                                                                                             \
+    free(parts);                                                                                  \
     return bad ? 2 : 0;                                                                           \
 }
 

@@ -17,6 +17,7 @@ partial file. The build takes about a second, once.
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 import hashlib
 import os
 import platform
@@ -77,15 +78,16 @@ def _build() -> ctypes.CDLL | None:
                         ctypes.c_int, ctypes.c_int, ctype, ctype]
         fwd.restype = bwd.restype = ctypes.c_int
         p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+        nm = ctypes.POINTER(_Norm)
         hc = getattr(lib, f"hb_hc_forward_{suffix}")
-        hc.argtypes = [p, i64, i, i64, p, i, p, p, p, i]
+        hc.argtypes = [p, i64, i, i64, p, i, p, p, p, nm, i]
         st = ctypes.POINTER(_Streams)
         hx = getattr(lib, f"hb_hc_branch_input_{suffix}")
         hx.argtypes = [st, i64, i, i64, p, i, p, i]
         hb = getattr(lib, f"hb_hc_backward_{suffix}")
-        hb.argtypes = [st, i64, i, i64, p, i, p, p, p, p, p, p, p, ctype, ctype, i, p, p, p, i]
+        hb.argtypes = [st, i64, i, i64, p, i, p, p, p, p, p, p, p, ctype, ctype, i, p, p, p, nm, i]
         hd = getattr(lib, f"hb_hc_forward_dynamic_{suffix}")
-        hd.argtypes = [p, i64, i, i64, p, p, p, ctype, ctype, ctype, i, p, p, p, p, p, p, p, p, i]
+        hd.argtypes = [p, i64, i, i64, p, p, p, ctype, ctype, ctype, i, p, p, p, p, p, p, p, p, nm, i]
         hr = getattr(lib, f"hb_hc_rebuild_{suffix}")
         hr.argtypes = [st, i64, i, i64, p, i]
         hc.restype = hx.restype = hb.restype = hd.restype = hr.restype = ctypes.c_int
@@ -182,31 +184,53 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def hc_forward(h: Tensor, alpha: Tensor, save_bf16: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+class _Norm(ctypes.Structure):
+    """``hb_norm`` of native.c: the branch norm the kernels apply (forward) or differentiate."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("g_out", ctypes.c_void_p), ("rstd", ctypes.c_void_p),
+                ("g_w", ctypes.c_void_p), ("eps", ctypes.c_double)]
+
+
+def _norm_forward(norm_w: Tensor | None, eps: float, x: Tensor) -> tuple[Any, Tensor | None, list[Tensor]]:
+    """The ``hb_norm`` pointer for a forward kernel writing the branch input ``x``, the per-token
+    rstd it fills, and the tensors to hold until the call returns."""
+    if norm_w is None:
+        return None, None, []
+    w = norm_w.contiguous()
+    rstd = x.new_empty(*x.shape[:-1], 1)
+    return ctypes.byref(_Norm(w=w.data_ptr(), rstd=rstd.data_ptr(), eps=eps)), rstd, [w]
+
+
+def hc_forward(h: Tensor, alpha: Tensor, save_bf16: bool, norm_w: Tensor | None = None,
+               norm_eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """The width connection's mixing in one pass per token: ``h`` (B, T, n, d) in the compute
     dtype, ``alpha`` (n, n+1) static or (B, T, n, n+1) per token. Returns the branch input
-    ``x = A_m^T H`` (B, T, d) before its norm, the mixed streams ``A_r^T H`` (B, T, n, d), and a
-    bf16 copy of ``h`` when ``save_bf16`` (else None)."""
+    ``x = A_m^T H`` (B, T, d), RMS-normed with gain ``norm_w`` if given, the mixed streams
+    ``A_r^T H`` (B, T, n, d), a bf16 copy of ``h`` when ``save_bf16`` (else None), and the norm's
+    per-token rstd (B, T, 1) (None without a norm)."""
     lead, (n, d) = h.shape[:-2], h.shape[-2:]
     # contiguous copies are held in names until the call returns (a temporary's memory could be
     # reused while C still reads it)
     h, alpha = h.contiguous(), alpha.contiguous()
     x, mixed = h.new_empty(*lead, d), h.new_empty(*lead, n, d)
     saved = torch.empty(h.shape, dtype=torch.bfloat16) if save_bf16 else None
+    nm, rstd, hold = _norm_forward(norm_w, norm_eps, x)
     _check(_fn("hb_hc_forward", h.dtype)(
         h.data_ptr(), x[..., 0].numel(), n, d, alpha.data_ptr(), int(alpha.dim() > 2), x.data_ptr(),
-        mixed.data_ptr(), _ptr(saved), _threads()), "hc_forward")
-    return x, mixed, saved
+        mixed.data_ptr(), _ptr(saved), nm, _threads()), "hc_forward")
+    del hold
+    return x, mixed, saved, rstd
 
 
 def hc_forward_dynamic(h: Tensor, static_alpha: Tensor, static_beta: Tensor, wt: Tensor,
-                       s_alpha: float, s_beta: float, eps: float, use_tanh: bool, save_bf16: bool
-                       ) -> tuple[tuple[Tensor, Tensor, Tensor | None], tuple[Tensor, ...]]:
+                       s_alpha: float, s_beta: float, eps: float, use_tanh: bool, save_bf16: bool,
+                       norm_w: Tensor | None = None, norm_eps: float = 0.0
+                       ) -> tuple[tuple[Tensor, Tensor, Tensor | None, Tensor | None], tuple[Tensor, ...]]:
     """DHC's width connection forward in one pass per token: the dynamic weights (the stream
     norm's ``r`` (B, T, n, 1), ``p = H Wt^T`` and ``t = tanh(p r)`` (B, T, n, n+2), alpha
-    (B, T, n, n+1), beta (B, T, n)), then the mixing of :func:`hc_forward`. Returns
-    ``(x, mixed, saved)`` and ``(alpha, beta, r, p, t)``; ``wt`` (n+2, d) and the static weights
-    in the dtype of ``h``."""
+    (B, T, n, n+1), beta (B, T, n)), then the mixing of :func:`hc_forward` (and its branch
+    norm). Returns ``(x, mixed, saved, x_rstd)`` and ``(alpha, beta, r, p, t)``; ``wt`` (n+2, d)
+    and the static weights in the dtype of ``h``."""
     lead, (n, d) = h.shape[:-2], h.shape[-2:]
     h, static_alpha, static_beta, wt = (h.contiguous(), static_alpha.contiguous(),
                                         static_beta.contiguous(), wt.contiguous())
@@ -214,12 +238,14 @@ def hc_forward_dynamic(h: Tensor, static_alpha: Tensor, static_beta: Tensor, wt:
     saved = torch.empty(h.shape, dtype=torch.bfloat16) if save_bf16 else None
     r, p, t = h.new_empty(*lead, n, 1), h.new_empty(*lead, n, n + 2), h.new_empty(*lead, n, n + 2)
     alpha, beta = h.new_empty(*lead, n, n + 1), h.new_empty(*lead, n)
+    nm, rstd, hold = _norm_forward(norm_w, norm_eps, x)
     _check(_fn("hb_hc_forward_dynamic", h.dtype)(
         h.data_ptr(), x[..., 0].numel(), n, d, static_alpha.data_ptr(), static_beta.data_ptr(),
         wt.data_ptr(), s_alpha, s_beta, eps, int(use_tanh), r.data_ptr(), p.data_ptr(), t.data_ptr(),
-        alpha.data_ptr(), beta.data_ptr(), x.data_ptr(), mixed.data_ptr(), _ptr(saved), _threads()),
+        alpha.data_ptr(), beta.data_ptr(), x.data_ptr(), mixed.data_ptr(), _ptr(saved), nm, _threads()),
         "hc_forward_dynamic")
-    return (x, mixed, saved), (alpha, beta, r, p, t)
+    del hold
+    return (x, mixed, saved, rstd), (alpha, beta, r, p, t)
 
 
 class _Streams(ctypes.Structure):
@@ -279,12 +305,23 @@ def hc_branch_input(h: Tensor | None, alpha: Tensor, compute: torch.dtype,
 def hc_backward(h: Tensor | None, alpha: Tensor, g_x: Tensor, g_mixed: Tensor | None, g_beta: Tensor | None,
                 t: Tensor | None, r: Tensor | None, p: Tensor | None, wt: Tensor | None,
                 s_alpha: float, s_beta: float, use_tanh: bool,
-                source: tuple[Tensor, ...] | None = None, round_bf16: bool = False):
-    """dL/dH (B, T, n, d), dL/dalpha per token (B, T, n, n+1) and, when ``wt`` is given, dL/dWt
-    (n+2, d), from dL/dx (after the norm's backward) and dL/d mixed; all in the dtype of ``g_x``.
-    The streams: ``h``, or (``h`` None) rebuilt per token from ``source`` (:func:`hc_rebuild`)."""
+                source: tuple[Tensor, ...] | None = None, round_bf16: bool = False,
+                norm: tuple[Tensor, Tensor, bool] | None = None):
+    """dL/dH (B, T, n, d), dL/dalpha per token (B, T, n, n+1), dL/dWt (n+2, d) when ``wt`` is
+    given, and dL/d(norm gain) (d,) when ``norm`` asks for it, from dL/d mixed and ``g_x``: dL/dx,
+    or with ``norm = (x_rstd, norm_w, need_gain_grad)`` dL/d(the normed branch input), the norm's
+    backward run per token in the kernel. All in the dtype of ``g_x``. The streams: ``h``, or
+    (``h`` None) rebuilt per token from ``source`` (:func:`hc_rebuild`)."""
     compute = g_x.dtype
     st, hold, lead, n, d = _streams(h, source, round_bf16)
+    g_w, nm = None, None
+    if norm is not None:
+        x_rstd, norm_w, need_g_w = norm
+        x_rstd, norm_w, g_out = x_rstd.contiguous(), norm_w.contiguous(), g_x.contiguous()
+        g_w = torch.empty(d, dtype=compute) if need_g_w else None
+        hold += [x_rstd, norm_w, g_out]
+        nm = ctypes.byref(_Norm(w=norm_w.data_ptr(), g_out=g_out.data_ptr(), rstd=x_rstd.data_ptr(),
+                                g_w=_ptr(g_w)))
     g_h = torch.empty(*lead, n, d, dtype=compute)
     g_alpha = torch.empty(*lead, n, n + 1, dtype=compute)
     g_wt = torch.empty(n + 2, d, dtype=compute) if wt is not None else None
@@ -294,10 +331,10 @@ def hc_backward(h: Tensor | None, alpha: Tensor, g_x: Tensor, g_mixed: Tensor | 
         ctypes.byref(st), g_x[..., 0].numel(), n, d,
         alpha.data_ptr(), int(alpha.dim() > 2), g_x.data_ptr(),
         _ptr(g_mixed), _ptr(g_beta), _ptr(t), _ptr(r), _ptr(p), _ptr(wt), s_alpha, s_beta,
-        int(use_tanh), g_h.data_ptr(), g_alpha.data_ptr(), _ptr(g_wt), _threads()),
+        int(use_tanh), g_h.data_ptr(), g_alpha.data_ptr(), _ptr(g_wt), nm, _threads()),
         "hc_backward")
     del hold
-    return g_h, g_alpha, g_wt
+    return g_h, g_alpha, g_wt, g_w
 
 
 def depth_forward(mixed: Tensor, beta: Tensor, y: Tensor) -> Tensor:

@@ -143,11 +143,11 @@ def _native_ok(h: Tensor, compute: torch.dtype, save_dtype: torch.dtype) -> bool
 
 
 class WidthConnection(torch.autograd.Function):
-    """The width connection in one node. On CPU DHC's dynamic weights and the mixing (forward),
-    and the mixing and the chain through the dynamic weights (backward), run in the C kernels of
-    ``nn/native.c``: one pass over a token's streams forward, one backward, plus the branch input
-    recomputed for the norm's backward. Elsewhere the PyTorch ops below, the reference arithmetic.
-    The branch norm is PyTorch in both: a one-stream HC stays Pre-Norm bit for bit (at init the
+    """The width connection in one node. On CPU DHC's dynamic weights, the mixing and the branch
+    norm (forward), and the norm, the mixing and the chain through the dynamic weights (backward),
+    run in the C kernels of ``nn/native.c``: one pass over a token's streams forward, one backward.
+    Elsewhere the PyTorch ops below, the reference arithmetic. With one stream the branch norm is
+    PyTorch's (Pre-Norm's arithmetic), so a one-stream HC stays Pre-Norm bit for bit (at init the
     dynamic part is exactly zero on either path)."""
 
     @staticmethod
@@ -161,19 +161,25 @@ class WidthConnection(torch.autograd.Function):
         h = h.to(compute).contiguous()  # expand_streams' broadcast view would slow bmm
         n = h.shape[-2]
         ctx.native = _native_ok(h, compute, save_dtype)
+        # the branch norm runs in the kernels too, except with one stream: PyTorch's, so that a
+        # one-stream HC stays Pre-Norm bit for bit
+        ctx.kernel_norm = ctx.native and norm_w is not None and n >= 2
         if ctx.native:  # the dynamic weights, the mixing and the bf16 copy of H: one pass per token
             save_bf16 = save_dtype != compute and streams.dtype != save_dtype
+            kn = norm_w if ctx.kernel_norm else None
             if dyn_wt is not None:
-                (x, mixed, saved), (alpha, beta, r, p, t) = native.hc_forward_dynamic(
+                (x, mixed, saved, x_rstd), (alpha, beta, r, p, t) = native.hc_forward_dynamic(
                     h, static_alpha, static_beta, dyn_wt, float(s_alpha), float(s_beta), stream_eps,
-                    use_tanh, save_bf16)
+                    use_tanh, save_bf16, kn, norm_eps)
             else:
                 r = p = t = None
                 alpha, beta = static_alpha, static_beta.clone()
-                x, mixed, saved = native.hc_forward(h, alpha, save_bf16)
+                x, mixed, saved, x_rstd = native.hc_forward(h, alpha, save_bf16, kn, norm_eps)
             if saved is None:
                 saved = h if save_dtype == compute else streams.contiguous()
-            out, x_rstd = branch_norm(x, norm_w, norm_eps)
+            out = x
+            if not ctx.kernel_norm:
+                out, x_rstd = branch_norm(x, norm_w, norm_eps)
         else:
             if dyn_wt is not None:
                 r = rms_rstd(h, stream_eps)  # (B, T, n, 1)
@@ -219,13 +225,19 @@ class WidthConnection(torch.autograd.Function):
         g_wt = None
         if ctx.native:
             rb = ctx.h_dtype != compute  # rebuilt streams go through the streams' dtype
-            x = native.hc_branch_input(h, alpha, compute, src, rb) if norm_w is not None else None
-            g_x, g_norm_w = _norm_backward(x, x_rstd, norm_w, g_out.to(compute), ctx.needs_input_grad[6])
+            g_x, norm = g_out.to(compute), None
+            if ctx.kernel_norm:  # the norm's backward per token in the kernel
+                norm = (x_rstd, norm_w, ctx.needs_input_grad[6])
+            else:
+                x = native.hc_branch_input(h, alpha, compute, src, rb) if norm_w is not None else None
+                g_x, g_norm_w = _norm_backward(x, x_rstd, norm_w, g_x, ctx.needs_input_grad[6])
             dyn = dyn_wt is not None
-            g_h, g_alpha_tok, g_wt = native.hc_backward(
+            g_h, g_alpha_tok, g_wt, g_kernel_norm_w = native.hc_backward(
                 h, alpha, g_x, None if g_mixed is None else g_mixed.to(compute),
                 None if g_beta is None else g_beta.to(compute), t, r, p, dyn_wt,
-                float(s_alpha) if dyn else 0.0, float(s_beta) if dyn else 0.0, ctx.use_tanh, src, rb)
+                float(s_alpha) if dyn else 0.0, float(s_beta) if dyn else 0.0, ctx.use_tanh, src, rb, norm)
+            if ctx.kernel_norm:
+                g_norm_w = g_kernel_norm_w
         else:
             h = h.to(compute)
             g_h, g_alpha_tok, g_norm_w = mix_backward(h, alpha, norm_w, x_rstd, g_out, g_mixed,

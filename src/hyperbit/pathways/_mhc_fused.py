@@ -72,11 +72,16 @@ class ManifoldWidth(torch.autograd.Function):
         ctx.post = post
         alpha = ctx.alpha.detach()
         ctx.native = _native_ok(h, phi.dtype, save_dtype)
-        if ctx.native:  # the mixing and the bf16 copy of H in one pass per token (C), the norm in PyTorch
-            xb, mixed, saved = native.hc_forward(h, alpha, save_dtype != h.dtype and streams.dtype != save_dtype)
+        # the branch norm in the kernels too, except with one stream (then PyTorch's, as Pre-Norm's)
+        ctx.kernel_norm = ctx.native and h.shape[-2] >= 2
+        if ctx.native:  # the mixing and the bf16 copy of H in one pass per token (C)
+            out, mixed, saved, x_rstd = native.hc_forward(
+                h, alpha, save_dtype != h.dtype and streams.dtype != save_dtype,
+                norm_w if ctx.kernel_norm else None, norm_eps)
             if saved is None:
                 saved = h if h.dtype == save_dtype else streams.contiguous()
-            out, x_rstd = branch_norm(xb, norm_w, norm_eps)
+            if not ctx.kernel_norm:
+                out, x_rstd = branch_norm(out, norm_w, norm_eps)
         else:
             saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()
             out, mixed, x_rstd = mix_forward(h, alpha, norm_w, norm_eps)
@@ -99,10 +104,17 @@ class ManifoldWidth(torch.autograd.Function):
         n, d = h.shape[-2], h.shape[-1]
         alpha = ctx.alpha.detach()
         if ctx.native:
-            g_x, g_norm_w = _norm_backward(native.hc_branch_input(h, alpha, h.dtype), x_rstd, norm_w,
-                                           g_out.to(h.dtype), ctx.needs_input_grad[10])
-            g_h, g_alpha, _ = native.hc_backward(h, alpha, g_x, None if g_mixed is None else g_mixed.to(h.dtype),
-                                                 None, None, None, None, None, 0.0, 0.0, False)
+            g_x, norm = g_out.to(h.dtype), None
+            if ctx.kernel_norm:  # the norm's backward per token in the kernel
+                norm = (x_rstd, norm_w, ctx.needs_input_grad[10])
+            else:
+                g_x, g_norm_w = _norm_backward(native.hc_branch_input(h, alpha, h.dtype), x_rstd, norm_w,
+                                               g_x, ctx.needs_input_grad[10])
+            g_h, g_alpha, _, g_kernel_norm_w = native.hc_backward(
+                h, alpha, g_x, None if g_mixed is None else g_mixed.to(h.dtype),
+                None, None, None, None, None, 0.0, 0.0, False, norm=norm)
+            if ctx.kernel_norm:
+                g_norm_w = g_kernel_norm_w
         else:
             g_h, g_alpha, g_norm_w = mix_backward(h, alpha, norm_w, x_rstd, g_out, g_mixed,
                                                   ctx.needs_input_grad[10])
