@@ -136,6 +136,31 @@ def test_activation_checkpointing_identical_loss_and_gradients(kind, fused, devi
     assert "forward" not in vars(ckpt.blocks[0]) and _saved_bytes(ckpt, idx, targets) == full
 
 
+@pytest.mark.parametrize("checkpointed", [False, True])
+@pytest.mark.parametrize("kind", ["dhc4", "shc4"])
+def test_rebuild_offers_stay_inside_a_block(kind, checkpointed):
+    """A width connection may rebuild its streams from tensors the previous connection keeps
+    (``pathways.hyper``). A block's first connection always keeps a copy (its input carries no
+    offer: the previous block's second connection rebuilt, so it offered nothing), and offers it to
+    the second. So the offers never cross blocks, and checkpointing, which keeps only each block's
+    input, keeps nothing of the previous block through them."""
+    from hyperbit.pathways import hyper
+
+    model = _model(kind)
+    if checkpointed:
+        set_activation_checkpointing(model)
+    idx, targets = _batch()
+    outputs, inner = [], []
+    hooks = [b.register_forward_hook(lambda m, a, out: outputs.append(out)) for b in model.blocks]
+    hooks += [b.attn_path.register_forward_hook(lambda m, a, out: inner.append(out)) for b in model.blocks]
+    model(idx, targets)
+    for h in hooks:
+        h.remove()
+    assert len(outputs) == len(inner) == len(model.blocks)
+    assert not any(hasattr(out, hyper._REBUILD) for out in outputs)
+    assert all(hasattr(out, hyper._REBUILD) for out in inner)
+
+
 def test_activation_checkpointing_leaves_decoding_alone():
     model = set_activation_checkpointing(_model("dhc4"))
     ref = _model("dhc4")
