@@ -443,8 +443,10 @@ static const T *streams_row_##SUF(const hb_streams *s, int64_t tok, int n, int64
     return buf;                                                                                   \
 }                                                                                                 \
                                                                                                   \
-/* the streams of hb_streams written out (N, n, d) in T */                                        \
-int hb_hc_rebuild_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, T *out, int nthreads) { \
+/* per token of hb_streams: the streams written out (N, n, d) when out is given, the branch input \
+   x = A_m^T H (N, d) when x is given (alpha (n, n+1) or per token), both in T */                  \
+int hb_hc_streams_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const T *alpha,         \
+                        int alpha_per_token, T *out, T *x, int nthreads) {                       \
     int bad = 0;                                                                                  \
     _Pragma("omp parallel num_threads(nthreads)")                                                 \
     {                                                                                             \
@@ -454,27 +456,10 @@ int hb_hc_rebuild_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, T *out
             _Pragma("omp for schedule(static)")                                                   \
             for (int64_t tok = 0; tok < N; tok++) {                                               \
                 const T *ht = streams_row_##SUF(s, tok, n, d, buf, buf + n * d, buf + 2 * n * d); \
-                memcpy(out + tok * n * d, ht, sizeof(T) * n * d);                                 \
-            }                                                                                     \
-        }                                                                                         \
-        free(buf);                                                                                \
-    }                                                                                             \
-    return bad ? 2 : 0;                                                                           \
-}                                                                                                 \
-                                                                                                  \
-int hb_hc_branch_input_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const T *alpha,   \
-                             int alpha_per_token, T *x, int nthreads) {                          \
-    int bad = 0;                                                                                  \
-    _Pragma("omp parallel num_threads(nthreads)")                                                 \
-    {                                                                                             \
-        T *buf = malloc(sizeof(T) * (2 * n * d + d));                                             \
-        if (!buf) bad = 1;                                                                        \
-        else {                                                                                    \
-            _Pragma("omp for schedule(static)")                                                   \
-            for (int64_t tok = 0; tok < N; tok++) {                                               \
-                const T *ht = streams_row_##SUF(s, tok, n, d, buf, buf + n * d, buf + 2 * n * d); \
-                hc_mix_row_##SUF(ht, n, d, alpha + (alpha_per_token ? tok * n * (n + 1) : 0), 0,  \
-                                 x + tok * d);                                                    \
+                if (out) memcpy(out + tok * n * d, ht, sizeof(T) * n * d);                        \
+                if (x)                                                                            \
+                    hc_mix_row_##SUF(ht, n, d, alpha + (alpha_per_token ? tok * n * (n + 1) : 0), \
+                                     0, x + tok * d);                                             \
             }                                                                                     \
         }                                                                                         \
         free(buf);                                                                                \

@@ -82,15 +82,13 @@ def _build() -> ctypes.CDLL | None:
         hc = getattr(lib, f"hb_hc_forward_{suffix}")
         hc.argtypes = [p, i64, i, i64, p, i, p, p, p, nm, i]
         st = ctypes.POINTER(_Streams)
-        hx = getattr(lib, f"hb_hc_branch_input_{suffix}")
-        hx.argtypes = [st, i64, i, i64, p, i, p, i]
+        hx = getattr(lib, f"hb_hc_streams_{suffix}")
+        hx.argtypes = [st, i64, i, i64, p, i, p, p, i]
         hb = getattr(lib, f"hb_hc_backward_{suffix}")
         hb.argtypes = [st, i64, i, i64, p, i, p, p, p, p, p, p, p, ctype, ctype, i, p, p, p, nm, i]
         hd = getattr(lib, f"hb_hc_forward_dynamic_{suffix}")
         hd.argtypes = [p, i64, i, i64, p, p, p, ctype, ctype, ctype, i, p, p, p, p, p, p, p, p, nm, i]
-        hr = getattr(lib, f"hb_hc_rebuild_{suffix}")
-        hr.argtypes = [st, i64, i, i64, p, i]
-        hc.restype = hx.restype = hb.restype = hd.restype = hr.restype = ctypes.c_int
+        hc.restype = hx.restype = hb.restype = hd.restype = ctypes.c_int
         df = getattr(lib, f"hb_depth_forward_{suffix}")
         df.argtypes = [p, p, i, p, i, i64, i, i64, p, i]
         db = getattr(lib, f"hb_depth_backward_{suffix}")
@@ -282,8 +280,8 @@ def hc_rebuild(prev: Tensor, alpha: Tensor, beta: Tensor, y: Tensor, compute: to
     for bit from ``prev`` in ``compute``)."""
     st, hold, lead, n, d = _streams(None, (prev, alpha, beta, y), round_bf16)
     out = torch.empty(*lead, n, d, dtype=compute)
-    _check(_fn("hb_hc_rebuild", compute)(ctypes.byref(st), out[..., 0, 0].numel(), n, d,
-                                          out.data_ptr(), _threads()), "hc_rebuild")
+    _check(_fn("hb_hc_streams", compute)(ctypes.byref(st), out[..., 0, 0].numel(), n, d, None, 0,
+                                          out.data_ptr(), None, _threads()), "hc_rebuild")
     del hold
     return out
 
@@ -295,8 +293,8 @@ def hc_branch_input(h: Tensor | None, alpha: Tensor, compute: torch.dtype,
     st, hold, lead, n, d = _streams(h, source, round_bf16)
     x = torch.empty(*lead, d, dtype=compute)
     alpha = alpha.contiguous()
-    _check(_fn("hb_hc_branch_input", compute)(
-        ctypes.byref(st), x[..., 0].numel(), n, d, alpha.data_ptr(), int(alpha.dim() > 2),
+    _check(_fn("hb_hc_streams", compute)(
+        ctypes.byref(st), x[..., 0].numel(), n, d, alpha.data_ptr(), int(alpha.dim() > 2), None,
         x.data_ptr(), _threads()), "hc_branch_input")
     del hold
     return x
