@@ -119,3 +119,31 @@ def test_backward_twice_through_a_retained_graph(kernels):
     for g, p in zip(first, (h, mhc.phi, mhc.bias_res, mhc.gate_pre)):
         assert g.abs().sum() > 0
         torch.testing.assert_close(p.grad, 2 * g, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_backward_over_chunks_of_tokens_and_rebuilt_streams(kernels, monkeypatch, autocast):
+    """Backward widens (or rebuilds) the flat streams a chunk of tokens at a time: with chunks of
+    3 over 10 tokens (3 + 3 + 3 + 1), two chained connections (the second rebuilds its streams)
+    match plain autograd."""
+    from hyperbit.pathways import _mhc_fused
+
+    monkeypatch.setattr(_mhc_fused, "_CHUNK", 3)
+    first, second = _random_mhc(4, 12, "sinkhorn", "residual", dtype=torch.float32, seed=1), \
+        _random_mhc(4, 12, "sinkhorn", "residual", dtype=torch.float32, seed=2)
+    h0 = torch.randn(2, 5, 4, 12)
+    leaves = [*first.parameters(), *second.parameters()]
+
+    def grads(reference):
+        h = h_in = h0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            for mhc in (first, second):
+                width = mhc.width_connection_reference if reference else mhc.width_connection
+                x, ctx = width(h)
+                h = mhc.depth_connection(ctx, torch.tanh(x).roll(1, -1))
+        return torch.autograd.grad(h.square().sum(), [h_in, *leaves], allow_unused=True)
+
+    tol = 2e-2 if autocast else 1e-5
+    for g, g_ref in zip(grads(False), grads(True)):
+        if g_ref is not None:
+            assert (g - g_ref).norm() <= tol * g_ref.norm() + 1e-6
