@@ -226,7 +226,8 @@ class HyperConnection(Pathway):
 # (n*d per token, bf16 under autocast). When those streams are what the previous connection's
 # depth node just returned, the tensors that the previous width and depth nodes keep for their own
 # backward already determine them (H' = A_r^T H + beta y): the width node keeps references to
-# those instead of a copy and rebuilds the streams in backward (one pass, in the C kernel on CPU).
+# those instead of a copy and rebuilds the streams in backward (per token inside the backward
+# kernels on CPU; tensors modified in place after they were saved fail backward, as autograd does).
 # A node that rebuilds offers nothing to the next one, so every other branch keeps a copy. The
 # offer is an attribute of the returned tensor, with its version: an in-place change of the
 # streams in between cancels it. Never inside torch.compile (Inductor decides what to keep).
