@@ -330,13 +330,18 @@ static void hc_mix_row_##SUF(const T *ht, int n, int64_t d, const T *a, int j, T
     }                                                                                             \
 }                                                                                                 \
                                                                                                   \
+/* <a, b> over d elements, vectorised (the kernels' one dot product) */                          \
+static inline T hc_dot_##SUF(const T *a, const T *b, int64_t d) {                                 \
+    T acc = 0;                                                                                    \
+    _Pragma("omp simd reduction(+:acc)")                                                          \
+    for (int64_t c = 0; c < d; c++) acc += a[c] * b[c];                                           \
+    return acc;                                                                                   \
+}                                                                                                 \
+                                                                                                  \
 /* one token's branch norm, in place: x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) */         \
 static void hc_norm_token_##SUF(T *x, int64_t d, const hb_norm *nm, int64_t tok) {                \
     const T *w = (const T *)nm->w;                                                                \
-    T ss = 0;                                                                                     \
-    _Pragma("omp simd reduction(+:ss)")                                                           \
-    for (int64_t c = 0; c < d; c++) ss += x[c] * x[c];                                            \
-    T rs = 1 / SQRT(ss / (T)d + (T)nm->eps);                                                      \
+    T rs = 1 / SQRT(hc_dot_##SUF(x, x, d) / (T)d + (T)nm->eps);                                   \
     ((T *)nm->rstd)[tok] = rs;                                                                    \
     _Pragma("omp simd")                                                                           \
     for (int64_t c = 0; c < d; c++) x[c] = x[c] * rs * w[c];                                      \
@@ -384,16 +389,10 @@ int hb_hc_forward_dynamic_##SUF(const T *h, int64_t N, int n, int64_t d, const T
         T *pt = p + tok * n * k2, *tt = t + tok * n * k2, *at = alpha + tok * n * (n + 1);        \
         for (int i = 0; i < n; i++) {                                                             \
             const T *hi = ht + i * d;                                                             \
-            T ss = 0;                                                                             \
-            _Pragma("omp simd reduction(+:ss)")                                                   \
-            for (int64_t c = 0; c < d; c++) ss += hi[c] * hi[c];                                  \
-            T ri = 1 / SQRT(ss / (T)d + eps);                                                     \
+            T ri = 1 / SQRT(hc_dot_##SUF(hi, hi, d) / (T)d + eps);                                \
             r[tok * n + i] = ri;                                                                  \
             for (int k = 0; k < k2; k++) {                                                        \
-                const T *wk = wt + k * d;                                                         \
-                T acc = 0;                                                                        \
-                _Pragma("omp simd reduction(+:acc)")                                              \
-                for (int64_t c = 0; c < d; c++) acc += hi[c] * wk[c];                             \
+                T acc = hc_dot_##SUF(hi, wt + k * d, d);                                          \
                 pt[i * k2 + k] = acc;                                                             \
                 tt[i * k2 + k] = acc * ri;                                                        \
             }                                                                                     \
@@ -521,19 +520,9 @@ int hb_hc_backward_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const
                 T *ga = g_alpha + tok * n * (n + 1);                                              \
                 for (int i = 0; i < n; i++) {                                                     \
                     const T *hi = ht + i * d;                                                     \
-                    T acc = 0;                                                                    \
-                    _Pragma("omp simd reduction(+:acc)")                                          \
-                    for (int64_t c = 0; c < d; c++) acc += hi[c] * gx[c];                         \
-                    ga[i * (n + 1)] = acc;                                                        \
-                    for (int j = 0; j < n; j++) {                                                 \
-                        T accj = 0;                                                               \
-                        if (gm) {                                                                 \
-                            const T *gj = gm + j * d;                                             \
-                            _Pragma("omp simd reduction(+:accj)")                                 \
-                            for (int64_t c = 0; c < d; c++) accj += hi[c] * gj[c];                \
-                        }                                                                         \
-                        ga[i * (n + 1) + j + 1] = accj;                                           \
-                    }                                                                             \
+                    ga[i * (n + 1)] = hc_dot_##SUF(hi, gx, d);                                    \
+                    for (int j = 0; j < n; j++)                                                   \
+                        ga[i * (n + 1) + j + 1] = gm ? hc_dot_##SUF(hi, gm + j * d, d) : 0;       \
                 }                                                                                 \
                 if (wt) { /* z = t (pre-tanh: P r); dL/dz, then dL/dP = dL/dz r */               \
                     const T *tt = t + tok * n * k2, *pt = p + tok * n * k2, *rt = r + tok * n;    \
@@ -652,13 +641,8 @@ int hb_depth_backward_##SUF(const T *g, const T *beta, int beta_per_token, const
                 }                                                                                 \
                 if (g_beta) {                                                                     \
                     const T *yt = load_row_##SUF(y, y_bf16, tok * d, d, buf);                     \
-                    for (int i = 0; i < n; i++) {                                                 \
-                        const T *gi = gt + i * d;                                                 \
-                        T acc = 0;                                                                \
-                        _Pragma("omp simd reduction(+:acc)")                                      \
-                        for (int64_t c = 0; c < d; c++) acc += gi[c] * yt[c];                     \
-                        g_beta[tok * n + i] = acc;                                                \
-                    }                                                                             \
+                    for (int i = 0; i < n; i++)                                                   \
+                        g_beta[tok * n + i] = hc_dot_##SUF(gt + i * d, yt, d);                    \
                 }                                                                                 \
             }                                                                                     \
         }                                                                                         \

@@ -134,6 +134,41 @@ def rebuild_streams(prev: Tensor, alpha: Tensor, beta: Tensor, y: Tensor, comput
     return out if dtype == compute else out.to(dtype).to(compute)
 
 
+def backward_streams(saved: Tensor | None, source: list[Tensor], compute: torch.dtype,
+                     dtype: torch.dtype, use_native: bool) -> tuple[Tensor | None, tuple[Tensor, ...] | None]:
+    """What a width node's backward reads its streams from: ``(saved, None)`` when it kept a copy;
+    else ``(None, source)`` when the C kernels rebuild them per token, or the streams rebuilt by
+    PyTorch ops (:func:`rebuild_streams`) and None."""
+    if saved is not None:
+        return saved, None
+    if use_native and _kernels_rebuild(source, compute, dtype):
+        return None, tuple(source)
+    return rebuild_streams(*source, compute, dtype, use_native=False), None
+
+
+def kernel_mix_backward(h: Tensor | None, src: tuple[Tensor, ...] | None, alpha: Tensor, g_out: Tensor,
+                        g_mixed: Tensor | None, norm_w: Tensor | None, x_rstd: Tensor | None,
+                        kernel_norm: bool, need_norm_w: bool, round_bf16: bool, dynamic: tuple = ()
+                        ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The C-kernel reverse of the mixing (and of the branch norm: inside the kernel when
+    ``kernel_norm``, else PyTorch's around it), with streams from :func:`backward_streams`:
+    dL/dH, dL/dalpha per token, dL/dWt (``dynamic`` = (g_beta, t, r, p, wt, s_alpha, s_beta,
+    use_tanh) for DHC) and dL/d(norm gain), in the dtype of ``alpha``."""
+    compute = alpha.dtype
+    g_x, norm, g_norm_w = g_out.to(compute), None, None
+    if kernel_norm:
+        norm = (x_rstd, norm_w, need_norm_w)
+    elif norm_w is not None:
+        x = native.hc_branch_input(h, alpha, compute, src, round_bf16)
+        g_x, g_norm_w = _norm_backward(x, x_rstd, norm_w, g_x, need_norm_w)
+    g_beta, t, r, p, wt, s_alpha, s_beta, use_tanh = dynamic or (None,) * 5 + (0.0, 0.0, False)
+    g_h, g_alpha, g_wt, g_kernel_norm_w = native.hc_backward(
+        h, alpha, g_x, None if g_mixed is None else g_mixed.to(compute),
+        None if g_beta is None else g_beta.to(compute), t, r, p, wt, s_alpha, s_beta, use_tanh,
+        src, round_bf16, norm)
+    return g_h, g_alpha, g_wt, g_kernel_norm_w if kernel_norm else g_norm_w
+
+
 def _native_ok(h: Tensor, compute: torch.dtype, save_dtype: torch.dtype) -> bool:
     """The C kernels (``nn/native.c``) take this connection: CPU, not compiling, n small, and the
     saved copy of H in the compute dtype or (for fp32) bf16."""
@@ -216,28 +251,14 @@ class WidthConnection(torch.autograd.Function):
         h, static_alpha, dyn_wt, s_alpha, s_beta, norm_w, alpha, r, p, t, x_rstd, *source = ctx.saved_tensors
         compute = alpha.dtype  # fp32, or fp64
         n, d = alpha.shape[-2], g_out.shape[-1]
-        src = None  # the kernels rebuild each token's streams from these
-        if h is None:
-            if ctx.native and _kernels_rebuild(source, compute, ctx.h_dtype):
-                src = source
-            else:
-                h = rebuild_streams(*source, compute, ctx.h_dtype, use_native=False)
+        h, src = backward_streams(h, source, compute, ctx.h_dtype, ctx.native)
         g_wt = None
         if ctx.native:
-            rb = ctx.h_dtype != compute  # rebuilt streams go through the streams' dtype
-            g_x, norm = g_out.to(compute), None
-            if ctx.kernel_norm:  # the norm's backward per token in the kernel
-                norm = (x_rstd, norm_w, ctx.needs_input_grad[6])
-            else:
-                x = native.hc_branch_input(h, alpha, compute, src, rb) if norm_w is not None else None
-                g_x, g_norm_w = _norm_backward(x, x_rstd, norm_w, g_x, ctx.needs_input_grad[6])
-            dyn = dyn_wt is not None
-            g_h, g_alpha_tok, g_wt, g_kernel_norm_w = native.hc_backward(
-                h, alpha, g_x, None if g_mixed is None else g_mixed.to(compute),
-                None if g_beta is None else g_beta.to(compute), t, r, p, dyn_wt,
-                float(s_alpha) if dyn else 0.0, float(s_beta) if dyn else 0.0, ctx.use_tanh, src, rb, norm)
-            if ctx.kernel_norm:
-                g_norm_w = g_kernel_norm_w
+            dynamic = () if dyn_wt is None else (g_beta, t, r, p, dyn_wt, float(s_alpha), float(s_beta),
+                                                 ctx.use_tanh)
+            g_h, g_alpha_tok, g_wt, g_norm_w = kernel_mix_backward(
+                h, src, alpha, g_out, g_mixed, norm_w, x_rstd, ctx.kernel_norm, ctx.needs_input_grad[6],
+                ctx.h_dtype != compute, dynamic)
         else:
             h = h.to(compute)
             g_h, g_alpha_tok, g_norm_w = mix_backward(h, alpha, norm_w, x_rstd, g_out, g_mixed,

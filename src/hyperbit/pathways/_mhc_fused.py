@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..nn import native
 from ..nn.norm import rms_rstd
-from ._hc_fused import (_kernels_rebuild, _native_ok, _norm_backward, _project, branch_norm, mix_backward,
+from ._hc_fused import (_native_ok, _project, backward_streams, branch_norm, kernel_mix_backward, mix_backward,
                         mix_forward, rebuild_streams)
 
 #: ``(z, b_pre, b_post, b_res, a_pre, a_post, a_res) -> pre, post, res``: the per-token map from
@@ -121,29 +121,15 @@ class ManifoldWidth(torch.autograd.Function):
         compute = phi.dtype
         alpha = ctx.alpha.detach()
         n, d = alpha.shape[-2], g_out.shape[-1]
+        # the kernels read the saved copy as it is (bf16 under autocast) or rebuild each token's
+        # streams themselves; the flat products below widen a chunk at a time
+        h, src = backward_streams(saved, source, compute, ctx.h_dtype, ctx.native)
         if ctx.native:
-            # the kernels read the saved copy as it is (bf16 under autocast) or rebuild each
-            # token's streams themselves; the flat products below widen a chunk at a time
-            h, src, rb = saved, None, ctx.h_dtype != compute
-            if h is None:
-                if _kernels_rebuild(source, compute, ctx.h_dtype):
-                    src = source
-                else:
-                    h = rebuild_streams(*source, compute, ctx.h_dtype, use_native=False)
-            g_x, norm = g_out.to(compute), None
-            if ctx.kernel_norm:  # the norm's backward per token in the kernel
-                norm = (x_rstd, norm_w, ctx.needs_input_grad[10])
-            else:
-                g_x, g_norm_w = _norm_backward(native.hc_branch_input(h, alpha, compute, src, rb), x_rstd,
-                                               norm_w, g_x, ctx.needs_input_grad[10])
-            g_h, g_alpha, _, g_kernel_norm_w = native.hc_backward(
-                h, alpha, g_x, None if g_mixed is None else g_mixed.to(compute),
-                None, None, None, None, None, 0.0, 0.0, False, src, rb, norm)
-            if ctx.kernel_norm:
-                g_norm_w = g_kernel_norm_w
+            g_h, g_alpha, _, g_norm_w = kernel_mix_backward(
+                h, src, alpha, g_out, g_mixed, norm_w, x_rstd, ctx.kernel_norm, ctx.needs_input_grad[10],
+                ctx.h_dtype != compute)
         else:
-            h = saved.to(compute) if saved is not None else rebuild_streams(*source, compute, ctx.h_dtype, False)
-            src = None
+            h = h.to(compute)
             g_h, g_alpha, g_norm_w = mix_backward(h, alpha, norm_w, x_rstd, g_out, g_mixed,
                                                   ctx.needs_input_grad[10])
         outputs, grads = [ctx.alpha], [g_alpha]
