@@ -3,11 +3,14 @@ and per-block activation checkpointing (identical loss and gradients, less saved
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 
 from hyperbit import ModelConfig
 from hyperbit.models import build_model, compile_blocks, set_activation_checkpointing
+from hyperbit.nn import native
 from hyperbit.pathways import HyperConnection
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
@@ -177,3 +180,40 @@ def test_fast_paths_reject_a_module_without_blocks():
         compile_blocks(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="TransformerLM"):
         set_activation_checkpointing(torch.nn.Linear(2, 2))
+
+
+def _counting(monkeypatch) -> collections.Counter:
+    calls: collections.Counter = collections.Counter()
+    for name in ("hc_forward", "hc_forward_dynamic", "hc_backward", "depth_forward", "depth_backward"):
+        real = getattr(native, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(native, name, counted)
+    return calls
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler: the PyTorch path runs")
+@pytest.mark.parametrize("kind,width", [("dhc4", "hc_forward_dynamic"), ("shc4", "hc_forward")])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compiled_blocks_run_the_kernels_and_match_eager(kind, width, autocast, monkeypatch):
+    """Each block in one graph (``fullgraph``), the connections' kernels called from it once per
+    branch forward and backward, and loss and gradients those of the eager model (which runs
+    the same kernels)."""
+    torch._dynamo.reset()
+    calls = _counting(monkeypatch)
+    idx, targets = _batch()
+    eager, compiled = _model(kind), compile_blocks(_model(kind), backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ref = _loss_and_grads(eager, idx, targets)
+        calls.clear()
+        got = _loss_and_grads(compiled, idx, targets)
+    branches = 2 * len(compiled.blocks)
+    assert calls == {width: branches, "hc_backward": branches, "depth_forward": branches,
+                     "depth_backward": branches}
+    tol = dict(rtol=1e-2, atol=1e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], ref[1], **tol)
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], **tol, msg=name)

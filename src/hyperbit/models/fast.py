@@ -6,10 +6,11 @@ eager model as the reference (the tests check forward and every parameter's grad
 * :func:`compile_blocks` compiles each block on its own (``block.compile()``): compile time is
   that of one block (identical blocks reuse its code), ``state_dict`` keys do not change, and
   FSDP2 can still shard per block after compiling. Inside a compiled block hyper-connections keep
-  the memory-lean autograd nodes of ``pathways._hc_fused`` (traced into the block's graph): measured
-  on CPU (``docs/benchmarks.md``, ``train_throughput.py --models``) they compile to a faster step
-  and fewer saved bytes than plain autograd left to Inductor (DHC x4: 1.39x vs 1.62x Pre-Norm,
-  197 vs 247 MiB saved). ``fused_hc=False`` selects plain autograd
+  the memory-lean autograd nodes of ``pathways._hc_fused`` (traced into the block's graph), and on
+  CPU their C kernels run as ``torch.library`` operators (``nn/native_ops.py``) among the code
+  Inductor generates for the rest of the block. Measured on CPU (``docs/benchmarks.md``,
+  ``train_throughput.py --models``) they compile to a faster step and fewer saved bytes than
+  plain autograd left to Inductor. ``fused_hc=False`` selects plain autograd
   (``HyperConnection.fused = False`` per module).
 * :func:`set_activation_checkpointing` recomputes each block's forward in backward
   (``torch.utils.checkpoint``, ``use_reentrant=False``): identical loss and gradients, a block's

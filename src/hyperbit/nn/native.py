@@ -4,8 +4,10 @@ with ``ctypes``, and optional.
 Each kernel fuses a chain of small tensor ops that PyTorch would run one op at a time (each a pass
 over memory and a dispatch): the Sinkhorn rounds of mHC, for one. The PyTorch implementation in
 the calling module stays the reference and the fallback: it runs when no compiler is found, the
-build fails, the tensors are not on the CPU, inside ``torch.compile``, or when
-``HYPERBIT_NATIVE=0``. The tests compare both, forward and backward.
+build fails, the tensors are not on the CPU, or when ``HYPERBIT_NATIVE=0``. The tests compare
+both, forward and backward. Inside ``torch.compile`` the kernels run as ``torch.library``
+operators (the Sinkhorn's in ``pathways/sinkhorn.py``, the hyper-connections' in
+``native_ops.py``): a ``ctypes`` call itself cannot be traced.
 
 The shared library is cached under ``$HYPERBIT_CACHE`` (default ``~/.cache/hyperbit``), named by
 a hash of the source, the compiler command and this CPU's flags (it is built for the CPU it runs

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..nn import native
+from ..nn import native, native_ops
 from ..nn.norm import rms_backward, rms_rstd
 
 
@@ -159,10 +159,10 @@ def kernel_mix_backward(h: Tensor | None, src: tuple[Tensor, ...] | None, alpha:
     if kernel_norm:
         norm = (x_rstd, norm_w, need_norm_w)
     elif norm_w is not None:
-        x = native.hc_branch_input(h, alpha, compute, src, round_bf16)
+        x = native_ops.hc_branch_input(h, alpha, compute, src, round_bf16)
         g_x, g_norm_w = _norm_backward(x, x_rstd, norm_w, g_x, need_norm_w)
-    g_beta, t, r, p, wt, s_alpha, s_beta, use_tanh = dynamic or (None,) * 5 + (0.0, 0.0, False)
-    g_h, g_alpha, g_wt, g_kernel_norm_w = native.hc_backward(
+    g_beta, t, r, p, wt, s_alpha, s_beta, use_tanh = dynamic or (None,) * 7 + (False,)
+    g_h, g_alpha, g_wt, g_kernel_norm_w = native_ops.hc_backward(
         h, alpha, g_x, None if g_mixed is None else g_mixed.to(compute),
         None if g_beta is None else g_beta.to(compute), t, r, p, wt, s_alpha, s_beta, use_tanh,
         src, round_bf16, norm)
@@ -170,11 +170,12 @@ def kernel_mix_backward(h: Tensor | None, src: tuple[Tensor, ...] | None, alpha:
 
 
 def _native_ok(h: Tensor, compute: torch.dtype, save_dtype: torch.dtype) -> bool:
-    """The C kernels (``nn/native.c``) take this connection: CPU, not compiling, n small, and the
-    saved copy of H in the compute dtype or (for fp32) bf16."""
+    """The C kernels (``nn/native.c``) take this connection: CPU, n small, and the saved copy of H
+    in the compute dtype or (for fp32) bf16; inside ``torch.compile`` as operators
+    (``nn/native_ops.py``)."""
     return (h.shape[-2] <= native.HC_MAX_N
             and (save_dtype == compute or (compute == torch.float32 and save_dtype == torch.bfloat16))
-            and native.usable(h))
+            and native.takes(h))
 
 
 class WidthConnection(torch.autograd.Function):
@@ -203,13 +204,13 @@ class WidthConnection(torch.autograd.Function):
             save_bf16 = save_dtype != compute and streams.dtype != save_dtype
             kn = norm_w if ctx.kernel_norm else None
             if dyn_wt is not None:
-                (x, mixed, saved, x_rstd), (alpha, beta, r, p, t) = native.hc_forward_dynamic(
-                    h, static_alpha, static_beta, dyn_wt, float(s_alpha), float(s_beta), stream_eps,
+                (x, mixed, saved, x_rstd), (alpha, beta, r, p, t) = native_ops.hc_forward_dynamic(
+                    h, static_alpha, static_beta, dyn_wt, s_alpha, s_beta, stream_eps,
                     use_tanh, save_bf16, kn, norm_eps)
             else:
                 r = p = t = None
                 alpha, beta = static_alpha, static_beta.clone()
-                x, mixed, saved, x_rstd = native.hc_forward(h, alpha, save_bf16, kn, norm_eps)
+                x, mixed, saved, x_rstd = native_ops.hc_forward(h, alpha, save_bf16, kn, norm_eps)
             if saved is None:
                 saved = h if save_dtype == compute else streams.contiguous()
             out = x
@@ -254,8 +255,7 @@ class WidthConnection(torch.autograd.Function):
         h, src = backward_streams(h, source, compute, ctx.h_dtype, ctx.native)
         g_wt = None
         if ctx.native:
-            dynamic = () if dyn_wt is None else (g_beta, t, r, p, dyn_wt, float(s_alpha), float(s_beta),
-                                                 ctx.use_tanh)
+            dynamic = () if dyn_wt is None else (g_beta, t, r, p, dyn_wt, s_alpha, s_beta, ctx.use_tanh)
             g_h, g_alpha_tok, g_wt, g_norm_w = kernel_mix_backward(
                 h, src, alpha, g_out, g_mixed, norm_w, x_rstd, ctx.kernel_norm, ctx.needs_input_grad[6],
                 ctx.h_dtype != compute, dynamic)
@@ -301,7 +301,7 @@ class DepthConnection(torch.autograd.Function):
                       and _native_ok(mixed, compute, compute))
         ctx.save_for_backward(beta, y)
         if ctx.native:
-            return native.depth_forward(mixed, beta, y)
+            return native_ops.depth_forward(mixed, beta, y)
         out = torch.addcmul(mixed, beta.unsqueeze(-1), y.to(mixed.dtype).unsqueeze(-2))
         return out.to(out_dtype)
 
@@ -317,7 +317,7 @@ class DepthConnection(torch.autograd.Function):
         n = g.shape[-2]
         need_y, need_beta = ctx.needs_input_grad[2], ctx.needs_input_grad[1]
         if ctx.native:
-            g_y, g_beta = native.depth_backward(g, beta, y, need_y, need_beta)
+            g_y, g_beta = native_ops.depth_backward(g, beta, y, need_y, need_beta)
             g_y = None if g_y is None else g_y.to(y.dtype)
         else:
             g_y = _bmm(beta.unsqueeze(-2), g).squeeze(-2).to(y.dtype) if need_y else None  # sum_i beta_i g_i

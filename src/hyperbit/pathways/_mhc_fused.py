@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..nn import native
+from ..nn import native_ops
 from ..nn.norm import rms_rstd
 from ._hc_fused import (_native_ok, _project, backward_streams, branch_norm, kernel_mix_backward, mix_backward,
                         mix_forward, rebuild_streams)
@@ -93,7 +93,7 @@ class ManifoldWidth(torch.autograd.Function):
         # the branch norm in the kernels too, except with one stream (then PyTorch's, as Pre-Norm's)
         ctx.kernel_norm = ctx.native and h.shape[-2] >= 2
         if ctx.native:  # the mixing and the bf16 copy of H in one pass per token (C)
-            out, mixed, saved, x_rstd = native.hc_forward(
+            out, mixed, saved, x_rstd = native_ops.hc_forward(
                 h, alpha, save_dtype != h.dtype and streams.dtype != save_dtype,
                 norm_w if ctx.kernel_norm else None, norm_eps)
             if saved is None:

@@ -1,0 +1,197 @@
+"""The hyper-connection kernels of :mod:`.native` as :mod:`torch.library` operators, so that they
+also run inside ``torch.compile``d blocks.
+
+A ``ctypes`` call cannot be traced, so a compiled block used to run the PyTorch path of the width
+and depth connections (the reference arithmetic, which Inductor fuses less well than the kernels
+fuse it by hand). Registered as operators with a fake (shape-only) implementation, the kernels are
+opaque nodes in the block's graph: the compiler fuses and schedules what is around them, and
+calls them as they are. The autograd nodes of ``pathways._hc_fused`` call the functions below in
+both modes: outside ``torch.compile`` they call :mod:`.native` directly (no dispatcher on the eager
+path); while compiling, the operators.
+
+An operator cannot return None: a result that a call does not produce (the bf16 copy, the norm's
+rstd, a gradient nobody asked for) comes back as an empty tensor from the operator and as None
+from these functions, as from :mod:`.native`. Only the streams-as-given form of the backward
+kernels is an operator: the streams' rebuild (``hyper._offer_rebuild``) is off inside
+``torch.compile``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import native
+
+_NONE = (0,)  # the shape of an absent result
+
+
+def _opt(t: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(_NONE) if t is None else t
+
+
+def _none(t: Tensor) -> Tensor | None:
+    return None if t.shape == _NONE else t
+
+
+def _f(s: Tensor | float | None) -> float:
+    return 0.0 if s is None else float(s)
+
+
+# -- the operators (real and fake implementations) -----------------------------------------------
+
+@torch.library.custom_op("hyperbit::hc_forward", mutates_args=())
+def _hc_forward_op(h: Tensor, alpha: Tensor, save_bf16: bool, norm_w: Optional[Tensor],
+                   norm_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    x, mixed, saved, rstd = native.hc_forward(h, alpha, save_bf16, norm_w, norm_eps)
+    return x, mixed, _opt(saved, h), _opt(rstd, h)
+
+
+@_hc_forward_op.register_fake
+def _hc_forward_fake(h, alpha, save_bf16, norm_w, norm_eps):
+    lead, (n, d) = h.shape[:-2], h.shape[-2:]
+    return (h.new_empty(*lead, d), h.new_empty(*lead, n, d),
+            h.new_empty(h.shape, dtype=torch.bfloat16) if save_bf16 else h.new_empty(_NONE),
+            h.new_empty(*lead, 1) if norm_w is not None else h.new_empty(_NONE))
+
+
+@torch.library.custom_op("hyperbit::hc_forward_dynamic", mutates_args=())
+def _hc_forward_dynamic_op(h: Tensor, static_alpha: Tensor, static_beta: Tensor, wt: Tensor,
+                           s_alpha: Tensor, s_beta: Tensor, eps: float, use_tanh: bool, save_bf16: bool,
+                           norm_w: Optional[Tensor], norm_eps: float) -> list[Tensor]:
+    (x, mixed, saved, rstd), weights = native.hc_forward_dynamic(
+        h, static_alpha, static_beta, wt, _f(s_alpha), _f(s_beta), eps, use_tanh, save_bf16, norm_w, norm_eps)
+    return [x, mixed, _opt(saved, h), _opt(rstd, h), *weights]
+
+
+@_hc_forward_dynamic_op.register_fake
+def _(h, static_alpha, static_beta, wt, s_alpha, s_beta, eps, use_tanh, save_bf16, norm_w, norm_eps):
+    lead, n = h.shape[:-2], h.shape[-2]
+    return [*_hc_forward_fake(h, static_alpha, save_bf16, norm_w, norm_eps),
+            h.new_empty(*lead, n, n + 1), h.new_empty(*lead, n), h.new_empty(*lead, n, 1),
+            h.new_empty(*lead, n, n + 2), h.new_empty(*lead, n, n + 2)]
+
+
+@torch.library.custom_op("hyperbit::hc_backward", mutates_args=())
+def _hc_backward_op(h: Tensor, alpha: Tensor, g_x: Tensor, g_mixed: Optional[Tensor],
+                    g_beta: Optional[Tensor], t: Optional[Tensor], r: Optional[Tensor],
+                    p: Optional[Tensor], wt: Optional[Tensor], s_alpha: Optional[Tensor],
+                    s_beta: Optional[Tensor], use_tanh: bool, round_bf16: bool,
+                    x_rstd: Optional[Tensor], norm_w: Optional[Tensor], need_norm_grad: bool
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    norm = None if norm_w is None else (x_rstd, norm_w, need_norm_grad)
+    g_h, g_alpha, g_wt, g_w = native.hc_backward(h, alpha, g_x, g_mixed, g_beta, t, r, p, wt, _f(s_alpha),
+                                                 _f(s_beta), use_tanh, None, round_bf16, norm)
+    return g_h, g_alpha, _opt(g_wt, g_x), _opt(g_w, g_x)
+
+
+@_hc_backward_op.register_fake
+def _(h, alpha, g_x, g_mixed, g_beta, t, r, p, wt, s_alpha, s_beta, use_tanh, round_bf16, x_rstd,
+      norm_w, need_norm_grad):
+    lead, (n, d) = h.shape[:-2], h.shape[-2:]
+    return (g_x.new_empty(*lead, n, d), g_x.new_empty(*lead, n, n + 1),
+            g_x.new_empty(n + 2, d) if wt is not None else g_x.new_empty(_NONE),
+            g_x.new_empty(d) if norm_w is not None and need_norm_grad else g_x.new_empty(_NONE))
+
+
+@torch.library.custom_op("hyperbit::hc_branch_input", mutates_args=())
+def _hc_branch_input_op(h: Tensor, alpha: Tensor, compute: torch.dtype) -> Tensor:
+    return native.hc_branch_input(h, alpha, compute)
+
+
+@_hc_branch_input_op.register_fake
+def _(h, alpha, compute):
+    return h.new_empty(*h.shape[:-2], h.shape[-1], dtype=compute)
+
+
+@torch.library.custom_op("hyperbit::depth_forward", mutates_args=())
+def _depth_forward_op(mixed: Tensor, beta: Tensor, y: Tensor) -> Tensor:
+    return native.depth_forward(mixed, beta, y)
+
+
+@_depth_forward_op.register_fake
+def _(mixed, beta, y):
+    return torch.empty_like(mixed, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("hyperbit::depth_backward", mutates_args=())
+def _depth_backward_op(g: Tensor, beta: Tensor, y: Tensor, need_y: bool, need_beta: bool
+                       ) -> tuple[Tensor, Tensor]:
+    g_y, g_beta = native.depth_backward(g, beta, y, need_y, need_beta)
+    return _opt(g_y, g), _opt(g_beta, g)
+
+
+@_depth_backward_op.register_fake
+def _(g, beta, y, need_y, need_beta):
+    lead, (n, d) = g.shape[:-2], g.shape[-2:]
+    return (g.new_empty(*lead, d) if need_y else g.new_empty(_NONE),
+            g.new_empty(*lead, n) if need_beta else g.new_empty(_NONE))
+
+
+# -- what the autograd nodes call ----------------------------------------------------------------
+
+def hc_forward(h: Tensor, alpha: Tensor, save_bf16: bool, norm_w: Tensor | None = None,
+               norm_eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """:func:`.native.hc_forward`, also inside ``torch.compile``."""
+    if not torch.compiler.is_compiling():
+        return native.hc_forward(h, alpha, save_bf16, norm_w, norm_eps)
+    x, mixed, saved, rstd = _hc_forward_op(h, alpha, save_bf16, norm_w, norm_eps)
+    return x, mixed, _none(saved), _none(rstd)
+
+
+def hc_forward_dynamic(h: Tensor, static_alpha: Tensor, static_beta: Tensor, wt: Tensor,
+                       s_alpha: Tensor, s_beta: Tensor, eps: float, use_tanh: bool, save_bf16: bool,
+                       norm_w: Tensor | None = None, norm_eps: float = 0.0):
+    """:func:`.native.hc_forward_dynamic`, also inside ``torch.compile`` (the gains as tensors)."""
+    if not torch.compiler.is_compiling():
+        return native.hc_forward_dynamic(h, static_alpha, static_beta, wt, float(s_alpha), float(s_beta),
+                                         eps, use_tanh, save_bf16, norm_w, norm_eps)
+    x, mixed, saved, rstd, *weights = _hc_forward_dynamic_op(
+        h, static_alpha, static_beta, wt, s_alpha, s_beta, eps, use_tanh, save_bf16, norm_w, norm_eps)
+    return (x, mixed, _none(saved), _none(rstd)), tuple(weights)
+
+
+def hc_backward(h: Tensor | None, alpha: Tensor, g_x: Tensor, g_mixed: Tensor | None,
+                g_beta: Tensor | None, t: Tensor | None, r: Tensor | None, p: Tensor | None,
+                wt: Tensor | None, s_alpha: Tensor | None, s_beta: Tensor | None, use_tanh: bool,
+                source: tuple[Tensor, ...] | None = None, round_bf16: bool = False,
+                norm: tuple[Tensor, Tensor, bool] | None = None):
+    """:func:`.native.hc_backward`, also inside ``torch.compile`` (there with the streams as
+    given, ``source`` None; the gains as tensors or None)."""
+    if not torch.compiler.is_compiling():
+        return native.hc_backward(h, alpha, g_x, g_mixed, g_beta, t, r, p, wt, _f(s_alpha), _f(s_beta),
+                                  use_tanh, source, round_bf16, norm)
+    if source is not None:
+        raise RuntimeError("the streams' rebuild does not run inside torch.compile")
+    x_rstd, norm_w, need = norm if norm is not None else (None, None, False)
+    g_h, g_alpha, g_wt, g_w = _hc_backward_op(h, alpha, g_x, g_mixed, g_beta, t, r, p, wt, s_alpha, s_beta,
+                                              use_tanh, round_bf16, x_rstd, norm_w, need)
+    return g_h, g_alpha, _none(g_wt), _none(g_w)
+
+
+def hc_branch_input(h: Tensor | None, alpha: Tensor, compute: torch.dtype,
+                    source: tuple[Tensor, ...] | None = None, round_bf16: bool = False) -> Tensor:
+    """:func:`.native.hc_branch_input`, also inside ``torch.compile`` (from ``h``)."""
+    if not torch.compiler.is_compiling():
+        return native.hc_branch_input(h, alpha, compute, source, round_bf16)
+    if source is not None:
+        raise RuntimeError("the streams' rebuild does not run inside torch.compile")
+    return _hc_branch_input_op(h, alpha, compute)
+
+
+def depth_forward(mixed: Tensor, beta: Tensor, y: Tensor) -> Tensor:
+    """:func:`.native.depth_forward`, also inside ``torch.compile``."""
+    if not torch.compiler.is_compiling():
+        return native.depth_forward(mixed, beta, y)
+    return _depth_forward_op(mixed, beta, y)
+
+
+def depth_backward(g: Tensor, beta: Tensor, y: Tensor, need_y: bool, need_beta: bool
+                   ) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`.native.depth_backward`, also inside ``torch.compile``."""
+    if not torch.compiler.is_compiling():
+        return native.depth_backward(g, beta, y, need_y, need_beta)
+    g_y, g_beta = _depth_backward_op(g, beta, y, need_y, need_beta)
+    return _none(g_y), _none(g_beta)

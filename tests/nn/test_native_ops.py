@@ -1,0 +1,53 @@
+"""The hyper-connection kernels as ``torch.library`` operators (``hyperbit/nn/native_ops.py``):
+each operator's schema and fake implementation (``opcheck``). That compiled blocks call them and
+match the eager model: ``tests/models/test_fast.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyperbit.nn import native, native_ops as ops
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: the PyTorch path runs")
+
+B, T, N, D = 2, 3, 4, 16
+
+
+def _t(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("save_bf16", [False, True])
+@pytest.mark.parametrize("norm", [False, True])
+def test_forward_operators_pass_opcheck(save_bf16, norm):
+    h, w = _t(B, T, N, D), (_t(D, seed=1) if norm else None)
+    torch.library.opcheck(ops._hc_forward_op, (h, _t(N, N + 1, seed=2), save_bf16, w, 1e-6))
+    torch.library.opcheck(ops._hc_forward_op, (h, _t(B, T, N, N + 1, seed=2), save_bf16, w, 1e-6))
+    torch.library.opcheck(ops._hc_forward_dynamic_op, (
+        h, _t(N, N + 1, seed=2), _t(N, seed=3), _t(N + 2, D, seed=4), torch.full((1,), 0.5),
+        torch.full((1,), 0.25), 1e-6, True, save_bf16, w, 1e-6))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("norm,need_gain", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("h_dtype", [torch.float32, torch.bfloat16])
+def test_backward_operator_passes_opcheck(dynamic, norm, need_gain, h_dtype):
+    h = _t(B, T, N, D).to(h_dtype)
+    alpha = _t(B, T, N, N + 1, seed=1) if dynamic else _t(N, N + 1, seed=1)
+    dyn = ((_t(B, T, N, seed=2), _t(B, T, N, N + 2, seed=3).tanh(), _t(B, T, N, 1, seed=4).abs(),
+            _t(B, T, N, N + 2, seed=5), _t(N + 2, D, seed=6), torch.full((1,), 0.5), torch.full((1,), 0.25))
+           if dynamic else (None,) * 7)
+    torch.library.opcheck(ops._hc_backward_op, (
+        h, alpha, _t(B, T, D, seed=7), _t(B, T, N, D, seed=8), *dyn, True, h_dtype != torch.float32,
+        _t(B, T, 1, seed=9).abs() if norm else None, _t(D, seed=10) if norm else None, need_gain))
+    torch.library.opcheck(ops._hc_branch_input_op, (h, alpha, torch.float32))
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("need_y,need_beta", [(True, True), (True, False), (False, True)])
+def test_depth_operators_pass_opcheck(per_token, need_y, need_beta):
+    beta = _t(B, T, N, seed=1) if per_token else _t(N, seed=1)
+    y = _t(B, T, D, seed=2).bfloat16()
+    torch.library.opcheck(ops._depth_forward_op, (_t(B, T, N, D), beta, y))
+    torch.library.opcheck(ops._depth_backward_op, (_t(B, T, N, D, seed=3), beta, y, need_y, need_beta))
