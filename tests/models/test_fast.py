@@ -183,12 +183,16 @@ def test_fast_paths_reject_a_module_without_blocks():
 
 
 def _counting(monkeypatch) -> collections.Counter:
+    """Calls of the connections' kernels by name; ``rebuilt``: backward calls that rebuilt the
+    streams (given no ``h``)."""
     calls: collections.Counter = collections.Counter()
     for name in ("hc_forward", "hc_forward_dynamic", "hc_backward", "depth_forward", "depth_backward"):
         real = getattr(native, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
             calls[_name] += 1
+            if _name == "hc_backward" and args[0] is None:
+                calls["rebuilt"] += 1
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(native, name, counted)
@@ -200,8 +204,8 @@ def _counting(monkeypatch) -> collections.Counter:
 @pytest.mark.parametrize("autocast", [False, True])
 def test_compiled_blocks_run_the_kernels_and_match_eager(kind, width, autocast, monkeypatch):
     """Each block in one graph (``fullgraph``), the connections' kernels called from it once per
-    branch forward and backward, and loss and gradients those of the eager model (which runs
-    the same kernels)."""
+    branch forward and backward (the second connection of each block rebuilding its streams),
+    and loss and gradients those of the eager model (which runs the same kernels)."""
     torch._dynamo.reset()
     calls = _counting(monkeypatch)
     idx, targets = _batch()
@@ -212,8 +216,53 @@ def test_compiled_blocks_run_the_kernels_and_match_eager(kind, width, autocast, 
         got = _loss_and_grads(compiled, idx, targets)
     branches = 2 * len(compiled.blocks)
     assert calls == {width: branches, "hc_backward": branches, "depth_forward": branches,
-                     "depth_backward": branches}
+                     "depth_backward": branches, "rebuilt": len(compiled.blocks)}
     tol = dict(rtol=1e-2, atol=1e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], ref[1], **tol)
     for name in ref[2]:
         torch.testing.assert_close(got[2][name], ref[2][name], **tol, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["dhc4", "shc4"])
+def test_compiled_blocks_keep_one_copy_of_the_streams_per_block(kind, monkeypatch):
+    """Inside a compiled block the second connection rebuilds its streams from what the first
+    keeps (``feeds_next``): under autocast, one bf16 copy of the streams per block fewer saved than
+    with the rebuild off (with the C kernels; on the PyTorch path, CUDA's, the compiler picks what
+    to save among the traced ops: 0.4-0.7 of a copy per block fewer measured at this size), and the
+    same gradients."""
+    from hyperbit.pathways import hyper
+
+    idx, targets = _batch()
+    saved, grads = {}, {}
+    for rebuild in (True, False):
+        monkeypatch.setattr(hyper, "REBUILD_STREAMS", rebuild)
+        torch._dynamo.reset()
+        model = compile_blocks(_model(kind), backend="aot_eager", fullgraph=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            saved[rebuild] = _saved_bytes(model, idx, targets)
+            grads[rebuild] = _loss_and_grads(model, idx, targets)[2]
+    copy = idx.numel() * 4 * model.cfg.dim * 2  # n = 4 streams of d, in bf16
+    if native.library() is not None:
+        assert saved[False] - saved[True] == len(model.blocks) * copy, (saved, copy)
+    else:
+        assert saved[False] - saved[True] >= 0.4 * len(model.blocks) * copy, (saved, copy)
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-2, atol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["dhc4", "mhc4"])
+def test_checkpointed_blocks_compile_whole_and_match_eager(kind):
+    """Checkpointing then compiling (the documented order), each block in one graph under
+    autocast: the connections make no offer there (a side effect a checkpointed region may not
+    have), and loss and gradients follow the eager model."""
+    torch._dynamo.reset()
+    idx, targets = _batch()
+    eager = _model(kind)
+    compiled = compile_blocks(set_activation_checkpointing(_model(kind)), backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, got = _loss_and_grads(eager, idx, targets), _loss_and_grads(compiled, idx, targets)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-2, atol=1e-2)
+    flat = [torch.cat([g[name].flatten().float() for name in ref[2]]) for g in (got[2], ref[2])]
+    assert float((flat[0] - flat[1]).norm() / flat[1].norm()) < 1e-2
+    set_activation_checkpointing(compiled, enabled=False)
+    assert all(b.attn_path.feeds_next for b in compiled.blocks)  # offers back on

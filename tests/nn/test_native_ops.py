@@ -38,10 +38,23 @@ def test_backward_operator_passes_opcheck(dynamic, norm, need_gain, h_dtype):
     dyn = ((_t(B, T, N, seed=2), _t(B, T, N, N + 2, seed=3).tanh(), _t(B, T, N, 1, seed=4).abs(),
             _t(B, T, N, N + 2, seed=5), _t(N + 2, D, seed=6), torch.full((1,), 0.5), torch.full((1,), 0.25))
            if dynamic else (None,) * 7)
-    torch.library.opcheck(ops._hc_backward_op, (
-        h, alpha, _t(B, T, D, seed=7), _t(B, T, N, D, seed=8), *dyn, True, h_dtype != torch.float32,
-        _t(B, T, 1, seed=9).abs() if norm else None, _t(D, seed=10) if norm else None, need_gain))
-    torch.library.opcheck(ops._hc_branch_input_op, (h, alpha, torch.float32))
+    rest = (alpha, _t(B, T, D, seed=7), _t(B, T, N, D, seed=8), *dyn, True, h_dtype != torch.float32,
+            _t(B, T, 1, seed=9).abs() if norm else None, _t(D, seed=10) if norm else None, need_gain)
+    torch.library.opcheck(ops._hc_backward_op, (h, None, None, None, None, *rest))
+    torch.library.opcheck(ops._hc_backward_op, (None, *_source(h_dtype), *rest))
+    torch.library.opcheck(ops._hc_branch_input_op, (h, None, None, None, None, alpha, torch.float32, False))
+    torch.library.opcheck(ops._hc_branch_input_op, (None, *_source(h_dtype), alpha, torch.float32, True))
+
+
+def _source(dtype):
+    """(prev, alpha, beta, y) that rebuild streams: per-token weights, prev and y in ``dtype``."""
+    return (_t(B, T, N, D, seed=11).to(dtype), _t(B, T, N, N + 1, seed=12), _t(B, T, N, seed=13),
+            _t(B, T, D, seed=14).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rebuild_operator_passes_opcheck(dtype):
+    torch.library.opcheck(ops._hc_rebuild_op, (*_source(dtype), torch.float32, dtype != torch.float32))
 
 
 @pytest.mark.parametrize("per_token", [False, True])

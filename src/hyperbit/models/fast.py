@@ -75,6 +75,10 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool = True) -> nn.M
             block.forward = types.MethodType(_checkpointed_forward, block)
         elif "forward" in vars(block):
             del block.forward  # back to the class's forward
+        # A checkpointed block keeps only its input, so a hyper-connection's streams need not be
+        # rebuilt from what the previous one keeps; and inside torch.compile the offer (an
+        # attribute set on a tensor) is a side effect a checkpointed region may not have.
+        block.attn_path.feeds_next = not enabled
     return model
 
 

@@ -44,6 +44,7 @@ class Block(nn.Module):
                     FeedForward(cfg.dim, cfg.ffn_hidden, cfg.ffn, cfg.linear, cfg.subln, cfg.norm_eps))
         self.attn_path = _pathway(cfg, branch_index=2 * layer_index)
         self.ffn_path = _pathway(cfg, branch_index=2 * layer_index + 1)
+        self.attn_path.feeds_next = True  # forward below hands its output straight to ffn_path
 
     def branches(self) -> list[tuple[Pathway, nn.Module]]:
         """``(pathway, branch)`` pairs in execution order: what the wiring check and the init

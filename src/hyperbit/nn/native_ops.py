@@ -11,9 +11,7 @@ path); while compiling, the operators.
 
 An operator cannot return None: a result that a call does not produce (the bf16 copy, the norm's
 rstd, a gradient nobody asked for) comes back as an empty tensor from the operator and as None
-from these functions, as from :mod:`.native`. Only the streams-as-given form of the backward
-kernels is an operator: the streams' rebuild (``hyper._offer_rebuild``) is off inside
-``torch.compile``.
+from these functions, as from :mod:`.native`.
 """
 
 from __future__ import annotations
@@ -74,36 +72,65 @@ def _(h, static_alpha, static_beta, wt, s_alpha, s_beta, eps, use_tanh, save_bf1
             h.new_empty(*lead, n, n + 2), h.new_empty(*lead, n, n + 2)]
 
 
+# The backward kernels read the streams ``h`` as given, or (``h`` None) rebuild them per token
+# from ``source = (prev, alpha, beta, y)`` (``native.hc_rebuild``): both forms are one operator,
+# with the streams as ``h`` or as the four source tensors.
+
+def _source(prev: Tensor | None, *rest: Tensor | None) -> tuple[Tensor, ...] | None:
+    return None if prev is None else (prev, *rest)
+
+
+def _streams_shape(h: Tensor | None, prev: Tensor | None) -> torch.Size:
+    return (h if h is not None else prev).shape
+
+
 @torch.library.custom_op("hyperbit::hc_backward", mutates_args=())
-def _hc_backward_op(h: Tensor, alpha: Tensor, g_x: Tensor, g_mixed: Optional[Tensor],
-                    g_beta: Optional[Tensor], t: Optional[Tensor], r: Optional[Tensor],
-                    p: Optional[Tensor], wt: Optional[Tensor], s_alpha: Optional[Tensor],
-                    s_beta: Optional[Tensor], use_tanh: bool, round_bf16: bool,
+def _hc_backward_op(h: Optional[Tensor], prev: Optional[Tensor], src_alpha: Optional[Tensor],
+                    src_beta: Optional[Tensor], y: Optional[Tensor], alpha: Tensor, g_x: Tensor,
+                    g_mixed: Optional[Tensor], g_beta: Optional[Tensor], t: Optional[Tensor],
+                    r: Optional[Tensor], p: Optional[Tensor], wt: Optional[Tensor],
+                    s_alpha: Optional[Tensor], s_beta: Optional[Tensor], use_tanh: bool, round_bf16: bool,
                     x_rstd: Optional[Tensor], norm_w: Optional[Tensor], need_norm_grad: bool
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     norm = None if norm_w is None else (x_rstd, norm_w, need_norm_grad)
-    g_h, g_alpha, g_wt, g_w = native.hc_backward(h, alpha, g_x, g_mixed, g_beta, t, r, p, wt, _f(s_alpha),
-                                                 _f(s_beta), use_tanh, None, round_bf16, norm)
+    g_h, g_alpha, g_wt, g_w = native.hc_backward(
+        h, alpha, g_x, g_mixed, g_beta, t, r, p, wt, _f(s_alpha), _f(s_beta), use_tanh,
+        _source(prev, src_alpha, src_beta, y), round_bf16, norm)
     return g_h, g_alpha, _opt(g_wt, g_x), _opt(g_w, g_x)
 
 
 @_hc_backward_op.register_fake
-def _(h, alpha, g_x, g_mixed, g_beta, t, r, p, wt, s_alpha, s_beta, use_tanh, round_bf16, x_rstd,
-      norm_w, need_norm_grad):
-    lead, (n, d) = h.shape[:-2], h.shape[-2:]
+def _(h, prev, src_alpha, src_beta, y, alpha, g_x, g_mixed, g_beta, t, r, p, wt, s_alpha, s_beta,
+      use_tanh, round_bf16, x_rstd, norm_w, need_norm_grad):
+    shape = _streams_shape(h, prev)
+    lead, (n, d) = shape[:-2], shape[-2:]
     return (g_x.new_empty(*lead, n, d), g_x.new_empty(*lead, n, n + 1),
             g_x.new_empty(n + 2, d) if wt is not None else g_x.new_empty(_NONE),
             g_x.new_empty(d) if norm_w is not None and need_norm_grad else g_x.new_empty(_NONE))
 
 
 @torch.library.custom_op("hyperbit::hc_branch_input", mutates_args=())
-def _hc_branch_input_op(h: Tensor, alpha: Tensor, compute: torch.dtype) -> Tensor:
-    return native.hc_branch_input(h, alpha, compute)
+def _hc_branch_input_op(h: Optional[Tensor], prev: Optional[Tensor], src_alpha: Optional[Tensor],
+                        src_beta: Optional[Tensor], y: Optional[Tensor], alpha: Tensor,
+                        compute: torch.dtype, round_bf16: bool) -> Tensor:
+    return native.hc_branch_input(h, alpha, compute, _source(prev, src_alpha, src_beta, y), round_bf16)
 
 
 @_hc_branch_input_op.register_fake
-def _(h, alpha, compute):
-    return h.new_empty(*h.shape[:-2], h.shape[-1], dtype=compute)
+def _(h, prev, src_alpha, src_beta, y, alpha, compute, round_bf16):
+    shape = _streams_shape(h, prev)
+    return alpha.new_empty(*shape[:-2], shape[-1], dtype=compute)
+
+
+@torch.library.custom_op("hyperbit::hc_rebuild", mutates_args=())
+def _hc_rebuild_op(prev: Tensor, alpha: Tensor, beta: Tensor, y: Tensor, compute: torch.dtype,
+                   round_bf16: bool) -> Tensor:
+    return native.hc_rebuild(prev, alpha, beta, y, compute, round_bf16)
+
+
+@_hc_rebuild_op.register_fake
+def _(prev, alpha, beta, y, compute, round_bf16):
+    return prev.new_empty(prev.shape, dtype=compute)
 
 
 @torch.library.custom_op("hyperbit::depth_forward", mutates_args=())
@@ -163,22 +190,27 @@ def hc_backward(h: Tensor | None, alpha: Tensor, g_x: Tensor, g_mixed: Tensor | 
     if not torch.compiler.is_compiling():
         return native.hc_backward(h, alpha, g_x, g_mixed, g_beta, t, r, p, wt, _f(s_alpha), _f(s_beta),
                                   use_tanh, source, round_bf16, norm)
-    if source is not None:
-        raise RuntimeError("the streams' rebuild does not run inside torch.compile")
     x_rstd, norm_w, need = norm if norm is not None else (None, None, False)
-    g_h, g_alpha, g_wt, g_w = _hc_backward_op(h, alpha, g_x, g_mixed, g_beta, t, r, p, wt, s_alpha, s_beta,
-                                              use_tanh, round_bf16, x_rstd, norm_w, need)
+    g_h, g_alpha, g_wt, g_w = _hc_backward_op(h, *(source or (None,) * 4), alpha, g_x, g_mixed, g_beta, t,
+                                              r, p, wt, s_alpha, s_beta, use_tanh, round_bf16, x_rstd,
+                                              norm_w, need)
     return g_h, g_alpha, _none(g_wt), _none(g_w)
 
 
 def hc_branch_input(h: Tensor | None, alpha: Tensor, compute: torch.dtype,
                     source: tuple[Tensor, ...] | None = None, round_bf16: bool = False) -> Tensor:
-    """:func:`.native.hc_branch_input`, also inside ``torch.compile`` (from ``h``)."""
+    """:func:`.native.hc_branch_input`, also inside ``torch.compile``."""
     if not torch.compiler.is_compiling():
         return native.hc_branch_input(h, alpha, compute, source, round_bf16)
-    if source is not None:
-        raise RuntimeError("the streams' rebuild does not run inside torch.compile")
-    return _hc_branch_input_op(h, alpha, compute)
+    return _hc_branch_input_op(h, *(source or (None,) * 4), alpha, compute, round_bf16)
+
+
+def hc_rebuild(prev: Tensor, alpha: Tensor, beta: Tensor, y: Tensor, compute: torch.dtype,
+               round_bf16: bool = False) -> Tensor:
+    """:func:`.native.hc_rebuild`, also inside ``torch.compile``."""
+    if not torch.compiler.is_compiling():
+        return native.hc_rebuild(prev, alpha, beta, y, compute, round_bf16)
+    return _hc_rebuild_op(prev, alpha, beta, y, compute, round_bf16)
 
 
 def depth_forward(mixed: Tensor, beta: Tensor, y: Tensor) -> Tensor:

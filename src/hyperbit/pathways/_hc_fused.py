@@ -128,7 +128,7 @@ def rebuild_streams(prev: Tensor, alpha: Tensor, beta: Tensor, y: Tensor, comput
     and the rebuilt streams carry the same bf16 round-off a bf16 copy of ``H'`` would. (The HC
     backward kernels rebuild each token's streams themselves, from the same ``source``.)"""
     if use_native and _kernels_rebuild((prev, alpha, beta, y), compute, dtype):
-        return native.hc_rebuild(prev, alpha, beta, y, compute, round_bf16=dtype != compute)
+        return native_ops.hc_rebuild(prev, alpha, beta, y, compute, round_bf16=dtype != compute)
     mixed = mix_forward(prev.to(compute).contiguous(), alpha, None, 0.0)[1]
     out = torch.addcmul(mixed, beta.unsqueeze(-1), y.to(compute).unsqueeze(-2))
     return out if dtype == compute else out.to(dtype).to(compute)
@@ -169,6 +169,23 @@ def kernel_mix_backward(h: Tensor | None, src: tuple[Tensor, ...] | None, alpha:
     return g_h, g_alpha, g_wt, g_kernel_norm_w if kernel_norm else g_norm_w
 
 
+def kept_outputs(ctx, saved: Tensor | None, alpha: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """A width node's saved streams and alpha as two more (non-differentiable) results, for the
+    next node's rebuild source; None for one that equals an input of the node (the streams kept in
+    their own dtype, static alpha), which the caller fills in (:func:`kept_for_rebuild`). Results,
+    not a side channel: inside ``torch.compile`` only a node's results may leave its subgraph."""
+    ctx.mark_non_differentiable(*(t for t in (saved, alpha) if t is not None))
+    return saved, alpha
+
+
+def kept_for_rebuild(saved: Tensor | None, alpha: Tensor | None, streams: Tensor,
+                     static_alpha: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The (saved streams, alpha) of the next node's rebuild source, from :func:`kept_outputs`
+    with the node's inputs filled back in."""
+    return (streams.detach() if saved is None else saved,
+            static_alpha.detach() if alpha is None else alpha)
+
+
 def _native_ok(h: Tensor, compute: torch.dtype, save_dtype: torch.dtype) -> bool:
     """The C kernels (``nn/native.c``) take this connection: CPU, n small, and the saved copy of H
     in the compute dtype or (for fp32) bf16; inside ``torch.compile`` as operators
@@ -188,10 +205,10 @@ class WidthConnection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, static_alpha, static_beta, dyn_wt, s_alpha, s_beta, norm_w,
-                stream_eps, norm_eps, use_tanh, save_dtype, source=None, keep=None):
+                stream_eps, norm_eps, use_tanh, save_dtype, source=None, keep=False):
         # the weights come in the compute dtype (fp32, or fp64); h in the streams' dtype.
         # source: (prev, alpha, beta, y) that rebuild h (see rebuild_streams): h is not kept.
-        # keep: a list that receives (saved h, alpha) when h is kept, for the next node's source.
+        # keep: also return (saved h, alpha) when h is kept, for the next node's source.
         ctx.h_dtype, streams = h.dtype, h
         compute = static_alpha.dtype
         h = h.to(compute).contiguous()  # expand_streams' broadcast view would slow bmm
@@ -233,17 +250,19 @@ class WidthConnection(torch.autograd.Function):
             out, mixed, x_rstd = mix_forward(h, alpha, norm_w, norm_eps)
         # H is the only n*d tensor kept, or none when it can be rebuilt from what earlier nodes
         # keep anyway; the rest is O(n^2) per token or parameters.
+        kept = (None, None)
         if source is not None:
             saved = None
-        elif keep is not None:
-            keep.extend((saved.detach(), alpha.detach()))
+        elif keep:
+            kept = kept_outputs(ctx, saved if streams.dtype != save_dtype else None,
+                                alpha if dyn_wt is not None else None)
         ctx.save_for_backward(saved, static_alpha, dyn_wt, s_alpha, s_beta, norm_w,
                               alpha, r, p, t, x_rstd, *(source or (None,) * 4))
         ctx.use_tanh = use_tanh
-        return out.to(ctx.h_dtype), mixed, beta
+        return out.to(ctx.h_dtype), mixed, beta, *kept
 
     @staticmethod
-    def backward(ctx, g_out, g_mixed, g_beta):
+    def backward(ctx, g_out, g_mixed, g_beta, *_):
         with torch.autocast(g_out.device.type, enabled=False):  # backward may run under autocast
             return WidthConnection._backward(ctx, g_out, g_mixed, g_beta)
 

@@ -35,7 +35,8 @@ from torch import Tensor
 
 from ..nn import native_ops
 from ..nn.norm import rms_rstd
-from ._hc_fused import (_native_ok, _project, backward_streams, branch_norm, kernel_mix_backward, mix_backward,
+from ._hc_fused import (_native_ok, _project, backward_streams, branch_norm, kept_outputs, kernel_mix_backward,
+                        mix_backward,
                         mix_forward, rebuild_streams)
 
 #: ``(z, b_pre, b_post, b_res, a_pre, a_post, a_res) -> pre, post, res``: the per-token map from
@@ -71,7 +72,7 @@ class ManifoldWidth(torch.autograd.Function):
     def forward(ctx, h: Tensor, phi: Tensor, stream_eps: float, weights: WeightsFn,
                 b_pre: Tensor, b_post: Tensor, b_res: Tensor, a_pre: Tensor, a_post: Tensor,
                 a_res: Tensor, norm_w: Tensor, norm_eps: float, save_dtype: torch.dtype,
-                source: tuple[Tensor, ...] | None = None, keep: list | None = None):
+                source: tuple[Tensor, ...] | None = None, keep: bool = False):
         # source / keep: as for _hc_fused.WidthConnection (the streams rebuilt in backward from
         # what the previous connection's nodes keep, instead of a copy)
         # phi, the biases, gates and norm gain come in the compute dtype (fp32, or fp64)
@@ -103,15 +104,16 @@ class ManifoldWidth(torch.autograd.Function):
         else:
             saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()
             out, mixed, x_rstd = mix_forward(h, alpha, norm_w, norm_eps)
+        kept = (None, None)
         if source is not None:
             saved = None
-        elif keep is not None:
-            keep.extend((saved.detach(), alpha))
+        elif keep:
+            kept = kept_outputs(ctx, saved if streams.dtype != save_dtype else None, alpha)
         ctx.save_for_backward(saved, phi, norm_w, r, x_rstd, z, *(source or (None,) * 4))
-        return out.to(ctx.h_dtype), mixed, post.detach()
+        return out.to(ctx.h_dtype), mixed, post.detach(), *kept
 
     @staticmethod
-    def backward(ctx, g_out, g_mixed, g_post):
+    def backward(ctx, g_out, g_mixed, g_post, *_):
         with torch.autocast(g_out.device.type, enabled=False):  # backward may run under autocast
             return ManifoldWidth._backward(ctx, g_out, g_mixed, g_post)
 

@@ -25,6 +25,11 @@ Branch = Callable[[Tensor], Tensor]
 class Pathway(nn.Module):
     #: n, the number of residual streams the state carries (1 for plain residuals)
     expansion_rate: int = 1
+    #: set by a block whose code hands this pathway's output, unchanged, straight to the next
+    #: pathway: a hyper-connection may then let the next one rebuild its streams in backward
+    #: inside ``torch.compile`` too, where the version check of an in-place change cannot run
+    #: (see ``hyper._offer_rebuild``)
+    feeds_next: bool = False
 
     def forward(self, h: Tensor, branch: Branch) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.norm import RMSNorm
-from ._hc_fused import DepthConnection, WidthConnection
+from ._hc_fused import DepthConnection, WidthConnection, kept_for_rebuild
 from .base import Branch, Pathway, check_streams, expand_streams, reduce_streams
 
 
@@ -122,12 +122,12 @@ class HyperConnection(Pathway):
             norm_w = self.norm.weight.to(compute) if self.norm is not None else None
             stream_eps = self.stream_norm.eps if self.dynamic else 0.0
             norm_eps = self.norm.eps if self.norm is not None else 0.0
-            source, keep = _take_rebuild(h), []
-            x, mixed, beta = WidthConnection.apply(
-                h, self.static_alpha.to(compute), self.static_beta.to(compute), dyn_w, s_alpha,
-                s_beta, norm_w, stream_eps, norm_eps, self.use_tanh, save_dtype, source,
-                None if torch.compiler.is_compiling() else keep)
-        return x, DepthContext(mixed, beta, h.dtype, tuple(keep) if keep else None)
+            source, static_alpha = _take_rebuild(h), self.static_alpha.to(compute)
+            x, mixed, beta, *kept = WidthConnection.apply(
+                h, static_alpha, self.static_beta.to(compute), dyn_w, s_alpha,
+                s_beta, norm_w, stream_eps, norm_eps, self.use_tanh, save_dtype, source, source is None)
+        kept = None if source is not None else kept_for_rebuild(*kept, h, static_alpha)
+        return x, DepthContext(mixed, beta, h.dtype, kept)
 
     def width_connection_reference(self, h: Tensor) -> tuple[Tensor, DepthContext]:
         """The same computation in plain autograd (reference for tests, and for inference)."""
@@ -177,7 +177,7 @@ class HyperConnection(Pathway):
         with torch.autocast(y.device.type, enabled=False):
             out = DepthConnection.apply(mixed, beta, y, dtype)  # (B, T, n, d)
         if ctx.kept is not None:
-            _offer_rebuild(out, (*ctx.kept, beta.detach(), y.detach()))
+            _offer_rebuild(self, out, (*ctx.kept, beta.detach(), y.detach()))
         return out
 
     def depth_connection_reference(self, ctx: DepthContext, y: Tensor) -> Tensor:
@@ -230,23 +230,31 @@ class HyperConnection(Pathway):
 # kernels on CPU; tensors modified in place after they were saved fail backward, as autograd does).
 # A node that rebuilds offers nothing to the next one, so every other branch keeps a copy. The
 # offer is an attribute of the returned tensor, with its version: an in-place change of the
-# streams in between cancels it. Never inside torch.compile (Inductor decides what to keep).
+# streams in between cancels it. Inside torch.compile a tensor's version cannot be read, so there
+# only a pathway whose block hands its output straight to the next pathway (``feeds_next``, set by
+# ``models.Block``) offers; the compiled graph then keeps the source tensors once for both nodes.
 _REBUILD = "_hyperbit_rebuild"
 #: rebuild the streams of every other branch in backward instead of keeping a copy (False: every
 #: width connection keeps its own copy; the gradients are the same, bit for bit without autocast)
 REBUILD_STREAMS = True
 
 
-def _offer_rebuild(out: Tensor, source: tuple[Tensor, ...]) -> None:
+def _offer_rebuild(pathway: nn.Module, out: Tensor, source: tuple[Tensor, ...]) -> None:
     if not torch.compiler.is_compiling():
         setattr(out, _REBUILD, (out._version, source))
+    elif pathway.feeds_next:
+        setattr(out, _REBUILD, (None, source))
 
 
 def _take_rebuild(h: Tensor) -> tuple[Tensor, ...] | None:
-    if not REBUILD_STREAMS or torch.compiler.is_compiling():
+    if not REBUILD_STREAMS:
         return None
     offer = getattr(h, _REBUILD, None)
-    return offer[1] if offer is not None and offer[0] == h._version else None
+    if offer is None:
+        return None
+    if torch.compiler.is_compiling():  # made by a pathway whose output comes straight here
+        return offer[1] if offer[0] is None else None
+    return offer[1] if offer[0] == h._version else None
 
 
 def static_and_gain_names(dynamic: bool) -> set[str]:

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.norm import RMSNorm, rms_rstd
-from ._hc_fused import DepthConnection, _bmm, _project
+from ._hc_fused import DepthConnection, _bmm, _project, kept_for_rebuild
 from .base import Branch, Pathway, check_streams, expand_streams, reduce_streams
 from .hyper import DepthContext, _offer_rebuild, _take_rebuild
 from ._mhc_fused import ManifoldWidth
@@ -181,11 +181,12 @@ class ManifoldHyperConnection(Pathway):
         device, compute = h.device.type, _compute_dtype(h)
         save_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         with torch.autocast(device, enabled=False):
-            source, keep = _take_rebuild(h), []
-            x, mixed, post = ManifoldWidth.apply(
+            source = _take_rebuild(h)
+            x, mixed, post, *kept = ManifoldWidth.apply(
                 h, self.phi.to(compute), self.stream_eps, self._map, *self._small(compute),
-                self.norm.weight.to(compute), self.norm.eps, save_dtype, source, keep)
-        return x, DepthContext(mixed, post, h.dtype, tuple(keep) if keep else None)
+                self.norm.weight.to(compute), self.norm.eps, save_dtype, source, source is None)
+        kept = None if source is not None else kept_for_rebuild(*kept, h)
+        return x, DepthContext(mixed, post, h.dtype, kept)
 
     def width_connection_reference(self, h: Tensor) -> tuple[Tensor, DepthContext]:
         """The same computation in plain autograd (the reference for tests, and the path inside
@@ -215,7 +216,7 @@ class ManifoldHyperConnection(Pathway):
             if torch.is_grad_enabled():  # keeps y and post for backward, nothing of size n*d
                 out = DepthConnection.apply(mixed, post, y, dtype)
                 if ctx.kept is not None:
-                    _offer_rebuild(out, (*ctx.kept, post.detach(), y.detach()))
+                    _offer_rebuild(self, out, (*ctx.kept, post.detach(), y.detach()))
                 return out
             return (mixed + post.unsqueeze(-1) * y.to(mixed.dtype).unsqueeze(-2)).to(dtype)
 
