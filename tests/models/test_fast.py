@@ -186,7 +186,8 @@ def _counting(monkeypatch) -> collections.Counter:
     """Calls of the connections' kernels by name; ``rebuilt``: backward calls that rebuilt the
     streams (given no ``h``)."""
     calls: collections.Counter = collections.Counter()
-    for name in ("hc_forward", "hc_forward_dynamic", "hc_backward", "depth_forward", "depth_backward"):
+    for name in ("hc_forward", "hc_forward_dynamic", "hc_backward", "depth_forward", "depth_backward",
+                 "hc_rebuild"):
         real = getattr(native, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
@@ -204,8 +205,9 @@ def _counting(monkeypatch) -> collections.Counter:
 @pytest.mark.parametrize("autocast", [False, True])
 def test_compiled_blocks_run_the_kernels_and_match_eager(kind, width, autocast, monkeypatch):
     """Each block in one graph (``fullgraph``), the connections' kernels called from it once per
-    branch forward and backward (the second connection of each block rebuilding its streams),
-    and loss and gradients those of the eager model (which runs the same kernels)."""
+    branch forward and backward (the depth connection mixing the streams, ``hc_rebuild``; the
+    second connection of each block rebuilding its streams in backward), and loss and gradients
+    those of the eager model (which runs the same kernels)."""
     torch._dynamo.reset()
     calls = _counting(monkeypatch)
     idx, targets = _batch()
@@ -215,7 +217,7 @@ def test_compiled_blocks_run_the_kernels_and_match_eager(kind, width, autocast, 
         calls.clear()
         got = _loss_and_grads(compiled, idx, targets)
     branches = 2 * len(compiled.blocks)
-    assert calls == {width: branches, "hc_backward": branches, "depth_forward": branches,
+    assert calls == {width: branches, "hc_backward": branches, "hc_rebuild": branches,
                      "depth_backward": branches, "rebuilt": len(compiled.blocks)}
     tol = dict(rtol=1e-2, atol=1e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], ref[1], **tol)

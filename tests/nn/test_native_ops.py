@@ -22,11 +22,12 @@ def _t(*shape, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("norm", [False, True])
 def test_forward_operators_pass_opcheck(save_bf16, norm):
     h, w = _t(B, T, N, D), (_t(D, seed=1) if norm else None)
-    torch.library.opcheck(ops._hc_forward_op, (h, _t(N, N + 1, seed=2), save_bf16, w, 1e-6))
-    torch.library.opcheck(ops._hc_forward_op, (h, _t(B, T, N, N + 1, seed=2), save_bf16, w, 1e-6))
-    torch.library.opcheck(ops._hc_forward_dynamic_op, (
-        h, _t(N, N + 1, seed=2), _t(N, seed=3), _t(N + 2, D, seed=4), torch.full((1,), 0.5),
-        torch.full((1,), 0.25), 1e-6, True, save_bf16, w, 1e-6))
+    for mixed in (True, False):
+        torch.library.opcheck(ops._hc_forward_op, (h, _t(N, N + 1, seed=2), save_bf16, w, 1e-6, mixed))
+        torch.library.opcheck(ops._hc_forward_op, (h, _t(B, T, N, N + 1, seed=2), save_bf16, w, 1e-6, mixed))
+        torch.library.opcheck(ops._hc_forward_dynamic_op, (
+            h, _t(N, N + 1, seed=2), _t(N, seed=3), _t(N + 2, D, seed=4), torch.full((1,), 0.5),
+            torch.full((1,), 0.25), 1e-6, True, save_bf16, w, 1e-6, mixed))
 
 
 @pytest.mark.parametrize("dynamic", [False, True])

@@ -347,19 +347,20 @@ static void hc_norm_token_##SUF(T *x, int64_t d, const hb_norm *nm, int64_t tok)
     for (int64_t c = 0; c < d; c++) x[c] = x[c] * rs * w[c];                                      \
 }                                                                                                 \
                                                                                                   \
-/* one token's mixing: x (d) = A_m^T H (normed if nm), mixed (n, d) = A_r^T H, and the bf16 copy \
-   of H if saved */                                                                               \
+/* one token's mixing: x (d) = A_m^T H (normed if nm), mixed (n, d) = A_r^T H if mixed (else the \
+   depth connection mixes, hb_hc_streams), and the bf16 copy of H if saved */                    \
 static void hc_mix_token_##SUF(const T *ht, int n, int64_t d, const T *a, T *x, T *mixed,         \
                                uint16_t *saved, const hb_norm *nm, int64_t tok) {                 \
     hc_mix_row_##SUF(ht, n, d, a, 0, x);                                                          \
     if (nm) hc_norm_token_##SUF(x, d, nm, tok);                                                   \
-    for (int j = 1; j <= n; j++) hc_mix_row_##SUF(ht, n, d, a, j, mixed + (int64_t)(j - 1) * d);  \
+    if (mixed)                                                                                    \
+        for (int j = 1; j <= n; j++) hc_mix_row_##SUF(ht, n, d, a, j, mixed + (int64_t)(j - 1) * d); \
     if (saved)                                                                                    \
         for (int64_t c = 0; c < n * d; c++) saved[c] = hb_f32_to_bf16((float)ht[c]);             \
 }                                                                                                 \
                                                                                                   \
-/* h (N, n, d); alpha (n, n+1) or (N, n, n+1) (alpha_per_token); saved: a bf16 copy of h, or  \
-   NULL; nm: the branch norm, or NULL. */                                                        \
+/* h (N, n, d); alpha (n, n+1) or (N, n, n+1) (alpha_per_token); mixed, or NULL; saved: a bf16  \
+   copy of h, or NULL; nm: the branch norm, or NULL. */                                          \
 int hb_hc_forward_##SUF(const T *h, int64_t N, int n, int64_t d, const T *alpha,                \
                         int alpha_per_token, T *x, T *mixed, uint16_t *saved, const hb_norm *nm, \
                         int nthreads) {                                                           \
@@ -368,7 +369,8 @@ int hb_hc_forward_##SUF(const T *h, int64_t N, int n, int64_t d, const T *alpha,
     for (int64_t tok = 0; tok < N; tok++)                                                         \
         hc_mix_token_##SUF(h + tok * n * d, n, d,                                                 \
                            alpha + (alpha_per_token ? tok * n * (n + 1) : 0), x + tok * d,       \
-                           mixed + tok * n * d, saved ? saved + tok * n * d : NULL, nm, tok);     \
+                           mixed ? mixed + tok * n * d : NULL, saved ? saved + tok * n * d : NULL, \
+                           nm, tok);                                                              \
     return 0;                                                                                     \
 }                                                                                                 \
                                                                                                   \
@@ -406,7 +408,7 @@ int hb_hc_forward_dynamic_##SUF(const T *h, int64_t N, int n, int64_t d, const T
                 at[i * (n + 1) + j] = tt[i * k2 + j] * s_alpha + static_alpha[i * (n + 1) + j];   \
             beta[tok * n + i] = tt[i * k2 + n + 1] * s_beta + static_beta[i];                     \
         }                                                                                         \
-        hc_mix_token_##SUF(ht, n, d, at, x + tok * d, mixed + tok * n * d,                        \
+        hc_mix_token_##SUF(ht, n, d, at, x + tok * d, mixed ? mixed + tok * n * d : NULL,         \
                            saved ? saved + tok * n * d : NULL, nm, tok);                          \
     }                                                                                             \
     return 0;                                                                                     \

@@ -202,30 +202,32 @@ def _norm_forward(norm_w: Tensor | None, eps: float, x: Tensor) -> tuple[Any, Te
 
 
 def hc_forward(h: Tensor, alpha: Tensor, save_bf16: bool, norm_w: Tensor | None = None,
-               norm_eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+               norm_eps: float = 0.0, mixed: bool = True
+               ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The width connection's mixing in one pass per token: ``h`` (B, T, n, d) in the compute
     dtype, ``alpha`` (n, n+1) static or (B, T, n, n+1) per token. Returns the branch input
     ``x = A_m^T H`` (B, T, d), RMS-normed with gain ``norm_w`` if given, the mixed streams
-    ``A_r^T H`` (B, T, n, d), a bf16 copy of ``h`` when ``save_bf16`` (else None), and the norm's
+    ``A_r^T H`` (B, T, n, d) when ``mixed`` (else None: the depth connection mixes, see
+    :func:`hc_rebuild`), a bf16 copy of ``h`` when ``save_bf16`` (else None), and the norm's
     per-token rstd (B, T, 1) (None without a norm)."""
     lead, (n, d) = h.shape[:-2], h.shape[-2:]
     # contiguous copies are held in names until the call returns (a temporary's memory could be
     # reused while C still reads it)
     h, alpha = h.contiguous(), alpha.contiguous()
-    x, mixed = h.new_empty(*lead, d), h.new_empty(*lead, n, d)
+    x, mixed = h.new_empty(*lead, d), h.new_empty(*lead, n, d) if mixed else None
     saved = torch.empty(h.shape, dtype=torch.bfloat16) if save_bf16 else None
     nm, rstd, hold = _norm_forward(norm_w, norm_eps, x)
     _check(_fn("hb_hc_forward", h.dtype)(
         h.data_ptr(), x[..., 0].numel(), n, d, alpha.data_ptr(), int(alpha.dim() > 2), x.data_ptr(),
-        mixed.data_ptr(), _ptr(saved), nm, _threads()), "hc_forward")
+        _ptr(mixed), _ptr(saved), nm, _threads()), "hc_forward")
     del hold
     return x, mixed, saved, rstd
 
 
 def hc_forward_dynamic(h: Tensor, static_alpha: Tensor, static_beta: Tensor, wt: Tensor,
                        s_alpha: float, s_beta: float, eps: float, use_tanh: bool, save_bf16: bool,
-                       norm_w: Tensor | None = None, norm_eps: float = 0.0
-                       ) -> tuple[tuple[Tensor, Tensor, Tensor | None, Tensor | None], tuple[Tensor, ...]]:
+                       norm_w: Tensor | None = None, norm_eps: float = 0.0, mixed: bool = True
+                       ) -> tuple[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None], tuple[Tensor, ...]]:
     """DHC's width connection forward in one pass per token: the dynamic weights (the stream
     norm's ``r`` (B, T, n, 1), ``p = H Wt^T`` and ``t = tanh(p r)`` (B, T, n, n+2), alpha
     (B, T, n, n+1), beta (B, T, n)), then the mixing of :func:`hc_forward` (and its branch
@@ -234,7 +236,7 @@ def hc_forward_dynamic(h: Tensor, static_alpha: Tensor, static_beta: Tensor, wt:
     lead, (n, d) = h.shape[:-2], h.shape[-2:]
     h, static_alpha, static_beta, wt = (h.contiguous(), static_alpha.contiguous(),
                                         static_beta.contiguous(), wt.contiguous())
-    x, mixed = h.new_empty(*lead, d), h.new_empty(*lead, n, d)
+    x, mixed = h.new_empty(*lead, d), h.new_empty(*lead, n, d) if mixed else None
     saved = torch.empty(h.shape, dtype=torch.bfloat16) if save_bf16 else None
     r, p, t = h.new_empty(*lead, n, 1), h.new_empty(*lead, n, n + 2), h.new_empty(*lead, n, n + 2)
     alpha, beta = h.new_empty(*lead, n, n + 1), h.new_empty(*lead, n)
@@ -242,7 +244,7 @@ def hc_forward_dynamic(h: Tensor, static_alpha: Tensor, static_beta: Tensor, wt:
     _check(_fn("hb_hc_forward_dynamic", h.dtype)(
         h.data_ptr(), x[..., 0].numel(), n, d, static_alpha.data_ptr(), static_beta.data_ptr(),
         wt.data_ptr(), s_alpha, s_beta, eps, int(use_tanh), r.data_ptr(), p.data_ptr(), t.data_ptr(),
-        alpha.data_ptr(), beta.data_ptr(), x.data_ptr(), mixed.data_ptr(), _ptr(saved), nm, _threads()),
+        alpha.data_ptr(), beta.data_ptr(), x.data_ptr(), _ptr(mixed), _ptr(saved), nm, _threads()),
         "hc_forward_dynamic")
     del hold
     return (x, mixed, saved, rstd), (alpha, beta, r, p, t)

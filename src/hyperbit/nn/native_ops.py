@@ -42,15 +42,15 @@ def _f(s: Tensor | float | None) -> float:
 
 @torch.library.custom_op("hyperbit::hc_forward", mutates_args=())
 def _hc_forward_op(h: Tensor, alpha: Tensor, save_bf16: bool, norm_w: Optional[Tensor],
-                   norm_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    x, mixed, saved, rstd = native.hc_forward(h, alpha, save_bf16, norm_w, norm_eps)
-    return x, mixed, _opt(saved, h), _opt(rstd, h)
+                   norm_eps: float, mixed: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    x, mixed_, saved, rstd = native.hc_forward(h, alpha, save_bf16, norm_w, norm_eps, mixed)
+    return x, _opt(mixed_, h), _opt(saved, h), _opt(rstd, h)
 
 
 @_hc_forward_op.register_fake
-def _hc_forward_fake(h, alpha, save_bf16, norm_w, norm_eps):
+def _hc_forward_fake(h, alpha, save_bf16, norm_w, norm_eps, mixed):
     lead, (n, d) = h.shape[:-2], h.shape[-2:]
-    return (h.new_empty(*lead, d), h.new_empty(*lead, n, d),
+    return (h.new_empty(*lead, d), h.new_empty(*lead, n, d) if mixed else h.new_empty(_NONE),
             h.new_empty(h.shape, dtype=torch.bfloat16) if save_bf16 else h.new_empty(_NONE),
             h.new_empty(*lead, 1) if norm_w is not None else h.new_empty(_NONE))
 
@@ -58,16 +58,17 @@ def _hc_forward_fake(h, alpha, save_bf16, norm_w, norm_eps):
 @torch.library.custom_op("hyperbit::hc_forward_dynamic", mutates_args=())
 def _hc_forward_dynamic_op(h: Tensor, static_alpha: Tensor, static_beta: Tensor, wt: Tensor,
                            s_alpha: Tensor, s_beta: Tensor, eps: float, use_tanh: bool, save_bf16: bool,
-                           norm_w: Optional[Tensor], norm_eps: float) -> list[Tensor]:
-    (x, mixed, saved, rstd), weights = native.hc_forward_dynamic(
-        h, static_alpha, static_beta, wt, _f(s_alpha), _f(s_beta), eps, use_tanh, save_bf16, norm_w, norm_eps)
-    return [x, mixed, _opt(saved, h), _opt(rstd, h), *weights]
+                           norm_w: Optional[Tensor], norm_eps: float, mixed: bool) -> list[Tensor]:
+    (x, mixed_, saved, rstd), weights = native.hc_forward_dynamic(
+        h, static_alpha, static_beta, wt, _f(s_alpha), _f(s_beta), eps, use_tanh, save_bf16, norm_w, norm_eps,
+        mixed)
+    return [x, _opt(mixed_, h), _opt(saved, h), _opt(rstd, h), *weights]
 
 
 @_hc_forward_dynamic_op.register_fake
-def _(h, static_alpha, static_beta, wt, s_alpha, s_beta, eps, use_tanh, save_bf16, norm_w, norm_eps):
+def _(h, static_alpha, static_beta, wt, s_alpha, s_beta, eps, use_tanh, save_bf16, norm_w, norm_eps, mixed):
     lead, n = h.shape[:-2], h.shape[-2]
-    return [*_hc_forward_fake(h, static_alpha, save_bf16, norm_w, norm_eps),
+    return [*_hc_forward_fake(h, static_alpha, save_bf16, norm_w, norm_eps, mixed),
             h.new_empty(*lead, n, n + 1), h.new_empty(*lead, n), h.new_empty(*lead, n, 1),
             h.new_empty(*lead, n, n + 2), h.new_empty(*lead, n, n + 2)]
 
@@ -160,24 +161,25 @@ def _(g, beta, y, need_y, need_beta):
 # -- what the autograd nodes call ----------------------------------------------------------------
 
 def hc_forward(h: Tensor, alpha: Tensor, save_bf16: bool, norm_w: Tensor | None = None,
-               norm_eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+               norm_eps: float = 0.0, mixed: bool = True
+               ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """:func:`.native.hc_forward`, also inside ``torch.compile``."""
     if not torch.compiler.is_compiling():
-        return native.hc_forward(h, alpha, save_bf16, norm_w, norm_eps)
-    x, mixed, saved, rstd = _hc_forward_op(h, alpha, save_bf16, norm_w, norm_eps)
-    return x, mixed, _none(saved), _none(rstd)
+        return native.hc_forward(h, alpha, save_bf16, norm_w, norm_eps, mixed)
+    x, mixed_, saved, rstd = _hc_forward_op(h, alpha, save_bf16, norm_w, norm_eps, mixed)
+    return x, _none(mixed_), _none(saved), _none(rstd)
 
 
 def hc_forward_dynamic(h: Tensor, static_alpha: Tensor, static_beta: Tensor, wt: Tensor,
                        s_alpha: Tensor, s_beta: Tensor, eps: float, use_tanh: bool, save_bf16: bool,
-                       norm_w: Tensor | None = None, norm_eps: float = 0.0):
+                       norm_w: Tensor | None = None, norm_eps: float = 0.0, mixed: bool = True):
     """:func:`.native.hc_forward_dynamic`, also inside ``torch.compile`` (the gains as tensors)."""
     if not torch.compiler.is_compiling():
         return native.hc_forward_dynamic(h, static_alpha, static_beta, wt, float(s_alpha), float(s_beta),
-                                         eps, use_tanh, save_bf16, norm_w, norm_eps)
-    x, mixed, saved, rstd, *weights = _hc_forward_dynamic_op(
-        h, static_alpha, static_beta, wt, s_alpha, s_beta, eps, use_tanh, save_bf16, norm_w, norm_eps)
-    return (x, mixed, _none(saved), _none(rstd)), tuple(weights)
+                                         eps, use_tanh, save_bf16, norm_w, norm_eps, mixed)
+    x, mixed_, saved, rstd, *weights = _hc_forward_dynamic_op(
+        h, static_alpha, static_beta, wt, s_alpha, s_beta, eps, use_tanh, save_bf16, norm_w, norm_eps, mixed)
+    return (x, _none(mixed_), _none(saved), _none(rstd)), tuple(weights)
 
 
 def hc_backward(h: Tensor | None, alpha: Tensor, g_x: Tensor, g_mixed: Tensor | None,

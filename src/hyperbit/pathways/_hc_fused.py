@@ -171,9 +171,10 @@ def kernel_mix_backward(h: Tensor | None, src: tuple[Tensor, ...] | None, alpha:
 
 def kept_outputs(ctx, saved: Tensor | None, alpha: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """A width node's saved streams and alpha as two more (non-differentiable) results, for the
-    next node's rebuild source; None for one that equals an input of the node (the streams kept in
-    their own dtype, static alpha), which the caller fills in (:func:`kept_for_rebuild`). Results,
-    not a side channel: inside ``torch.compile`` only a node's results may leave its subgraph."""
+    next node's rebuild source and for a depth node that mixes (:class:`DepthFromStreams`); None
+    for one that equals an input of the node (the streams kept in their own dtype, static alpha),
+    which the caller fills in (:func:`kept_for_rebuild`). Results, not a side channel: inside
+    ``torch.compile`` only a node's results may leave its subgraph."""
     ctx.mark_non_differentiable(*(t for t in (saved, alpha) if t is not None))
     return saved, alpha
 
@@ -184,6 +185,20 @@ def kept_for_rebuild(saved: Tensor | None, alpha: Tensor | None, streams: Tensor
     with the node's inputs filled back in."""
     return (streams.detach() if saved is None else saved,
             static_alpha.detach() if alpha is None else alpha)
+
+
+def placeholder(h: Tensor) -> Tensor:
+    """A width node's ``mixed`` result when its depth node mixes the streams itself: the shape of
+    ``H`` and no memory (a zero-stride view of one zero), through which the depth node hands
+    ``dL/d(A_r^T H)`` back to the width node's backward."""
+    return h.new_zeros(()).expand(h.shape)
+
+
+def mixes_in_depth(h: Tensor, compute: torch.dtype, save_dtype: torch.dtype) -> bool:
+    """Whether the width node leaves the mixing ``A_r^T H`` to the depth node (C kernels, streams
+    in the compute dtype): then the width kernel writes no n*d ``mixed`` tensor, and the depth
+    kernel reads ``H`` in its place (one n*d write and its read less per branch)."""
+    return h.dtype == compute and _native_ok(h, compute, save_dtype)
 
 
 def _native_ok(h: Tensor, compute: torch.dtype, save_dtype: torch.dtype) -> bool:
@@ -205,10 +220,11 @@ class WidthConnection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, static_alpha, static_beta, dyn_wt, s_alpha, s_beta, norm_w,
-                stream_eps, norm_eps, use_tanh, save_dtype, source=None, keep=False):
+                stream_eps, norm_eps, use_tanh, save_dtype, source=None, keep=False, lazy=False):
         # the weights come in the compute dtype (fp32, or fp64); h in the streams' dtype.
         # source: (prev, alpha, beta, y) that rebuild h (see rebuild_streams): h is not kept.
         # keep: also return (saved h, alpha) when h is kept, for the next node's source.
+        # lazy: mixes_in_depth holds; mixed is a placeholder, and alpha is returned.
         ctx.h_dtype, streams = h.dtype, h
         compute = static_alpha.dtype
         h = h.to(compute).contiguous()  # expand_streams' broadcast view would slow bmm
@@ -223,11 +239,13 @@ class WidthConnection(torch.autograd.Function):
             if dyn_wt is not None:
                 (x, mixed, saved, x_rstd), (alpha, beta, r, p, t) = native_ops.hc_forward_dynamic(
                     h, static_alpha, static_beta, dyn_wt, s_alpha, s_beta, stream_eps,
-                    use_tanh, save_bf16, kn, norm_eps)
+                    use_tanh, save_bf16, kn, norm_eps, not lazy)
             else:
                 r = p = t = None
                 alpha, beta = static_alpha, static_beta.clone()
-                x, mixed, saved, x_rstd = native_ops.hc_forward(h, alpha, save_bf16, kn, norm_eps)
+                x, mixed, saved, x_rstd = native_ops.hc_forward(h, alpha, save_bf16, kn, norm_eps, not lazy)
+            if lazy:
+                mixed = placeholder(h)
             if saved is None:
                 saved = h if save_dtype == compute else streams.contiguous()
             out = x
@@ -250,12 +268,10 @@ class WidthConnection(torch.autograd.Function):
             out, mixed, x_rstd = mix_forward(h, alpha, norm_w, norm_eps)
         # H is the only n*d tensor kept, or none when it can be rebuilt from what earlier nodes
         # keep anyway; the rest is O(n^2) per token or parameters.
-        kept = (None, None)
         if source is not None:
             saved = None
-        elif keep:
-            kept = kept_outputs(ctx, saved if streams.dtype != save_dtype else None,
-                                alpha if dyn_wt is not None else None)
+        kept = kept_outputs(ctx, saved if keep and streams.dtype != save_dtype else None,
+                            alpha if dyn_wt is not None and (keep or lazy) else None)
         ctx.save_for_backward(saved, static_alpha, dyn_wt, s_alpha, s_beta, norm_w,
                               alpha, r, p, t, x_rstd, *(source or (None,) * 4))
         ctx.use_tanh = use_tanh
@@ -285,7 +301,7 @@ class WidthConnection(torch.autograd.Function):
         g_static_alpha = g_alpha_tok.reshape(-1, n, n + 1).sum(0)
         if dyn_wt is None:
             return (g_h.to(ctx.h_dtype), g_static_alpha, g_beta, None, None, None, g_norm_w,
-                    None, None, None, None, None, None)
+                    None, None, None, None, None, None, None)
         if g_beta is None:
             g_beta = torch.zeros_like(t[..., 0])
         g_static_beta = g_beta.reshape(-1, n).sum(0)
@@ -301,7 +317,7 @@ class WidthConnection(torch.autograd.Function):
             g_h.view(-1, d).addmm_(g_p, dyn_wt)  # += dL/dP Wt
             g_h.addcmul_(h, (g_z * p).sum(-1, keepdim=True) * r.pow(3), value=-1.0 / d)  # via r(H)
         return (g_h.to(ctx.h_dtype), g_static_alpha, g_static_beta, g_wt, g_sa, g_sb, g_norm_w,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 class DepthConnection(torch.autograd.Function):
@@ -326,15 +342,16 @@ class DepthConnection(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        with torch.autocast(g.device.type, enabled=False):  # backward may run under autocast
-            return DepthConnection._backward(ctx, g)
+        need_beta, need_y = ctx.needs_input_grad[1:3]
+        return (*_depth_backward(ctx, g, need_beta, need_y), None)
 
-    @staticmethod
-    def _backward(ctx, g):
+
+def _depth_backward(ctx, g: Tensor, need_beta: bool, need_y: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """dL/d mixed (= ``g``), dL/dbeta, dL/dy of ``mixed + beta^T y``, from ``(beta, y)`` saved."""
+    with torch.autocast(g.device.type, enabled=False):  # backward may run under autocast
         beta, y = ctx.saved_tensors
         g = g.to(beta.dtype)
         n = g.shape[-2]
-        need_y, need_beta = ctx.needs_input_grad[2], ctx.needs_input_grad[1]
         if ctx.native:
             g_y, g_beta = native_ops.depth_backward(g, beta, y, need_y, need_beta)
             g_y = None if g_y is None else g_y.to(y.dtype)
@@ -343,4 +360,38 @@ class DepthConnection(torch.autograd.Function):
             g_beta = _bmm(g, y.to(g.dtype).unsqueeze(-1)).squeeze(-1) if need_beta else None  # <g_i, y>
         if g_beta is not None and beta.dim() == 1:
             g_beta = g_beta.reshape(-1, n).sum(0)
-        return g, g_beta, g_y, None
+        return g, g_beta, g_y
+
+
+class DepthFromStreams(torch.autograd.Function):
+    """The depth connection of a width node that left the mixing to it (:func:`mixes_in_depth`):
+    ``A_r^T H + beta^T y`` in one pass per token from the streams ``H`` themselves (C kernel
+    ``hb_hc_streams``, the width kernel's mixing arithmetic: bit for bit what the width node's
+    ``mixed`` plus :class:`DepthConnection` give). ``H`` and alpha come detached: the gradient of
+    the mixing flows back through the width node's placeholder ``mixed`` (its backward receives
+    dL/d(A_r^T H) = dL/d out, as from :class:`DepthConnection`). Keeps ``(beta, y)``."""
+
+    @staticmethod
+    def forward(ctx, placeholder, h, alpha, beta, y):
+        # h (B, T, n, d) in the compute dtype; alpha (n, n+1) or (B, T, n, n+1), beta (n,) or
+        # (B, T, n) in it; y (B, T, d) in any float dtype
+        compute = h.dtype
+        ctx.native = True
+        ctx.save_for_backward(beta, y)
+        takes = (compute,) + ((torch.bfloat16,) if compute == torch.float32 else ())
+        return native_ops.hc_rebuild(h, alpha, beta, y if y.dtype in takes else y.to(compute), compute)
+
+    @staticmethod
+    def backward(ctx, g):
+        need_beta, need_y = ctx.needs_input_grad[3:5]
+        g, g_beta, g_y = _depth_backward(ctx, g, need_beta, need_y)
+        return g, None, None, g_beta, g_y
+
+
+def depth_node(mixed: Tensor, beta: Tensor, y: Tensor, dtype: torch.dtype,
+               streams: tuple[Tensor, Tensor] | None) -> Tensor:
+    """The depth connection's node: :class:`DepthFromStreams` when the width node left the mixing
+    to it (``streams`` = (H, alpha)), else :class:`DepthConnection`."""
+    if streams is not None:
+        return DepthFromStreams.apply(mixed, *streams, beta, y)
+    return DepthConnection.apply(mixed, beta, y, dtype)

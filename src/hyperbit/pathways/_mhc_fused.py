@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..nn import native_ops
 from ..nn.norm import rms_rstd
-from ._hc_fused import (_native_ok, _project, backward_streams, branch_norm, kept_outputs, kernel_mix_backward,
+from ._hc_fused import (_native_ok, _project, backward_streams, branch_norm, kept_outputs, kernel_mix_backward, placeholder,
                         mix_backward,
                         mix_forward, rebuild_streams)
 
@@ -72,9 +72,10 @@ class ManifoldWidth(torch.autograd.Function):
     def forward(ctx, h: Tensor, phi: Tensor, stream_eps: float, weights: WeightsFn,
                 b_pre: Tensor, b_post: Tensor, b_res: Tensor, a_pre: Tensor, a_post: Tensor,
                 a_res: Tensor, norm_w: Tensor, norm_eps: float, save_dtype: torch.dtype,
-                source: tuple[Tensor, ...] | None = None, keep: bool = False):
-        # source / keep: as for _hc_fused.WidthConnection (the streams rebuilt in backward from
-        # what the previous connection's nodes keep, instead of a copy)
+                source: tuple[Tensor, ...] | None = None, keep: bool = False, lazy: bool = False):
+        # source / keep / lazy: as for _hc_fused.WidthConnection (the streams rebuilt in backward
+        # from what the previous connection's nodes keep, instead of a copy; the mixing left to
+        # the depth node)
         # phi, the biases, gates and norm gain come in the compute dtype (fp32, or fp64)
         ctx.h_dtype, streams = h.dtype, h
         h = h.to(phi.dtype).contiguous()  # expand_streams' broadcast view would slow the products
@@ -96,7 +97,9 @@ class ManifoldWidth(torch.autograd.Function):
         if ctx.native:  # the mixing and the bf16 copy of H in one pass per token (C)
             out, mixed, saved, x_rstd = native_ops.hc_forward(
                 h, alpha, save_dtype != h.dtype and streams.dtype != save_dtype,
-                norm_w if ctx.kernel_norm else None, norm_eps)
+                norm_w if ctx.kernel_norm else None, norm_eps, not lazy)
+            if lazy:
+                mixed = placeholder(h)
             if saved is None:
                 saved = h if h.dtype == save_dtype else streams.contiguous()
             if not ctx.kernel_norm:
@@ -104,11 +107,10 @@ class ManifoldWidth(torch.autograd.Function):
         else:
             saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()
             out, mixed, x_rstd = mix_forward(h, alpha, norm_w, norm_eps)
-        kept = (None, None)
         if source is not None:
             saved = None
-        elif keep:
-            kept = kept_outputs(ctx, saved if streams.dtype != save_dtype else None, alpha)
+        kept = kept_outputs(ctx, saved if keep and streams.dtype != save_dtype else None,
+                            alpha if keep or lazy else None)
         ctx.save_for_backward(saved, phi, norm_w, r, x_rstd, z, *(source or (None,) * 4))
         return out.to(ctx.h_dtype), mixed, post.detach(), *kept
 
@@ -152,4 +154,4 @@ class ManifoldWidth(torch.autograd.Function):
             x = _flat_streams(h, src, lo, lo + _CHUNK, compute, ctx.h_dtype)
             g_phi.addmm_(g_p[lo:lo + _CHUNK].T, x)
             g_x[lo:lo + _CHUNK].addcmul_(x, coef[lo:lo + _CHUNK], value=-1.0 / (n * d))
-        return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None, None, None)
+        return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None, None, None, None)

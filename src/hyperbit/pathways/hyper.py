@@ -32,20 +32,36 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.norm import RMSNorm
-from ._hc_fused import DepthConnection, WidthConnection, kept_for_rebuild
+from ._hc_fused import WidthConnection, depth_node, kept_for_rebuild, mixes_in_depth
 from .base import Branch, Pathway, check_streams, expand_streams, reduce_streams
 
 
 class DepthContext(NamedTuple):
     """What :meth:`HyperConnection.width_connection` hands to ``depth_connection``."""
 
-    mixed: Tensor  # A_r^T H, (B, T, n, d), in the compute dtype (fp32, or fp64)
+    #: A_r^T H, (B, T, n, d), in the compute dtype (fp32, or fp64); a placeholder when ``streams``
+    #: is set (read :attr:`mixed`)
+    mix: Tensor
     beta: Tensor  # (n,) static or (B, T, n) dynamic, in the compute dtype
     dtype: torch.dtype  # the streams' dtype: the new streams are returned in it
     #: (the streams the width node keeps for backward, alpha), or None: with the depth node's beta
     #: and branch output they rebuild the new streams (``_hc_fused.rebuild_streams``), so the next
     #: width node need not keep a copy of its own (:func:`_offer_rebuild`)
     kept: tuple[Tensor, Tensor] | None = None
+    #: (H, alpha, H's version) when the width node left the mixing to the depth node
+    #: (``_hc_fused.mixes_in_depth``: ``mix`` is then a placeholder), else None
+    streams: tuple[Tensor, Tensor, int | None] | None = None
+
+    @property
+    def mixed(self) -> Tensor:
+        """A_r^T H (B, T, n, d) in the compute dtype, differentiable (computed here from the
+        streams when the width node left the mixing to the depth node)."""
+        streams = streams_for_depth(self)
+        if streams is None:
+            return self.mix
+        h, alpha = streams
+        zero_y = h.new_zeros(h.shape[:-2] + h.shape[-1:])
+        return depth_node(self.mix, self.beta.detach().new_zeros(h.shape[-2]), zero_y, self.dtype, streams)
 
 
 class HyperConnection(Pathway):
@@ -123,11 +139,12 @@ class HyperConnection(Pathway):
             stream_eps = self.stream_norm.eps if self.dynamic else 0.0
             norm_eps = self.norm.eps if self.norm is not None else 0.0
             source, static_alpha = _take_rebuild(h), self.static_alpha.to(compute)
-            x, mixed, beta, *kept = WidthConnection.apply(
-                h, static_alpha, self.static_beta.to(compute), dyn_w, s_alpha,
-                s_beta, norm_w, stream_eps, norm_eps, self.use_tanh, save_dtype, source, source is None)
-        kept = None if source is not None else kept_for_rebuild(*kept, h, static_alpha)
-        return x, DepthContext(mixed, beta, h.dtype, kept)
+            lazy = mixes_in_depth(h, compute, save_dtype)
+            x, mixed, beta, saved, alpha = WidthConnection.apply(
+                h, static_alpha, self.static_beta.to(compute), dyn_w, s_alpha, s_beta, norm_w,
+                stream_eps, norm_eps, self.use_tanh, save_dtype, source, source is None, lazy)
+        kept = None if source is not None else kept_for_rebuild(saved, alpha, h, static_alpha)
+        return x, DepthContext(mixed, beta, h.dtype, kept, depth_streams(lazy, h, alpha, static_alpha))
 
     def width_connection_reference(self, h: Tensor) -> tuple[Tensor, DepthContext]:
         """The same computation in plain autograd (reference for tests, and for inference)."""
@@ -168,14 +185,14 @@ class HyperConnection(Pathway):
 
         Computed in fp32 (``y`` is kept for backward in its own, e.g. autocast, dtype); the new
         streams come back in the dtype of the streams ``width_connection`` was given."""
-        mixed, beta, dtype = ctx.mixed, ctx.beta, ctx.dtype
+        mixed, beta, dtype = ctx.mix, ctx.beta, ctx.dtype
         if y.shape != mixed.shape[:-2] + mixed.shape[-1:]:
             raise ValueError(f"depth_connection expects the branch output (B, T, d) = "
                              f"{tuple(mixed.shape[:-2] + mixed.shape[-1:])}, got shape {tuple(y.shape)}")
         if not (self.fused and torch.is_grad_enabled()):
             return self.depth_connection_reference(ctx, y)
         with torch.autocast(y.device.type, enabled=False):
-            out = DepthConnection.apply(mixed, beta, y, dtype)  # (B, T, n, d)
+            out = depth_node(mixed, beta, y, dtype, streams_for_depth(ctx))  # (B, T, n, d)
         if ctx.kept is not None:
             _offer_rebuild(self, out, (*ctx.kept, beta.detach(), y.detach()))
         return out
@@ -237,6 +254,29 @@ _REBUILD = "_hyperbit_rebuild"
 #: rebuild the streams of every other branch in backward instead of keeping a copy (False: every
 #: width connection keeps its own copy; the gradients are the same, bit for bit without autocast)
 REBUILD_STREAMS = True
+
+
+def depth_streams(lazy: bool, h: Tensor, alpha: Tensor | None, static_alpha: Tensor
+                  ) -> tuple[Tensor, Tensor, int | None] | None:
+    """``DepthContext.streams`` for a width node that left the mixing to the depth node (``lazy``):
+    its input streams, its alpha (returned per token, or the static one) and the streams' version
+    (None inside torch.compile, where it cannot be read)."""
+    if not lazy:
+        return None
+    version = None if torch.compiler.is_compiling() else h._version
+    return h.detach(), (static_alpha if alpha is None else alpha).detach(), version
+
+
+def streams_for_depth(ctx: DepthContext) -> tuple[Tensor, Tensor] | None:
+    """(H, alpha) for the depth node from ``ctx.streams``; a changed version of H (changed in place
+    while the branch ran) is an error, as autograd's for a changed saved tensor."""
+    if ctx.streams is None:
+        return None
+    h, alpha, version = ctx.streams
+    if version is not None and h._version != version:
+        raise RuntimeError("the streams given to width_connection were modified in place before "
+                           "depth_connection: the depth connection reads them (mixing A_r^T H)")
+    return h, alpha
 
 
 def _offer_rebuild(pathway: nn.Module, out: Tensor, source: tuple[Tensor, ...]) -> None:

@@ -51,9 +51,9 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.norm import RMSNorm, rms_rstd
-from ._hc_fused import DepthConnection, _bmm, _project, kept_for_rebuild
+from ._hc_fused import _bmm, _project, depth_node, kept_for_rebuild, mixes_in_depth
 from .base import Branch, Pathway, check_streams, expand_streams, reduce_streams
-from .hyper import DepthContext, _offer_rebuild, _take_rebuild
+from .hyper import DepthContext, _offer_rebuild, _take_rebuild, depth_streams, streams_for_depth
 from ._mhc_fused import ManifoldWidth
 from .sinkhorn import birkhoff, permutation_matrices, sinkhorn
 
@@ -181,12 +181,12 @@ class ManifoldHyperConnection(Pathway):
         device, compute = h.device.type, _compute_dtype(h)
         save_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         with torch.autocast(device, enabled=False):
-            source = _take_rebuild(h)
-            x, mixed, post, *kept = ManifoldWidth.apply(
+            source, lazy = _take_rebuild(h), mixes_in_depth(h, compute, save_dtype)
+            x, mixed, post, saved, alpha = ManifoldWidth.apply(
                 h, self.phi.to(compute), self.stream_eps, self._map, *self._small(compute),
-                self.norm.weight.to(compute), self.norm.eps, save_dtype, source, source is None)
-        kept = None if source is not None else kept_for_rebuild(*kept, h)
-        return x, DepthContext(mixed, post, h.dtype, kept)
+                self.norm.weight.to(compute), self.norm.eps, save_dtype, source, source is None, lazy)
+        kept = None if source is not None else kept_for_rebuild(saved, alpha, h)
+        return x, DepthContext(mixed, post, h.dtype, kept, depth_streams(lazy, h, alpha, alpha))
 
     def width_connection_reference(self, h: Tensor) -> tuple[Tensor, DepthContext]:
         """The same computation in plain autograd (the reference for tests, and the path inside
@@ -208,16 +208,17 @@ class ManifoldHyperConnection(Pathway):
     def depth_connection(self, ctx: DepthContext, y: Tensor) -> Tensor:
         """``res H + post^T y``: the branch output ``y: (B, T, d)`` added to every stream, scaled
         by post; computed in fp32 and returned in the dtype of the streams given to width."""
-        mixed, post, dtype = ctx.mixed, ctx.beta, ctx.dtype
+        mixed, post, dtype = ctx.mix, ctx.beta, ctx.dtype
         if y.shape != mixed.shape[:-2] + mixed.shape[-1:]:
             raise ValueError(f"depth_connection expects the branch output (B, T, d) = "
                              f"{tuple(mixed.shape[:-2] + mixed.shape[-1:])}, got shape {tuple(y.shape)}")
         with torch.autocast(y.device.type, enabled=False):
             if torch.is_grad_enabled():  # keeps y and post for backward, nothing of size n*d
-                out = DepthConnection.apply(mixed, post, y, dtype)
+                out = depth_node(mixed, post, y, dtype, streams_for_depth(ctx))
                 if ctx.kept is not None:
                     _offer_rebuild(self, out, (*ctx.kept, post.detach(), y.detach()))
                 return out
+            mixed = ctx.mixed  # (the placeholder's value, if the width node left the mixing here)
             return (mixed + post.unsqueeze(-1) * y.to(mixed.dtype).unsqueeze(-2)).to(dtype)
 
     def forward(self, h: Tensor, branch: Branch) -> Tensor:
