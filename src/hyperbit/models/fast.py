@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..pathways import FracConnection, HyperConnection
+from ..pathways import FracConnection, HyperConnection, ManifoldHyperConnection
 from .lm import Block, TransformerLM
 
 
@@ -53,7 +53,7 @@ def compile_blocks(model: nn.Module, *, fused_hc: bool = True, **compile_kwargs:
     """
     for block in _blocks(model):
         for m in block.modules():
-            if isinstance(m, (HyperConnection, FracConnection)):
+            if isinstance(m, (HyperConnection, ManifoldHyperConnection, FracConnection)):
                 m.fused = fused_hc  # an instance attribute: the class default stays the eager path
         if getattr(block, "_compiled_call_impl", None) is None:
             block.compile(**compile_kwargs)

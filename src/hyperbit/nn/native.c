@@ -587,7 +587,7 @@ int hb_hc_backward_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const
 DEFINE_HC(float, f32, sqrtf, hb_tanhf)
 DEFINE_HC(double, f64, sqrt, tanh)
 
-/* Depth connection (pathways/_hc_fused.py: DepthConnection): out_i = mixed_i + beta_i y per token,
+/* Depth connection (pathways/_depth_fused.py: DepthConnection): out_i = mixed_i + beta_i y per token,
    beta (n) static or (N, n) per token, y (N, d) in T or bf16 (a branch output under autocast).
    Backward: dL/dy = sum_i beta_i g_i and dL/dbeta_i = <g_i, y> per token, in one pass over g. */
 

@@ -2,8 +2,8 @@
 
 A naive hyper-connection keeps, per branch, the streams ``H`` (n x d), their norm (n x d) and the
 whole ``alpha^T H`` product ((n+1) x d) alive for backward: ~3x the activation memory of Pre-Norm
-at n = 4, and its backward makes many full-size temporaries. These two autograd nodes keep ``H``
-once (in its own dtype, or the autocast dtype when autocast is on, as every linear layer keeps its
+at n = 4, and its backward makes many full-size temporaries. The width node here (and the depth
+nodes of ``_depth_fused``) keep ``H`` once (in its own dtype, or the autocast dtype when autocast is on, as every linear layer keeps its
 input) plus per-token scalars, and recompute the rest. They compute in the dtype of the weights
 they are given (fp32, or fp64) and return the branch input and the new streams in the dtype of
 ``H``: bf16 / fp16 streams are widened on the way in and rounded once on the way out. Every value
@@ -171,7 +171,7 @@ def kernel_mix_backward(h: Tensor | None, src: tuple[Tensor, ...] | None, alpha:
 
 def kept_outputs(ctx, saved: Tensor | None, alpha: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """A width node's saved streams and alpha as two more (non-differentiable) results, for the
-    next node's rebuild source and for a depth node that mixes (:class:`DepthFromStreams`); None
+    next node's rebuild source and for a depth node that mixes (``_depth_fused.DepthFromStreams``); None
     for one that equals an input of the node (the streams kept in their own dtype, static alpha),
     which the caller fills in (:func:`kept_for_rebuild`). Results, not a side channel: inside
     ``torch.compile`` only a node's results may leave its subgraph."""
@@ -220,11 +220,15 @@ class WidthConnection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, static_alpha, static_beta, dyn_wt, s_alpha, s_beta, norm_w,
-                stream_eps, norm_eps, use_tanh, save_dtype, source=None, keep=False, lazy=False):
+                stream_eps, norm_eps, use_tanh, save_dtype, source=None, keep=False, lazy=False,
+                saved_copy=None):
         # the weights come in the compute dtype (fp32, or fp64); h in the streams' dtype.
         # source: (prev, alpha, beta, y) that rebuild h (see rebuild_streams): h is not kept.
         # keep: also return (saved h, alpha) when h is kept, for the next node's source.
         # lazy: mixes_in_depth holds; mixed is a placeholder, and alpha is returned.
+        # saved_copy: the copy of h in the save dtype an earlier node made and keeps (mHC's
+        # projection): kept instead of a copy of this node's own. Static alpha and beta may also
+        # be per token (mHC's), their gradients then per token too.
         ctx.h_dtype, streams = h.dtype, h
         compute = static_alpha.dtype
         h = h.to(compute).contiguous()  # expand_streams' broadcast view would slow bmm
@@ -234,7 +238,8 @@ class WidthConnection(torch.autograd.Function):
         # one-stream HC stays Pre-Norm bit for bit
         ctx.kernel_norm = ctx.native and norm_w is not None and n >= 2
         if ctx.native:  # the dynamic weights, the mixing and the bf16 copy of H: one pass per token
-            save_bf16 = save_dtype != compute and streams.dtype != save_dtype
+            save_bf16 = (save_dtype != compute and streams.dtype != save_dtype and saved_copy is None
+                         and source is None)  # (a node that rebuilds its streams keeps no copy)
             kn = norm_w if ctx.kernel_norm else None
             if dyn_wt is not None:
                 (x, mixed, saved, x_rstd), (alpha, beta, r, p, t) = native_ops.hc_forward_dynamic(
@@ -246,7 +251,7 @@ class WidthConnection(torch.autograd.Function):
                 x, mixed, saved, x_rstd = native_ops.hc_forward(h, alpha, save_bf16, kn, norm_eps, not lazy)
             if lazy:
                 mixed = placeholder(h)
-            if saved is None:
+            if saved is None and saved_copy is None:
                 saved = h if save_dtype == compute else streams.contiguous()
             out = x
             if not ctx.kernel_norm:
@@ -264,13 +269,15 @@ class WidthConnection(torch.autograd.Function):
                 r = p = t = None
                 alpha, beta = static_alpha, static_beta.clone()
             # the one copy of H kept for backward: in the save dtype, made from the original streams
-            saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()
+            saved = h if h.dtype == save_dtype or saved_copy is not None else streams.to(save_dtype).contiguous()
             out, mixed, x_rstd = mix_forward(h, alpha, norm_w, norm_eps)
         # H is the only n*d tensor kept, or none when it can be rebuilt from what earlier nodes
         # keep anyway; the rest is O(n^2) per token or parameters.
+        if saved_copy is not None:
+            saved = saved_copy
         if source is not None:
             saved = None
-        kept = kept_outputs(ctx, saved if keep and streams.dtype != save_dtype else None,
+        kept = kept_outputs(ctx, saved if keep and streams.dtype != save_dtype and saved_copy is None else None,
                             alpha if dyn_wt is not None and (keep or lazy) else None)
         ctx.save_for_backward(saved, static_alpha, dyn_wt, s_alpha, s_beta, norm_w,
                               alpha, r, p, t, x_rstd, *(source or (None,) * 4))
@@ -298,10 +305,10 @@ class WidthConnection(torch.autograd.Function):
             h = h.to(compute)
             g_h, g_alpha_tok, g_norm_w = mix_backward(h, alpha, norm_w, x_rstd, g_out, g_mixed,
                                                       ctx.needs_input_grad[6])
-        g_static_alpha = g_alpha_tok.reshape(-1, n, n + 1).sum(0)
+        g_static_alpha = g_alpha_tok if static_alpha.dim() > 2 else g_alpha_tok.reshape(-1, n, n + 1).sum(0)
         if dyn_wt is None:
             return (g_h.to(ctx.h_dtype), g_static_alpha, g_beta, None, None, None, g_norm_w,
-                    None, None, None, None, None, None, None)
+                    None, None, None, None, None, None, None, None)
         if g_beta is None:
             g_beta = torch.zeros_like(t[..., 0])
         g_static_beta = g_beta.reshape(-1, n).sum(0)
@@ -317,81 +324,4 @@ class WidthConnection(torch.autograd.Function):
             g_h.view(-1, d).addmm_(g_p, dyn_wt)  # += dL/dP Wt
             g_h.addcmul_(h, (g_z * p).sum(-1, keepdim=True) * r.pow(3), value=-1.0 / d)  # via r(H)
         return (g_h.to(ctx.h_dtype), g_static_alpha, g_static_beta, g_wt, g_sa, g_sb, g_norm_w,
-                None, None, None, None, None, None, None)
-
-
-class DepthConnection(torch.autograd.Function):
-    """``H' + beta^T y`` in one pass, rounded once to the streams' dtype; keeps ``y`` in its own
-    dtype and beta, nothing full-size. On CPU (fp32 / fp64 streams, ``y`` in that dtype or bf16)
-    forward and backward are C kernels (``nn/native.c``): one pass each, where the broadcasting
-    ``addcmul`` and the two skinny products below make several."""
-
-    @staticmethod
-    def forward(ctx, mixed, beta, y, out_dtype):
-        # mixed, beta in the compute dtype; beta: (n,) static or (B, T, n) dynamic;
-        # y: (B, T, d) in any float dtype
-        compute = mixed.dtype
-        ctx.native = (out_dtype == compute and mixed.is_contiguous()
-                      and (y.dtype == compute or (compute == torch.float32 and y.dtype == torch.bfloat16))
-                      and _native_ok(mixed, compute, compute))
-        ctx.save_for_backward(beta, y)
-        if ctx.native:
-            return native_ops.depth_forward(mixed, beta, y)
-        out = torch.addcmul(mixed, beta.unsqueeze(-1), y.to(mixed.dtype).unsqueeze(-2))
-        return out.to(out_dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        need_beta, need_y = ctx.needs_input_grad[1:3]
-        return (*_depth_backward(ctx, g, need_beta, need_y), None)
-
-
-def _depth_backward(ctx, g: Tensor, need_beta: bool, need_y: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """dL/d mixed (= ``g``), dL/dbeta, dL/dy of ``mixed + beta^T y``, from ``(beta, y)`` saved."""
-    with torch.autocast(g.device.type, enabled=False):  # backward may run under autocast
-        beta, y = ctx.saved_tensors
-        g = g.to(beta.dtype)
-        n = g.shape[-2]
-        if ctx.native:
-            g_y, g_beta = native_ops.depth_backward(g, beta, y, need_y, need_beta)
-            g_y = None if g_y is None else g_y.to(y.dtype)
-        else:
-            g_y = _bmm(beta.unsqueeze(-2), g).squeeze(-2).to(y.dtype) if need_y else None  # sum_i beta_i g_i
-            g_beta = _bmm(g, y.to(g.dtype).unsqueeze(-1)).squeeze(-1) if need_beta else None  # <g_i, y>
-        if g_beta is not None and beta.dim() == 1:
-            g_beta = g_beta.reshape(-1, n).sum(0)
-        return g, g_beta, g_y
-
-
-class DepthFromStreams(torch.autograd.Function):
-    """The depth connection of a width node that left the mixing to it (:func:`mixes_in_depth`):
-    ``A_r^T H + beta^T y`` in one pass per token from the streams ``H`` themselves (C kernel
-    ``hb_hc_streams``, the width kernel's mixing arithmetic: bit for bit what the width node's
-    ``mixed`` plus :class:`DepthConnection` give). ``H`` and alpha come detached: the gradient of
-    the mixing flows back through the width node's placeholder ``mixed`` (its backward receives
-    dL/d(A_r^T H) = dL/d out, as from :class:`DepthConnection`). Keeps ``(beta, y)``."""
-
-    @staticmethod
-    def forward(ctx, placeholder, h, alpha, beta, y):
-        # h (B, T, n, d) in the compute dtype; alpha (n, n+1) or (B, T, n, n+1), beta (n,) or
-        # (B, T, n) in it; y (B, T, d) in any float dtype
-        compute = h.dtype
-        ctx.native = True
-        ctx.save_for_backward(beta, y)
-        takes = (compute,) + ((torch.bfloat16,) if compute == torch.float32 else ())
-        return native_ops.hc_rebuild(h, alpha, beta, y if y.dtype in takes else y.to(compute), compute)
-
-    @staticmethod
-    def backward(ctx, g):
-        need_beta, need_y = ctx.needs_input_grad[3:5]
-        g, g_beta, g_y = _depth_backward(ctx, g, need_beta, need_y)
-        return g, None, None, g_beta, g_y
-
-
-def depth_node(mixed: Tensor, beta: Tensor, y: Tensor, dtype: torch.dtype,
-               streams: tuple[Tensor, Tensor] | None) -> Tensor:
-    """The depth connection's node: :class:`DepthFromStreams` when the width node left the mixing
-    to it (``streams`` = (H, alpha)), else :class:`DepthConnection`."""
-    if streams is not None:
-        return DepthFromStreams.apply(mixed, *streams, beta, y)
-    return DepthConnection.apply(mixed, beta, y, dtype)
+                None, None, None, None, None, None, None, None)

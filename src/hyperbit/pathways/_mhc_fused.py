@@ -96,7 +96,7 @@ class ManifoldWidth(torch.autograd.Function):
         ctx.kernel_norm = ctx.native and h.shape[-2] >= 2
         if ctx.native:  # the mixing and the bf16 copy of H in one pass per token (C)
             out, mixed, saved, x_rstd = native_ops.hc_forward(
-                h, alpha, save_dtype != h.dtype and streams.dtype != save_dtype,
+                h, alpha, save_dtype != h.dtype and streams.dtype != save_dtype and source is None,
                 norm_w if ctx.kernel_norm else None, norm_eps, not lazy)
             if lazy:
                 mixed = placeholder(h)
@@ -155,3 +155,50 @@ class ManifoldWidth(torch.autograd.Function):
             g_phi.addmm_(g_p[lo:lo + _CHUNK].T, x)
             g_x[lo:lo + _CHUNK].addcmul_(x, coef[lo:lo + _CHUNK], value=-1.0 / (n * d))
         return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None, None, None, None)
+
+
+class ProjectStreams(torch.autograd.Function):
+    """mHC's projection ``z = norm(x) phi^T = (x phi^T) r`` of the flattened streams as a node of
+    its own: the form of mHC's width connection inside ``torch.compile``, where
+    :class:`ManifoldWidth`'s backward (an autograd call on the kept per-token graph) cannot be
+    traced. There the per-token map runs in plain autograd between this node and the mixing
+    (:class:`~._hc_fused.WidthConnection` with per-token weights), and this node makes the copy of
+    the streams in the save dtype that both keep (returned for the mixing node; None when it is
+    the streams themselves) or, given ``source``, keeps none and rebuilds them in backward.
+    Backward is :class:`ManifoldWidth`'s, from ``dL/dz``."""
+
+    @staticmethod
+    def forward(ctx, h, phi, stream_eps, save_dtype, source=None):
+        ctx.h_dtype, streams = h.dtype, h
+        compute = phi.dtype
+        h = h.to(compute).contiguous()
+        x = h.flatten(-2)  # (B, T, nd)
+        r = rms_rstd(x, stream_eps)  # (B, T, 1)
+        z = _project(x, phi) * r  # (B, T, m)
+        fresh = streams.dtype != save_dtype
+        saved = streams.to(save_dtype).contiguous() if fresh and source is None else None
+        ctx.keep_streams = source is None and not fresh  # kept as they are: the input itself
+        ctx.native = _native_ok(h, compute, save_dtype)
+        ctx.save_for_backward(saved, streams if ctx.keep_streams else None, phi, r, z, *(source or (None,) * 4))
+        if saved is not None:
+            ctx.mark_non_differentiable(saved)
+        return z, saved
+
+    @staticmethod
+    def backward(ctx, g_z, _):
+        with torch.autocast(g_z.device.type, enabled=False):
+            saved, streams, phi, r, z, *source = ctx.saved_tensors
+            compute = phi.dtype
+            n, d = (streams if streams is not None else saved if saved is not None else source[0]).shape[-2:]
+            h, src = backward_streams(streams if streams is not None else saved, source, compute,
+                                      ctx.h_dtype, ctx.native)
+            g_p = (g_z.to(compute) * r).flatten(0, -2)  # dL/d(x phi^T): (B*T, m)
+            coef = ((g_z * z).sum(-1, keepdim=True) * r.square()).view(-1, 1)
+            g_x = g_p @ phi  # (B*T, nd)
+            g_phi = torch.zeros_like(phi)
+            for lo in range(0, g_x.shape[0], _CHUNK):
+                x = _flat_streams(h, src, lo, lo + _CHUNK, compute, ctx.h_dtype)
+                g_phi.addmm_(g_p[lo:lo + _CHUNK].T, x)
+                g_x[lo:lo + _CHUNK].addcmul_(x, coef[lo:lo + _CHUNK], value=-1.0 / (n * d))
+            lead = z.shape[:-1]
+            return g_x.view(*lead, n, d).to(ctx.h_dtype), g_phi, None, None, None

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.norm import RMSNorm
-from ._hc_fused import WidthConnection, depth_node, kept_for_rebuild, mixes_in_depth
+from ._depth_fused import depth_node
+from ._hc_fused import WidthConnection, kept_for_rebuild, mixes_in_depth
 from .base import Branch, Pathway, check_streams, expand_streams, reduce_streams
 
 

@@ -51,10 +51,11 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.norm import RMSNorm, rms_rstd
-from ._hc_fused import _bmm, _project, depth_node, kept_for_rebuild, mixes_in_depth
+from ._depth_fused import depth_node
+from ._hc_fused import WidthConnection, _bmm, _project, kept_for_rebuild, mixes_in_depth
 from .base import Branch, Pathway, check_streams, expand_streams, reduce_streams
 from .hyper import DepthContext, _offer_rebuild, _take_rebuild, depth_streams, streams_for_depth
-from ._mhc_fused import ManifoldWidth
+from ._mhc_fused import ManifoldWidth, ProjectStreams, alpha_of
 from .sinkhorn import birkhoff, permutation_matrices, sinkhorn
 
 INITS = ("residual", "paper")
@@ -90,7 +91,8 @@ class ManifoldHyperConnection(Pathway):
     #: the connection weights are computed per token (analysis averages them over tokens)
     dynamic = True
     #: with gradients on, the width connection is the memory-lean autograd node of ``_mhc_fused``
-    #: (False: plain autograd, the reference; always plain inside ``torch.compile``)
+    #: (inside ``torch.compile``: its projection node, the map in plain autograd and HC's mixing
+    #: node; False: plain autograd, the reference)
     fused: bool = True
 
     def __init__(self, dim: int, expansion_rate: int, branch_index: int, *, init: str = "residual",
@@ -176,10 +178,12 @@ class ManifoldHyperConnection(Pathway):
         return self._width(h)
 
     def _width(self, h: Tensor) -> tuple[Tensor, DepthContext]:
-        if not (self.fused and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        if not (self.fused and torch.is_grad_enabled()):
             return self._width_reference(h)
         device, compute = h.device.type, _compute_dtype(h)
         save_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        if torch.compiler.is_compiling():
+            return self._width_split(h, compute, save_dtype)
         with torch.autocast(device, enabled=False):
             source, lazy = _take_rebuild(h), mixes_in_depth(h, compute, save_dtype)
             x, mixed, post, saved, alpha = ManifoldWidth.apply(
@@ -188,9 +192,24 @@ class ManifoldHyperConnection(Pathway):
         kept = None if source is not None else kept_for_rebuild(saved, alpha, h)
         return x, DepthContext(mixed, post, h.dtype, kept, depth_streams(lazy, h, alpha, alpha))
 
+    def _width_split(self, h: Tensor, compute: torch.dtype, save_dtype: torch.dtype) -> tuple[Tensor, DepthContext]:
+        """The fused width connection as three nodes, the form inside ``torch.compile``: the
+        projection (``_mhc_fused.ProjectStreams``, which makes the one copy of the streams both
+        nodes keep), the per-token map in plain autograd, and HC's mixing node with per-token
+        weights (pre and res as alpha, post as beta)."""
+        with torch.autocast(h.device.type, enabled=False):
+            source, lazy = _take_rebuild(h), mixes_in_depth(h, compute, save_dtype)
+            z, saved = ProjectStreams.apply(h, self.phi.to(compute), self.stream_eps, save_dtype, source)
+            pre, post, res = self._map(z, *self._small(compute))
+            alpha = alpha_of(pre, res)
+            x, mixed, post, _, _ = WidthConnection.apply(
+                h, alpha, post, None, None, None, self.norm.weight.to(compute), 0.0, self.norm.eps, False,
+                save_dtype, source, False, lazy, saved)
+        kept = None if source is not None else (h.detach() if saved is None else saved, alpha.detach())
+        return x, DepthContext(mixed, post, h.dtype, kept, depth_streams(lazy, h, None, alpha))
+
     def width_connection_reference(self, h: Tensor) -> tuple[Tensor, DepthContext]:
-        """The same computation in plain autograd (the reference for tests, and the path inside
-        ``torch.compile``, where the fused node's backward would split the graph)."""
+        """The same computation in plain autograd (the reference for tests, and for inference)."""
         self.check_streams(h, "width_connection_reference")
         return self._width_reference(h)
 

@@ -1,0 +1,89 @@
+"""The depth connection's autograd nodes: ``H' = A_r^T H + beta^T y`` from the width node's
+``mixed`` (:class:`DepthConnection`), or from the streams themselves when the width node left the
+mixing to the depth node (:class:`DepthFromStreams`, ``_hc_fused.mixes_in_depth``). Shared by
+hyper-connections and mHC; checked against plain autograd in the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..nn import native_ops
+from ._hc_fused import _bmm, _native_ok
+
+
+class DepthConnection(torch.autograd.Function):
+    """``H' + beta^T y`` in one pass, rounded once to the streams' dtype; keeps ``y`` in its own
+    dtype and beta, nothing full-size. On CPU (fp32 / fp64 streams, ``y`` in that dtype or bf16)
+    forward and backward are C kernels (``nn/native.c``): one pass each, where the broadcasting
+    ``addcmul`` and the two skinny products below make several."""
+
+    @staticmethod
+    def forward(ctx, mixed, beta, y, out_dtype):
+        # mixed, beta in the compute dtype; beta: (n,) static or (B, T, n) dynamic;
+        # y: (B, T, d) in any float dtype
+        compute = mixed.dtype
+        ctx.native = (out_dtype == compute and mixed.is_contiguous()
+                      and (y.dtype == compute or (compute == torch.float32 and y.dtype == torch.bfloat16))
+                      and _native_ok(mixed, compute, compute))
+        ctx.save_for_backward(beta, y)
+        if ctx.native:
+            return native_ops.depth_forward(mixed, beta, y)
+        out = torch.addcmul(mixed, beta.unsqueeze(-1), y.to(mixed.dtype).unsqueeze(-2))
+        return out.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        need_beta, need_y = ctx.needs_input_grad[1:3]
+        return (*_depth_backward(ctx, g, need_beta, need_y), None)
+
+
+def _depth_backward(ctx, g: Tensor, need_beta: bool, need_y: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """dL/d mixed (= ``g``), dL/dbeta, dL/dy of ``mixed + beta^T y``, from ``(beta, y)`` saved."""
+    with torch.autocast(g.device.type, enabled=False):  # backward may run under autocast
+        beta, y = ctx.saved_tensors
+        g = g.to(beta.dtype)
+        n = g.shape[-2]
+        if ctx.native:
+            g_y, g_beta = native_ops.depth_backward(g, beta, y, need_y, need_beta)
+            g_y = None if g_y is None else g_y.to(y.dtype)
+        else:
+            g_y = _bmm(beta.unsqueeze(-2), g).squeeze(-2).to(y.dtype) if need_y else None  # sum_i beta_i g_i
+            g_beta = _bmm(g, y.to(g.dtype).unsqueeze(-1)).squeeze(-1) if need_beta else None  # <g_i, y>
+        if g_beta is not None and beta.dim() == 1:
+            g_beta = g_beta.reshape(-1, n).sum(0)
+        return g, g_beta, g_y
+
+
+class DepthFromStreams(torch.autograd.Function):
+    """The depth connection of a width node that left the mixing to it (:func:`mixes_in_depth`):
+    ``A_r^T H + beta^T y`` in one pass per token from the streams ``H`` themselves (C kernel
+    ``hb_hc_streams``, the width kernel's mixing arithmetic: bit for bit what the width node's
+    ``mixed`` plus :class:`DepthConnection` give). ``H`` and alpha come detached: the gradient of
+    the mixing flows back through the width node's placeholder ``mixed`` (its backward receives
+    dL/d(A_r^T H) = dL/d out, as from :class:`DepthConnection`). Keeps ``(beta, y)``."""
+
+    @staticmethod
+    def forward(ctx, placeholder, h, alpha, beta, y):
+        # h (B, T, n, d) in the compute dtype; alpha (n, n+1) or (B, T, n, n+1), beta (n,) or
+        # (B, T, n) in it; y (B, T, d) in any float dtype
+        compute = h.dtype
+        ctx.native = True
+        ctx.save_for_backward(beta, y)
+        takes = (compute,) + ((torch.bfloat16,) if compute == torch.float32 else ())
+        return native_ops.hc_rebuild(h, alpha, beta, y if y.dtype in takes else y.to(compute), compute)
+
+    @staticmethod
+    def backward(ctx, g):
+        need_beta, need_y = ctx.needs_input_grad[3:5]
+        g, g_beta, g_y = _depth_backward(ctx, g, need_beta, need_y)
+        return g, None, None, g_beta, g_y
+
+
+def depth_node(mixed: Tensor, beta: Tensor, y: Tensor, dtype: torch.dtype,
+               streams: tuple[Tensor, Tensor] | None) -> Tensor:
+    """The depth connection's node: :class:`DepthFromStreams` when the width node left the mixing
+    to it (``streams`` = (H, alpha)), else :class:`DepthConnection`."""
+    if streams is not None:
+        return DepthFromStreams.apply(mixed, *streams, beta, y)
+    return DepthConnection.apply(mixed, beta, y, dtype)
