@@ -94,7 +94,7 @@ def test_compiled_blocks_stay_whole_under_autocast(kind):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["prenorm", "dhc4"])
+@pytest.mark.parametrize("kind", ["prenorm", "dhc4", "mhc4"])
 def test_compiled_blocks_inductor_match_eager(kind, device):
     torch._dynamo.reset()
     _compiled_matches_eager(kind, "inductor", device=device)
