@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch.autograd.graph import saved_tensors_hooks
 
+from hyperbit import ModelConfig
+from hyperbit.models import build_model
 from hyperbit.nn import native
+
+#: hyper-connected LM configs by short name
+LM_KINDS = {"dhc": dict(pathway="hc"), "shc": dict(pathway="hc", hc_dynamic=False), "mhc": dict(pathway="mhc")}
 
 
 @pytest.fixture(params=["native", "pytorch"])
@@ -36,3 +42,21 @@ def saved_bytes():
         return sum(v for k, v in seen.items() if k not in exclude)
 
     return measure
+
+
+@pytest.fixture
+def connected_lm():
+    """``build(kind, n=4, n_layers=3)``: a tiny hyper-connected LM (``LM_KINDS``) moved off the
+    Pre-Norm-equivalent init, so that every connection weight matters."""
+    def build(kind: str = "dhc", n: int = 4, n_layers: int = 3):
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=64, dim=32, n_layers=n_layers, n_heads=2, max_seq_len=16,
+                          expansion_rate=n, **LM_KINDS[kind])
+        model = build_model(cfg)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if any(k in name for k in ("dynamic", "static", "phi", "bias_", "gate_")):
+                    p.add_(0.2 * torch.randn_like(p))
+        return model
+
+    return build

@@ -8,27 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyperbit import ModelConfig
-from hyperbit.models import build_model
 from hyperbit.nn import native
 from hyperbit.pathways import HyperConnection, ManifoldHyperConnection, hyper, manifold
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: the PyTorch path runs")
-
-KINDS = {"dhc": dict(pathway="hc"), "shc": dict(pathway="hc", hc_dynamic=False), "mhc": dict(pathway="mhc")}
-
-
-def _lm(kind):
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, max_seq_len=16, expansion_rate=4,
-                      **KINDS[kind])
-    model = build_model(cfg)
-    with torch.no_grad():  # off the Pre-Norm init: every connection weight matters
-        for name, p in model.named_parameters():
-            if any(k in name for k in ("dynamic", "static", "phi", "bias_", "gate_")):
-                p.add_(0.2 * torch.randn_like(p))
-    return model
-
 
 def _run(model, autocast):
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -45,9 +28,9 @@ def _mixing_in_width(monkeypatch):
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_the_mixing_in_the_depth_node_changes_no_bit(kind, autocast, monkeypatch):
-    model = _lm(kind)
+@pytest.mark.parametrize("kind", ["dhc", "shc", "mhc"])
+def test_the_mixing_in_the_depth_node_changes_no_bit(kind, autocast, monkeypatch, connected_lm):
+    model = connected_lm(kind, n_layers=2)
     widths = [m for m in model.modules() if isinstance(m, (HyperConnection, ManifoldHyperConnection))]
     contexts = []
     logits, grads = _run(model, autocast)
@@ -64,10 +47,10 @@ def test_the_mixing_in_the_depth_node_changes_no_bit(kind, autocast, monkeypatch
 
 
 @pytest.mark.parametrize("kind", ["dhc", "mhc"])
-def test_depth_context_mixed_is_the_mixing_and_differentiable(kind):
+def test_depth_context_mixed_is_the_mixing_and_differentiable(kind, connected_lm):
     """By hand, ``ctx.mixed`` is A_r^T H (computed on demand) and its gradient reaches H and the
     connection's weights as the reference path's does."""
-    conn = next(m for m in _lm(kind).modules() if isinstance(m, (HyperConnection, ManifoldHyperConnection)))
+    conn = next(m for m in connected_lm(kind, n_layers=2).modules() if isinstance(m, (HyperConnection, ManifoldHyperConnection)))
     h = torch.randn(2, 3, 4, 32, dtype=torch.float64)
     conn = conn.double()
     results = []
@@ -85,8 +68,8 @@ def test_depth_context_mixed_is_the_mixing_and_differentiable(kind):
 
 
 @pytest.mark.parametrize("kind", ["dhc", "mhc"])
-def test_streams_changed_in_place_while_the_branch_runs_is_an_error(kind):
-    conn = next(m for m in _lm(kind).modules() if isinstance(m, (HyperConnection, ManifoldHyperConnection)))
+def test_streams_changed_in_place_while_the_branch_runs_is_an_error(kind, connected_lm):
+    conn = next(m for m in connected_lm(kind, n_layers=2).modules() if isinstance(m, (HyperConnection, ManifoldHyperConnection)))
     h = torch.randn(2, 3, 4, 32, requires_grad=True).clone()
 
     def branch(x):

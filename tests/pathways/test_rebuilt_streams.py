@@ -7,23 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyperbit import ModelConfig
-from hyperbit.models import build_model
 from hyperbit.nn import native
 from hyperbit.pathways import HyperConnection, ManifoldHyperConnection, hyper
 from hyperbit.pathways._hc_fused import rebuild_streams
-
-
-def _lm(kind="dhc", n=4):
-    torch.manual_seed(0)
-    pathway = {"dhc": dict(pathway="hc"), "shc": dict(pathway="hc", hc_dynamic=False), "mhc": dict(pathway="mhc")}[kind]
-    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=2, max_seq_len=16, expansion_rate=n, **pathway)
-    model = build_model(cfg)
-    with torch.no_grad():  # off the Pre-Norm init: every connection weight matters
-        for name, p in model.named_parameters():
-            if any(k in name for k in ("dynamic", "static", "phi", "bias_", "gate_")):
-                p.add_(0.2 * torch.randn_like(p))
-    return model
 
 
 def _grads(model, autocast=False):
@@ -40,8 +26,8 @@ def _without_rebuild(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["dhc", "shc", "mhc"])
-def test_rebuilt_streams_give_the_same_gradients_bit_for_bit_in_fp32(kind, kernels, monkeypatch):
-    model = _lm(kind)
+def test_rebuilt_streams_give_the_same_gradients_bit_for_bit_in_fp32(kind, kernels, monkeypatch, connected_lm):
+    model = connected_lm(kind)
     loss, grads = _grads(model)
     _without_rebuild(monkeypatch)
     loss_ref, grads_ref = _grads(model)
@@ -52,10 +38,10 @@ def test_rebuilt_streams_give_the_same_gradients_bit_for_bit_in_fp32(kind, kerne
 
 
 @pytest.mark.parametrize("kind", ["dhc", "mhc"])
-def test_rebuilt_streams_under_autocast_are_as_close_as_the_bf16_copy(kind, kernels, monkeypatch):
+def test_rebuilt_streams_under_autocast_are_as_close_as_the_bf16_copy(kind, kernels, monkeypatch, connected_lm):
     """Under bf16 autocast both ways keep bf16 round-off of the streams: a bf16 copy of H', or H'
     rebuilt from the bf16 copy of H. Both agree with the fp32 gradients to the same order."""
-    model = _lm(kind)
+    model = connected_lm(kind)
     _, fp32 = _grads(model)
     _, rebuilt = _grads(model, autocast=True)
     _without_rebuild(monkeypatch)
@@ -117,9 +103,9 @@ def test_an_in_place_change_of_the_streams_cancels_the_rebuild(kernels):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
 
 
-def test_rebuilt_bf16_streams_match_the_kept_copy(kernels, monkeypatch):
+def test_rebuilt_bf16_streams_match_the_kept_copy(kernels, monkeypatch, connected_lm):
     """A bf16 model: its streams are bf16, and the rebuilt ones go through bf16 too."""
-    model = _lm().to(torch.bfloat16)
+    model = connected_lm().to(torch.bfloat16)
     loss, grads = _grads(model)
     _without_rebuild(monkeypatch)
     loss_ref, grads_ref = _grads(model)
