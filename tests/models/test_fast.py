@@ -282,3 +282,35 @@ def test_compiled_mhc_keeps_no_more_than_the_eager_node():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         slack = 1.0 if native.library() is not None else 1.02
         assert _saved_bytes(compiled, idx, targets) <= slack * _saved_bytes(eager, idx, targets)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "fp16-autocast", "bf16-params"])
+@pytest.mark.parametrize("kw", [dict(pathway="hc", expansion_rate=1),
+                                dict(pathway="hc", expansion_rate=2, hc_dynamic=False),
+                                dict(pathway="mhc", expansion_rate=2, mhc_res="permutations")],
+                         ids=["hc1", "shc2", "mhc2-permutations"])
+def test_compiled_blocks_in_every_precision(kw, precision):
+    """The compiled paths of the less common configurations (one stream: the branch norm in
+    PyTorch around the kernels; static weights; mHC's permutations map) in every precision: each
+    block in one graph, and the gradients those of the eager model."""
+    dtype = torch.bfloat16 if precision == "bf16-params" else torch.float32
+    amp = {"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16}.get(precision)
+    idx, targets = _batch()
+    grads = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, max_seq_len=16, **kw))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if any(k in name for k in ("static", "phi", "bias_", "gate_")):
+                    p.add_(0.1 * torch.randn_like(p))
+        model = model.to(dtype)
+        if compiled:
+            compile_blocks(model, backend="aot_eager", fullgraph=True)
+        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+            g = _loss_and_grads(model, idx, targets)[2]
+        grads.append(torch.cat([g[name].float().flatten() for name in sorted(g)]))
+    tol = 1e-5 if precision == "fp32" else 1e-2
+    assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < tol
