@@ -2,11 +2,12 @@
 
 Claim: hyper-connections cost little on a GPU. Targets (ratios to hyperbit's Pre-Norm in the same
 mode): DHC x4 <= 1.15x compiled and <= 1.30x eager, SHC x4 <= 1.10x compiled, DHC x4 peak memory
-<= 1.15x (eager).
+<= 1.15x (eager), mHC x4 <= 1.20x compiled, Pre-Norm + BitLinear <= 1.30x; and hyperbit's Pre-Norm
+<= 1.0x the plain GPT (eager and compiled).
 
 Models (``_common.STEP_MODELS``): a plain PyTorch GPT of the same shape written in the benchmark
 (``_common.build_plain_gpt``: fused q/k/v, ``nn.RMSNorm``, SDPA, SwiGLU, untied head), hyperbit
-Pre-Norm, SHC x4, DHC x4 (and Pre-Norm + BitLinear with ``--models``), each eager and with
+Pre-Norm, SHC x4, DHC x4, mHC x4, Pre-Norm + BitLinear (frac x2 / x4 with ``--models``), each eager and with
 regional compile (``hyperbit.models.compile_blocks``; the plain GPT's blocks compiled the same way).
 bf16 autocast, fp32 parameters, ``torch.optim.AdamW(fused=True)``. Per size, every model is built
 side by side, warmed up (compiled), then steps are timed round-robin (``_common.interleaved_timing``,
@@ -43,9 +44,13 @@ SIZES = [dict(vocab_size=32768, dim=1024, n_layers=12, n_heads=8, seq_len=1024, 
          dict(vocab_size=32768, dim=2048, n_layers=8, n_heads=16, seq_len=2048, batch=4)]
 SMOKE_SIZES = [dict(vocab_size=64, dim=32, n_layers=2, n_heads=2, seq_len=16, batch=2)]
 MODES = ("eager", "compiled", "compiled-plain")
-# (model, mode, threshold, measure)
-TARGETS = [("dhc4", "compiled", 1.15, "step_s"), ("dhc4", "eager", 1.30, "step_s"),
-           ("shc4", "compiled", 1.10, "step_s"), ("dhc4", "eager", 1.15, "peak_bytes")]
+# (model, mode, threshold, measure, against)
+TARGETS = [("dhc4", "compiled", 1.15, "step_s", "prenorm"), ("dhc4", "eager", 1.30, "step_s", "prenorm"),
+           ("shc4", "compiled", 1.10, "step_s", "prenorm"), ("dhc4", "eager", 1.15, "peak_bytes", "prenorm"),
+           ("mhc4", "compiled", 1.20, "step_s", "prenorm"), ("prenorm_bit", "eager", 1.30, "step_s", "prenorm"),
+           ("prenorm_bit", "compiled", 1.30, "step_s", "prenorm"), ("prenorm", "eager", 1.0, "step_s", "plain"),
+           ("prenorm", "compiled", 1.0, "step_s", "plain")]
+DEFAULT_MODELS = "plain,prenorm,shc4,dhc4,mhc4,prenorm_bit"
 
 
 def log(msg: str) -> None:
@@ -56,8 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true",
                     help="tiny sizes, 1 round of 1 step; runs on the CPU when there is no CUDA")
-    ap.add_argument("--models", default="plain,prenorm,shc4,dhc4",
-                    help=f"comma list of {','.join(C.STEP_MODELS)} (default plain,prenorm,shc4,dhc4)")
+    ap.add_argument("--models", default=DEFAULT_MODELS,
+                    help=f"comma list of {','.join(C.STEP_MODELS)} (default {DEFAULT_MODELS})")
     ap.add_argument("--modes", default="eager,compiled", help=f"comma list of {','.join(MODES)}")
     ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 3)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default 5)")
@@ -111,8 +116,9 @@ def main(argv=None) -> int:
               f"{s['vocab_size']}, bf16 autocast, AdamW{' fused' if cuda else ''}, {info.get('cuda_device', device)}; "
               f"{args.rounds} rounds x {args.steps} steps, interleaved" + ("  [SMOKE]" if args.smoke else ""))
         print(C.format_table(*C.step_table(entry["results"], memory_key)))
-        for model, mode, threshold, what in TARGETS:
-            t = C.step_target(entry["results"], model, mode, threshold, what=memory_key if what != "step_s" else what)
+        for model, mode, threshold, what, base in TARGETS:
+            t = C.step_target(entry["results"], model, mode, threshold,
+                              what=memory_key if what != "step_s" else what, base=base)
             t["name"] += f"_d{s['dim']}"
             t["description"] += f" (d {s['dim']})"
             targets.append(t)

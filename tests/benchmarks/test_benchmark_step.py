@@ -67,6 +67,8 @@ def test_gpu_step_smoke_on_cpu(tmp_path, modes):
     assert t["ratio"] == pytest.approx(res["dhc4/eager"]["step_s"] / res["prenorm/eager"]["step_s"])
     assert t["passed"] is (t["ratio"] <= 1.30)
     assert targets["shc4_compiled_step_s_d32"]["passed"] is None  # SHC x4 not asked for: no verdict
+    pre = targets["prenorm_eager_step_s_d32"]  # Pre-Norm against the plain GPT, not against itself
+    assert pre["ratio"] == pytest.approx(res["prenorm/eager"]["step_s"] / res["plain/eager"]["step_s"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")
