@@ -491,7 +491,9 @@ def models_main(argv) -> int:
                C.step_target(results, "dhc4", "eager", 1.15, what="saved_bytes"),
                C.step_target(results, "mhc4", "eager", 1.35), C.step_target(results, "mhc4", "compiled", 1.35),
                C.step_target(results, "frac2", "eager", 1.05, what="saved_bytes"),
-               C.step_target(results, "frac4", "eager", 1.05, what="saved_bytes")]
+               C.step_target(results, "frac4", "eager", 1.05, what="saved_bytes"),
+               C.step_target(results, "prenorm", "eager", 1.0, base="plain"),
+               C.step_target(results, "prenorm", "compiled", 1.0, base="plain")]
     default = C.RESULTS_DIR / ("train_throughput_models_quick.json" if args.quick else "train_throughput_models.json")
     C.finish("train_throughput_models", info, targets, Path(args.out) if args.out else default, quick=args.quick,
              source_changed=False, settings={"shape": shape, "precision": prec, "rounds": rounds, "steps": steps,
