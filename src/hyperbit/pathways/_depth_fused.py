@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..nn import native_ops
-from ._hc_fused import _bmm, _native_ok
+from ._hc_fused import _bmm, _native_ok, kernel_dtypes
 
 
 class DepthConnection(torch.autograd.Function):
@@ -23,8 +23,7 @@ class DepthConnection(torch.autograd.Function):
         # mixed, beta in the compute dtype; beta: (n,) static or (B, T, n) dynamic;
         # y: (B, T, d) in any float dtype
         compute = mixed.dtype
-        ctx.native = (out_dtype == compute and mixed.is_contiguous()
-                      and (y.dtype == compute or (compute == torch.float32 and y.dtype == torch.bfloat16))
+        ctx.native = (out_dtype == compute and mixed.is_contiguous() and y.dtype in kernel_dtypes(compute)
                       and _native_ok(mixed, compute, compute))
         ctx.save_for_backward(beta, y)
         if ctx.native:
@@ -70,8 +69,8 @@ class DepthFromStreams(torch.autograd.Function):
         compute = h.dtype
         ctx.native = True
         ctx.save_for_backward(beta, y)
-        takes = (compute,) + ((torch.bfloat16,) if compute == torch.float32 else ())
-        return native_ops.hc_rebuild(h, alpha, beta, y if y.dtype in takes else y.to(compute), compute)
+        y = y if y.dtype in kernel_dtypes(compute) else y.to(compute)
+        return native_ops.hc_rebuild(h, alpha, beta, y, compute)
 
     @staticmethod
     def backward(ctx, g):

@@ -110,11 +110,16 @@ def mix_backward(h: Tensor, alpha: Tensor, norm_w: Tensor | None, x_rstd: Tensor
     return g_h, g_alpha_tok, g_norm_w
 
 
+def kernel_dtypes(compute: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The dtypes the C kernels read for a computation in ``compute`` (fp32 or fp64): ``compute``
+    itself and, for fp32, bf16 (the autocast copies of the streams, branch outputs under autocast)."""
+    return (compute, torch.bfloat16) if compute == torch.float32 else (compute,)
+
+
 def _kernels_rebuild(source: tuple[Tensor, ...], compute: torch.dtype, dtype: torch.dtype) -> bool:
     """Whether the C kernels can rebuild streams of ``dtype`` from ``source`` (CPU is implied by
-    the caller's ``_native_ok``): prev and y in the compute dtype or (fp32) bf16, streams in the
-    compute dtype or bf16."""
-    takes = (compute,) + ((torch.bfloat16,) if compute == torch.float32 else ())
+    the caller's ``_native_ok``): prev, y and the streams in :func:`kernel_dtypes`."""
+    takes = kernel_dtypes(compute)
     return source[0].dtype in takes and source[3].dtype in takes and dtype in takes
 
 
@@ -205,9 +210,7 @@ def _native_ok(h: Tensor, compute: torch.dtype, save_dtype: torch.dtype) -> bool
     """The C kernels (``nn/native.c``) take this connection: CPU, n small, and the saved copy of H
     in the compute dtype or (for fp32) bf16; inside ``torch.compile`` as operators
     (``nn/native_ops.py``)."""
-    return (h.shape[-2] <= native.HC_MAX_N
-            and (save_dtype == compute or (compute == torch.float32 and save_dtype == torch.bfloat16))
-            and native.takes(h))
+    return h.shape[-2] <= native.HC_MAX_N and save_dtype in kernel_dtypes(compute) and native.takes(h)
 
 
 class WidthConnection(torch.autograd.Function):

@@ -67,6 +67,28 @@ def _flat_streams(h: Tensor | None, source: tuple[Tensor, ...] | None, lo: int, 
                            use_native=True).view(-1, n * d)
 
 
+def projection_backward(g_z: Tensor, z: Tensor, r: Tensor, phi: Tensor, h: Tensor | None,
+                        src: tuple[Tensor, ...] | None, dtype: torch.dtype, g_x: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor]:
+    """The backward of ``z = (x phi^T) r``, ``x`` the flat streams (B*T, nd) read from ``h`` or
+    rebuilt from ``src`` (:func:`_flat_streams`; the streams' dtype ``dtype``): dL/dx, added in
+    place to ``g_x`` (B*T, nd) when given, and dL/dphi."""
+    compute = phi.dtype
+    g_z = g_z.to(compute)
+    g_p = (g_z * r).flatten(0, -2)  # dL/d(x phi^T): (B*T, m)
+    coef = ((g_z * z).sum(-1, keepdim=True) * r.square()).view(-1, 1)
+    g_x = g_p @ phi if g_x is None else g_x.addmm_(g_p, phi)
+    nd = g_x.shape[-1]
+    # dL/dphi = g_p^T x and dL/dx -= x coef / nd, over chunks of tokens of the flat streams x
+    # in the compute dtype (widened or rebuilt per chunk: no full-size fp32 copy)
+    g_phi = torch.zeros_like(phi)
+    for lo in range(0, g_x.shape[0], _CHUNK):
+        x = _flat_streams(h, src, lo, lo + _CHUNK, compute, dtype)
+        g_phi.addmm_(g_p[lo:lo + _CHUNK].T, x)
+        g_x[lo:lo + _CHUNK].addcmul_(x, coef[lo:lo + _CHUNK], value=-1.0 / nd)
+    return g_x, g_phi
+
+
 class ManifoldWidth(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, phi: Tensor, stream_eps: float, weights: WeightsFn,
@@ -143,17 +165,7 @@ class ManifoldWidth(torch.autograd.Function):
         # retain_graph: the small graph is freed with this node, not by its first backward (a
         # backward with retain_graph=True may run this node again)
         g_z, *g_small = torch.autograd.grad(outputs, ctx.inputs, grads, allow_unused=True, retain_graph=True)
-        g_p = (g_z * r).flatten(0, -2)  # dL/d(x phi^T): (B*T, m)
-        coef = ((g_z * z).sum(-1, keepdim=True) * r.square()).view(-1, 1)
-        g_x = g_h.view(-1, n * d)
-        g_x.addmm_(g_p, phi)
-        # dL/dphi = g_p^T x and dL/dx -= x coef / nd, over chunks of tokens of the flat streams x
-        # in the compute dtype (widened or rebuilt per chunk: no full-size fp32 copy)
-        g_phi = torch.zeros_like(phi)
-        for lo in range(0, g_x.shape[0], _CHUNK):
-            x = _flat_streams(h, src, lo, lo + _CHUNK, compute, ctx.h_dtype)
-            g_phi.addmm_(g_p[lo:lo + _CHUNK].T, x)
-            g_x[lo:lo + _CHUNK].addcmul_(x, coef[lo:lo + _CHUNK], value=-1.0 / (n * d))
+        _, g_phi = projection_backward(g_z, z, r, phi, h, src, ctx.h_dtype, g_h.view(-1, n * d))
         return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None, None, None, None)
 
 
@@ -177,9 +189,9 @@ class ProjectStreams(torch.autograd.Function):
         z = _project(x, phi) * r  # (B, T, m)
         fresh = streams.dtype != save_dtype
         saved = streams.to(save_dtype).contiguous() if fresh and source is None else None
-        ctx.keep_streams = source is None and not fresh  # kept as they are: the input itself
+        keep_streams = source is None and not fresh  # kept as they are: the input itself
         ctx.native = _native_ok(h, compute, save_dtype)
-        ctx.save_for_backward(saved, streams if ctx.keep_streams else None, phi, r, z, *(source or (None,) * 4))
+        ctx.save_for_backward(saved, streams if keep_streams else None, phi, r, z, *(source or (None,) * 4))
         if saved is not None:
             ctx.mark_non_differentiable(saved)
         return z, saved
@@ -192,13 +204,5 @@ class ProjectStreams(torch.autograd.Function):
             n, d = (streams if streams is not None else saved if saved is not None else source[0]).shape[-2:]
             h, src = backward_streams(streams if streams is not None else saved, source, compute,
                                       ctx.h_dtype, ctx.native)
-            g_p = (g_z.to(compute) * r).flatten(0, -2)  # dL/d(x phi^T): (B*T, m)
-            coef = ((g_z * z).sum(-1, keepdim=True) * r.square()).view(-1, 1)
-            g_x = g_p @ phi  # (B*T, nd)
-            g_phi = torch.zeros_like(phi)
-            for lo in range(0, g_x.shape[0], _CHUNK):
-                x = _flat_streams(h, src, lo, lo + _CHUNK, compute, ctx.h_dtype)
-                g_phi.addmm_(g_p[lo:lo + _CHUNK].T, x)
-                g_x[lo:lo + _CHUNK].addcmul_(x, coef[lo:lo + _CHUNK], value=-1.0 / (n * d))
-            lead = z.shape[:-1]
-            return g_x.view(*lead, n, d).to(ctx.h_dtype), g_phi, None, None, None
+            g_x, g_phi = projection_backward(g_z, z, r, phi, h, src, ctx.h_dtype)
+            return g_x.view(*z.shape[:-1], n, d).to(ctx.h_dtype), g_phi, None, None, None

@@ -186,17 +186,13 @@ class HyperConnection(Pathway):
 
         Computed in fp32 (``y`` is kept for backward in its own, e.g. autocast, dtype); the new
         streams come back in the dtype of the streams ``width_connection`` was given."""
-        mixed, beta, dtype = ctx.mix, ctx.beta, ctx.dtype
+        mixed = ctx.mix
         if y.shape != mixed.shape[:-2] + mixed.shape[-1:]:
             raise ValueError(f"depth_connection expects the branch output (B, T, d) = "
                              f"{tuple(mixed.shape[:-2] + mixed.shape[-1:])}, got shape {tuple(y.shape)}")
         if not (self.fused and torch.is_grad_enabled()):
             return self.depth_connection_reference(ctx, y)
-        with torch.autocast(y.device.type, enabled=False):
-            out = depth_node(mixed, beta, y, dtype, streams_for_depth(ctx))  # (B, T, n, d)
-        if ctx.kept is not None:
-            _offer_rebuild(self, out, (*ctx.kept, beta.detach(), y.detach()))
-        return out
+        return fused_depth(self, ctx, y)  # (B, T, n, d)
 
     def depth_connection_reference(self, ctx: DepthContext, y: Tensor) -> Tensor:
         mixed, beta, dtype = ctx.mixed, ctx.beta, ctx.dtype
@@ -278,6 +274,16 @@ def streams_for_depth(ctx: DepthContext) -> tuple[Tensor, Tensor] | None:
         raise RuntimeError("the streams given to width_connection were modified in place before "
                            "depth_connection: the depth connection reads them (mixing A_r^T H)")
     return h, alpha
+
+
+def fused_depth(pathway: nn.Module, ctx: DepthContext, y: Tensor) -> Tensor:
+    """The depth connection's autograd node (``_depth_fused.depth_node``) for a width node's
+    ``ctx``, and its offer to the next width node (:func:`_offer_rebuild`) when ``ctx.kept``."""
+    with torch.autocast(y.device.type, enabled=False):
+        out = depth_node(ctx.mix, ctx.beta, y, ctx.dtype, streams_for_depth(ctx))
+    if ctx.kept is not None:
+        _offer_rebuild(pathway, out, (*ctx.kept, ctx.beta.detach(), y.detach()))
+    return out
 
 
 def _offer_rebuild(pathway: nn.Module, out: Tensor, source: tuple[Tensor, ...]) -> None:

@@ -51,10 +51,9 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.norm import RMSNorm, rms_rstd
-from ._depth_fused import depth_node
 from ._hc_fused import WidthConnection, _bmm, _project, kept_for_rebuild, mixes_in_depth
 from .base import Branch, Pathway, check_streams, expand_streams, reduce_streams
-from .hyper import DepthContext, _offer_rebuild, _take_rebuild, depth_streams, streams_for_depth
+from .hyper import DepthContext, _take_rebuild, depth_streams, fused_depth
 from ._mhc_fused import ManifoldWidth, ProjectStreams, alpha_of
 from .sinkhorn import birkhoff, permutation_matrices, sinkhorn
 
@@ -205,7 +204,7 @@ class ManifoldHyperConnection(Pathway):
             x, mixed, post, _, _ = WidthConnection.apply(
                 h, alpha, post, None, None, None, self.norm.weight.to(compute), 0.0, self.norm.eps, False,
                 save_dtype, source, False, lazy, saved)
-        kept = None if source is not None else (h.detach() if saved is None else saved, alpha.detach())
+        kept = None if source is not None else kept_for_rebuild(saved, alpha.detach(), h)
         return x, DepthContext(mixed, post, h.dtype, kept, depth_streams(lazy, h, None, alpha))
 
     def width_connection_reference(self, h: Tensor) -> tuple[Tensor, DepthContext]:
@@ -231,12 +230,9 @@ class ManifoldHyperConnection(Pathway):
         if y.shape != mixed.shape[:-2] + mixed.shape[-1:]:
             raise ValueError(f"depth_connection expects the branch output (B, T, d) = "
                              f"{tuple(mixed.shape[:-2] + mixed.shape[-1:])}, got shape {tuple(y.shape)}")
+        if torch.is_grad_enabled():  # keeps y and post for backward, nothing of size n*d
+            return fused_depth(self, ctx, y)
         with torch.autocast(y.device.type, enabled=False):
-            if torch.is_grad_enabled():  # keeps y and post for backward, nothing of size n*d
-                out = depth_node(mixed, post, y, dtype, streams_for_depth(ctx))
-                if ctx.kept is not None:
-                    _offer_rebuild(self, out, (*ctx.kept, post.detach(), y.detach()))
-                return out
             mixed = ctx.mixed  # (the placeholder's value, if the width node left the mixing here)
             return (mixed + post.unsqueeze(-1) * y.to(mixed.dtype).unsqueeze(-2)).to(dtype)
 
