@@ -135,11 +135,6 @@ def takes(*tensors: Tensor) -> bool:
                for t in tensors) and available()
 
 
-def usable(*tensors: Tensor) -> bool:
-    """:func:`takes`, outside ``torch.compile`` (a ``ctypes`` call cannot be traced)."""
-    return not torch.compiler.is_compiling() and takes(*tensors)
-
-
 def _threads() -> int:
     """Threads for the kernels' OpenMP regions: torch's intra-op thread count."""
     return torch.get_num_threads()
