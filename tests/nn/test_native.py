@@ -182,7 +182,7 @@ def test_the_float_tanh_is_within_two_ulp_everywhere():
     mags = torch.cat([torch.logspace(-30, 3, 12000), torch.linspace(0.5, 1.0, 3000),
                       torch.tensor([0.0, 0.625, 9.0, 20.0])])
     z = torch.cat([mags, -mags, torch.tensor([float("nan")])])
-    n = 64
+    n = native.HC_MAX_N
     got = torch.cat([native.hc_forward_dynamic(torch.ones(1, 1, n, 1), torch.zeros(n, n + 1), torch.zeros(n),
                                                chunk.unsqueeze(-1), 1.0, 1.0, 0.0, True, False)[1][4][0, 0, 0, :len(chunk)]
                      for chunk in torch.nn.functional.pad(z, (0, -len(z) % (n + 2))).split(n + 2)])[:len(z)]
@@ -199,13 +199,13 @@ def test_the_float_tanh_is_within_two_ulp_everywhere():
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("per_token", [False, True])
 @pytest.mark.parametrize("need_gain_grad", [True, False])
-def test_the_branch_norm_in_the_kernels_matches_pytorch(per_token, need_gain_grad, dtype, tol):
+@pytest.mark.parametrize("n,d", [(3, 37), (4, 64)])
+def test_the_branch_norm_in_the_kernels_matches_pytorch(n, d, per_token, need_gain_grad, dtype, tol):
     """Forward: the normed branch input and its rstd; backward: dL/dH, dL/dalpha and dL/d(gain)
     with the norm's backward run per token inside the kernel, against the PyTorch norm around the
     same kernels."""
     from hyperbit.pathways._hc_fused import _norm_backward, branch_norm
 
-    n, d = 3, 37
     h, alpha = _hc_inputs(n, d, dtype, per_token)
     g = torch.Generator().manual_seed(3)
     norm_w = 1 + 0.3 * torch.randn(d, generator=g, dtype=dtype)

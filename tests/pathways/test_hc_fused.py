@@ -32,9 +32,11 @@ def _run(hc, h, y_weight, reference):
 
 @pytest.mark.parametrize("dynamic,use_tanh", [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize("branch_norm", [True, False])
-@pytest.mark.parametrize("n", [1, 2, 3])
+# n = 4: the kernels' compile-time-n path; 17: above HC_MAX_N, the PyTorch path. d = 44: whole
+# vectors of the kernels and a tail
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 17])
 def test_fused_matches_reference_values_and_gradients(n, dynamic, use_tanh, branch_norm, kernels):
-    d = 12
+    d = 44
     hc = _random_hc(n, d, dynamic, use_tanh, branch_norm)
     h = torch.randn(2, 5, n, d, dtype=torch.float64)
     w = torch.randn(d, d, dtype=torch.float64) / d**0.5

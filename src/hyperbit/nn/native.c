@@ -245,31 +245,22 @@ DEFINE_SINKHORN(double, f64, exp)
    dL/d mixed, and writes dL/dH and dL/dalpha per token, and for DHC (r_i = rsqrt(mean(H_i^2) +
    eps), P = H Wt^T, t = tanh(P r), alpha = t s_a + static alpha, beta = t s_b + static beta) runs
    the chain back through the dynamic weights: dL/dH += dL/dP Wt - H r^3/d sum_k dL/dz_k P_k, and
-   dL/dWt. Parallel over tokens (OpenMP: the runtime torch uses). */
+   dL/dWt. Parallel over tokens (OpenMP: the runtime torch uses).
+
+   A token's rows are walked one column block at a time (HB_COLUMNS: a vector of W elements, GCC
+   vector extensions), every row of the block in registers: each output element is stored once,
+   after all its terms, and each dot product keeps one accumulator per pair of rows, so no loop
+   waits on its own previous add. For the usual expansion rates n is a compile-time constant
+   (HB_BY_N), which is what lets the compiler keep those rows in registers. */
 
 #include <string.h>
 #include <omp.h>
 
-static inline float hb_bf16_to_f32(uint16_t v) {
-    uint32_t b = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &b, 4);
-    return f;
-}
-
-static inline uint16_t hb_f32_to_bf16(float f) {  /* round to nearest even, as torch does */
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    if (f != f) return 0x7fc0;
-    b += 0x7fff + ((b >> 16) & 1);
-    return (uint16_t)(b >> 16);
-}
-
 /* The streams a backward kernel reads per token: h itself (T or bf16), or, when h is NULL, h
    rebuilt from what the nodes before keep: h_i = sum_j alpha[j][i + 1] prev_j + beta_i y (the
-   mixing of hb_hc_forward, then hb_depth_forward: bit for bit the streams made from prev in T),
-   rounded through bf16 when the streams were bf16. prev (N, n, d), y (N, d) in T or bf16; alpha
-   (n, n+1) or (N, n, n+1); beta (n) or (N, n), in T. */
+   mixing of hb_hc_forward, then the depth connection: bit for bit the streams made from prev in
+   T), rounded through bf16 when the streams were bf16. prev (N, n, d), y (N, d) in T or bf16;
+   alpha (n, n+1) or (N, n, n+1); beta (n) or (N, n), in T. */
 typedef struct {
     const void *h, *prev, *alpha, *beta, *y;
     int h_bf16, prev_bf16, alpha_per_token, beta_per_token, y_bf16, round_bf16;
@@ -285,23 +276,60 @@ typedef struct {
     double eps;
 } hb_norm;
 
-/* tanh in float to about 1 ulp, branch-free so that a loop of them vectorises (glibc's tanhf is
-   an out-of-line call, several times slower): an odd polynomial below |x| = 0.625 (tanh(x) / x - 1
+/* Vectors: HB_VB bytes, one AVX-512 register (two AVX2 or four SSE/NEON registers elsewhere) */
+#if defined(__AVX512F__)
+#define HB_VB 64
+#else
+#define HB_VB 32
+#endif
+typedef float hb_vf32 __attribute__((vector_size(HB_VB), aligned(4)));
+typedef double hb_vf64 __attribute__((vector_size(HB_VB), aligned(8)));
+typedef uint32_t hb_vu32 __attribute__((vector_size(HB_VB), aligned(4)));
+typedef uint16_t hb_vh32 __attribute__((vector_size(HB_VB / 2), aligned(2)));  /* bf16 of hb_vf32 */
+typedef float hb_vf32h __attribute__((vector_size(HB_VB / 2), aligned(4)));
+typedef uint32_t hb_vu32h __attribute__((vector_size(HB_VB / 2), aligned(4)));
+typedef uint16_t hb_vh64 __attribute__((vector_size(HB_VB / 4), aligned(2)));  /* bf16 of hb_vf64 */
+
+/* bf16 <-> float lane by lane; the rounding is torch's: to nearest even, NaN to 0x7fc0 */
+static inline hb_vf32 hb_widen_f32(hb_vh32 h) {
+    return (hb_vf32)(__builtin_convertvector(h, hb_vu32) << 16);
+}
+static inline hb_vh32 hb_narrow_f32(hb_vf32 f) {
+    hb_vu32 b = (hb_vu32)f, nan = (hb_vu32)(f != f);
+    b = (b + 0x7fff + ((b >> 16) & 1)) >> 16;
+    return __builtin_convertvector((b & ~nan) | (0x7fc0 & nan), hb_vh32);
+}
+static inline hb_vf64 hb_widen_f64(hb_vh64 h) {
+    return __builtin_convertvector((hb_vf32h)(__builtin_convertvector(h, hb_vu32h) << 16), hb_vf64);
+}
+static inline hb_vh64 hb_narrow_f64(hb_vf64 v) {
+    hb_vf32h f = __builtin_convertvector(v, hb_vf32h);
+    hb_vu32h b = (hb_vu32h)f, nan = (hb_vu32h)(f != f);
+    b = (b + 0x7fff + ((b >> 16) & 1)) >> 16;
+    return __builtin_convertvector((b & ~nan) | (0x7fc0 & nan), hb_vh64);
+}
+
+/* tanh in float to about 1 ulp, lane by lane and branch-free (glibc's tanhf is an out-of-line
+   call, several times slower): an odd polynomial below |x| = 0.625 (tanh(x) / x - 1
    fitted in x^2), else 1 - 2 / (e^{2|x|} + 1), with e^y = 2^k e^f, |f| <= ln 2 / 2, by its Taylor
    series to f^7; |x| is capped at 9, where float rounds tanh to 1. NaN stays NaN. */
-static inline float hb_tanhf(float x) {
-    float a = fabsf(x), s = x * x;
-    float q = 0.0023143845f;
+static inline hb_vf32 hb_tanh_vf32(hb_vf32 x) {
+    typedef int32_t vi __attribute__((vector_size(HB_VB)));
+    vi sign = (vi)x & (int32_t)0x80000000;
+    hb_vf32 a = (hb_vf32)((vi)x & 0x7fffffff), s = x * x;
+    hb_vf32 q = 0.0023143845f + (hb_vf32){0};
     q = q * s - 0.0083661100f;
     q = q * s + 0.021777019f;
     q = q * s - 0.053960511f;
     q = q * s + 0.13333311f;
     q = q * s - 0.33333333f;
-    float small = x + x * s * q;
-    float y = 2 * (a > 9.0f ? 9.0f : a);                         /* NaN passes */
-    int k = (int)(y * 1.44269504f + 0.5f);                        /* round(y / ln 2), y >= 0 */
-    float f = (y - (float)k * 0.693145751953125f) - (float)k * 1.42860677e-06f;  /* y - k ln 2 */
-    float e = 1.0f / 5040;
+    hb_vf32 small = x + x * s * q;
+    vi capped = a > 9.0f;
+    hb_vf32 y = 2 * (hb_vf32)(((vi)a & ~capped) | ((vi)(9.0f + (hb_vf32){0}) & capped));
+    vi k = __builtin_convertvector(y * 1.44269504f + 0.5f, vi);
+    hb_vf32 kf = __builtin_convertvector(k, hb_vf32);
+    hb_vf32 f = (y - kf * 0.693145751953125f) - kf * 1.42860677e-06f;
+    hb_vf32 e = 1.0f / 5040 + (hb_vf32){0};
     e = e * f + 1.0f / 720;
     e = e * f + 1.0f / 120;
     e = e * f + 1.0f / 24;
@@ -309,158 +337,226 @@ static inline float hb_tanhf(float x) {
     e = e * f + 0.5f;
     e = e * f + 1.0f;
     e = e * f + 1.0f;
-    uint32_t bits = (uint32_t)(k + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    float big = copysignf(1.0f - 2.0f / (e * scale + 1.0f), x);
-    return a < 0.625f ? small : big;
+    hb_vf32 scale = (hb_vf32)((k + 127) << 23);
+    vi big = ((vi)(1.0f - 2.0f / (e * scale + 1.0f)) & 0x7fffffff) | sign;
+    vi is_small = a < 0.625f;
+    return (hb_vf32)(((vi)small & is_small) | (big & ~is_small));
 }
 
-#define DEFINE_HC(T, SUF, SQRT, TANH)                                                             \
-/* out row j (d) = sum_i a[i][j] h_i; j = 0: x, j >= 1: mixed stream j - 1 */                    \
-static void hc_mix_row_##SUF(const T *ht, int n, int64_t d, const T *a, int j, T *out) {         \
-    T a0 = a[j];                                                                                  \
-    _Pragma("omp simd")                                                                           \
-    for (int64_t c = 0; c < d; c++) out[c] = a0 * ht[c];                                          \
-    for (int i = 1; i < n; i++) {                                                                 \
-        T ai = a[i * (n + 1) + j];                                                                \
-        const T *hi = ht + i * d;                                                                 \
-        _Pragma("omp simd")                                                                       \
-        for (int64_t c = 0; c < d; c++) out[c] += ai * hi[c];                                     \
-    }                                                                                             \
+static inline hb_vf64 hb_tanh_vf64(hb_vf64 x) {  /* libm's, lane by lane (the fp64 kernels are references) */
+    for (int l = 0; l < HB_VB / 8; l++) x[l] = tanh(x[l]);
+    return x;
+}
+
+/* BODY once per column block of a d-long row: c its first element, m its width (W, then the
+   tail, m < W, where the loads fill the missing lanes with zeros and the stores skip them) */
+#define HB_COLUMNS(W, d, ...)                                                                     \
+    do {                                                                                          \
+        int64_t c_ = 0;                                                                           \
+        for (; c_ + (W) <= (d); c_ += (W)) { const int64_t c = c_; const int m = (W); __VA_ARGS__ } \
+        if (c_ < (d)) { const int64_t c = c_; const int m = (int)((d) - c_); __VA_ARGS__ }         \
+    } while (0)
+
+/* the largest n of the vectorised kernels (HC_MAX_N in native.py): a token's rows as vectors */
+#define HB_MAXN 16
+
+/* CALL with nn a compile-time constant for the usual expansion rates, else nn = n (the fp64
+   kernels, there for the tests, take the general path only) */
+#define HB_BY_N_f32(n, ...)                                                                       \
+    switch (n) {                                                                                  \
+    case 2: { enum { nn = 2 }; __VA_ARGS__; } break;                                              \
+    case 4: { enum { nn = 4 }; __VA_ARGS__; } break;                                              \
+    default: { const int nn = (n); __VA_ARGS__; }                                                 \
+    }
+#define HB_BY_N_f64(n, ...) { const int nn = (n); __VA_ARGS__; }
+
+#define HB_INLINE static inline __attribute__((always_inline))
+
+#define DEFINE_HC(T, SUF, VT, HV, W, SQRT, TANH)                                                  \
+HB_INLINE VT hb_ld_##SUF(const T *p, int m) {                                                     \
+    if (m == W) return *(const VT *)p;                                                            \
+    VT v = {0};                                                                                   \
+    memcpy(&v, p, sizeof(T) * m);                                                                 \
+    return v;                                                                                     \
 }                                                                                                 \
                                                                                                   \
-/* <a, b> over d elements, vectorised (the kernels' one dot product) */                          \
-static inline T hc_dot_##SUF(const T *a, const T *b, int64_t d) {                                 \
-    T acc = 0;                                                                                    \
-    _Pragma("omp simd reduction(+:acc)")                                                          \
-    for (int64_t c = 0; c < d; c++) acc += a[c] * b[c];                                           \
-    return acc;                                                                                   \
+HB_INLINE void hb_st_##SUF(T *p, VT v, int m) {                                                   \
+    if (m == W) *(VT *)p = v;                                                                     \
+    else memcpy(p, &v, sizeof(T) * m);                                                            \
 }                                                                                                 \
                                                                                                   \
-/* one token's branch norm, in place: x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) */         \
-static void hc_norm_token_##SUF(T *x, int64_t d, const hb_norm *nm, int64_t tok) {                \
-    const T *w = (const T *)nm->w;                                                                \
-    T rs = 1 / SQRT(hc_dot_##SUF(x, x, d) / (T)d + (T)nm->eps);                                   \
+HB_INLINE VT hb_ldh_##SUF(const uint16_t *p, int m) {                                             \
+    HV h = {0};                                                                                   \
+    if (m == W) h = *(const HV *)p;                                                               \
+    else memcpy(&h, p, 2 * m);                                                                    \
+    return hb_widen_##SUF(h);                                                                     \
+}                                                                                                 \
+                                                                                                  \
+HB_INLINE void hb_sth_##SUF(uint16_t *p, VT v, int m) {                                           \
+    HV h = hb_narrow_##SUF(v);                                                                    \
+    if (m == W) *(HV *)p = h;                                                                     \
+    else memcpy(p, &h, 2 * m);                                                                    \
+}                                                                                                 \
+                                                                                                  \
+/* from a buffer in T or in bf16 */                                                               \
+HB_INLINE VT hb_lda_##SUF(const void *p, int bf16, int64_t at, int m) {                           \
+    return bf16 ? hb_ldh_##SUF((const uint16_t *)p + at, m) : hb_ld_##SUF((const T *)p + at, m);  \
+}                                                                                                 \
+                                                                                                  \
+HB_INLINE T hb_hsum_##SUF(VT v) {                                                                 \
+    T s = 0;                                                                                      \
+    for (int l = 0; l < W; l++) s += v[l];                                                        \
+    return s;                                                                                     \
+}                                                                                                 \
+                                                                                                  \
+/* sum_i a[i stride] v_i: one row of a mixing, for a column block */                              \
+HB_INLINE VT hc_comb_##SUF(int n, const T *a, int stride, const VT *v) {                          \
+    VT o = a[0] * v[0];                                                                           \
+    for (int i = 1; i < n; i++) o += a[i * stride] * v[i];                                        \
+    return o;                                                                                     \
+}                                                                                                 \
+                                                                                                  \
+/* out[k] = <x, ys[k]> over d elements, k < ny <= HB_MAXN + 3 */                                  \
+HB_INLINE void hc_dots_##SUF(const T *x, const T *const *ys, int ny, int64_t d, T *out) {         \
+    VT acc[HB_MAXN + 3];                                                                          \
+    for (int k = 0; k < ny; k++) acc[k] = (VT){0};                                                \
+    HB_COLUMNS(W, d,                                                                              \
+        VT xv = hb_ld_##SUF(x + c, m);                                                            \
+        for (int k = 0; k < ny; k++) acc[k] += xv * hb_ld_##SUF(ys[k] + c, m);                    \
+    );                                                                                            \
+    for (int k = 0; k < ny; k++) out[k] = hb_hsum_##SUF(acc[k]);                                  \
+}                                                                                                 \
+                                                                                                  \
+/* one token's mixing: x (d) = A_m^T H, mixed (n, d) = A_r^T H if mixed (else the depth           \
+   connection mixes, hb_hc_streams), and the bf16 copy of H if saved */                           \
+HB_INLINE void hc_mix_token_##SUF(int n, const T *ht, int64_t d, const T *a, T *x, T *mixed,      \
+                                  uint16_t *saved) {                                              \
+    HB_COLUMNS(W, d,                                                                              \
+        VT hv[HB_MAXN];                                                                           \
+        for (int i = 0; i < n; i++) hv[i] = hb_ld_##SUF(ht + i * d + c, m);                       \
+        hb_st_##SUF(x + c, hc_comb_##SUF(n, a, n + 1, hv), m);                                    \
+        if (mixed)                                                                                \
+            for (int j = 0; j < n; j++)                                                           \
+                hb_st_##SUF(mixed + j * d + c, hc_comb_##SUF(n, a + j + 1, n + 1, hv), m);        \
+        if (saved)                                                                                \
+            for (int i = 0; i < n; i++) hb_sth_##SUF(saved + i * d + c, hv[i], m);                \
+    );                                                                                            \
+}                                                                                                 \
+                                                                                                  \
+/* one token's branch norm, in place: x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) */           \
+HB_INLINE void hc_norm_token_##SUF(T *x, int64_t d, const hb_norm *nm, int64_t tok) {             \
+    const T *w = (const T *)nm->w, *xs[1] = {x};                                                  \
+    T ss;                                                                                         \
+    hc_dots_##SUF(x, xs, 1, d, &ss);                                                              \
+    T rs = 1 / SQRT(ss / (T)d + (T)nm->eps);                                                      \
     ((T *)nm->rstd)[tok] = rs;                                                                    \
-    _Pragma("omp simd")                                                                           \
-    for (int64_t c = 0; c < d; c++) x[c] = x[c] * rs * w[c];                                      \
+    HB_COLUMNS(W, d, hb_st_##SUF(x + c, hb_ld_##SUF(x + c, m) * rs * hb_ld_##SUF(w + c, m), m);); \
 }                                                                                                 \
                                                                                                   \
-/* one token's mixing: x (d) = A_m^T H (normed if nm), mixed (n, d) = A_r^T H if mixed (else the \
-   depth connection mixes, hb_hc_streams), and the bf16 copy of H if saved */                    \
-static void hc_mix_token_##SUF(const T *ht, int n, int64_t d, const T *a, T *x, T *mixed,         \
-                               uint16_t *saved, const hb_norm *nm, int64_t tok) {                 \
-    hc_mix_row_##SUF(ht, n, d, a, 0, x);                                                          \
-    if (nm) hc_norm_token_##SUF(x, d, nm, tok);                                                   \
-    if (mixed)                                                                                    \
-        for (int j = 1; j <= n; j++) hc_mix_row_##SUF(ht, n, d, a, j, mixed + (int64_t)(j - 1) * d); \
-    if (saved)                                                                                    \
-        for (int64_t c = 0; c < n * d; c++) saved[c] = hb_f32_to_bf16((float)ht[c]);             \
-}                                                                                                 \
-                                                                                                  \
-/* h (N, n, d); alpha (n, n+1) or (N, n, n+1) (alpha_per_token); mixed, or NULL; saved: a bf16  \
-   copy of h, or NULL; nm: the branch norm, or NULL. */                                          \
-int hb_hc_forward_##SUF(const T *h, int64_t N, int n, int64_t d, const T *alpha,                \
-                        int alpha_per_token, T *x, T *mixed, uint16_t *saved, const hb_norm *nm, \
+/* h (N, n, d); alpha (n, n+1) or (N, n, n+1) (alpha_per_token); mixed, or NULL; saved: a bf16    \
+   copy of h, or NULL; nm: the branch norm, or NULL. */                                           \
+int hb_hc_forward_##SUF(const T *h, int64_t N, int n, int64_t d, const T *alpha,                  \
+                        int alpha_per_token, T *x, T *mixed, uint16_t *saved, const hb_norm *nm,  \
                         int nthreads) {                                                           \
-    if (n < 1 || n > 64) return 1;                                                                \
+    if (n < 1 || n > HB_MAXN) return 1;                                                           \
     _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
-    for (int64_t tok = 0; tok < N; tok++)                                                         \
-        hc_mix_token_##SUF(h + tok * n * d, n, d,                                                 \
-                           alpha + (alpha_per_token ? tok * n * (n + 1) : 0), x + tok * d,       \
-                           mixed ? mixed + tok * n * d : NULL, saved ? saved + tok * n * d : NULL, \
-                           nm, tok);                                                              \
+    for (int64_t tok = 0; tok < N; tok++) {                                                       \
+        HB_BY_N_##SUF(n, hc_mix_token_##SUF(nn, h + tok * n * d, d,                               \
+                                      alpha + (alpha_per_token ? tok * n * (n + 1) : 0),          \
+                                      x + tok * d, mixed ? mixed + tok * n * d : NULL,            \
+                                      saved ? saved + tok * n * d : NULL));                       \
+        if (nm) hc_norm_token_##SUF(x + tok * d, d, nm, tok);                                     \
+    }                                                                                             \
     return 0;                                                                                     \
 }                                                                                                 \
                                                                                                   \
 /* DHC's forward, the dynamic weights and the mixing in one pass over a token's streams (in L1):  \
-   per stream i, r_i = 1 / sqrt(mean(H_i^2) + eps), p_ik = <H_i, wt_k> (k < n + 2),              \
-   t = tanh(p r) (or p r), alpha_i = s_alpha t_i[:n+1] + static_alpha_i, beta_i =                \
+   per stream i, r_i = 1 / sqrt(mean(H_i^2) + eps), p_ik = <H_i, wt_k> (k < n + 2),               \
+   t = tanh(p r) (or p r), alpha_i = s_alpha t_i[:n+1] + static_alpha_i, beta_i =                 \
    s_beta t_i[n+1] + static_beta_i; then the mixing with these alpha. Writes r (N, n), p and t    \
    (N, n, n+2), alpha (N, n, n+1), beta (N, n), and x, mixed, saved as hb_hc_forward. */          \
-int hb_hc_forward_dynamic_##SUF(const T *h, int64_t N, int n, int64_t d, const T *static_alpha,  \
-                                const T *static_beta, const T *wt, T s_alpha, T s_beta, T eps,   \
-                                int use_tanh, T *r, T *p, T *t, T *alpha, T *beta, T *x,         \
-                                T *mixed, uint16_t *saved, const hb_norm *nm, int nthreads) {    \
-    if (n < 1 || n > 64) return 1;                                                                \
+int hb_hc_forward_dynamic_##SUF(const T *h, int64_t N, int n, int64_t d, const T *static_alpha,   \
+                                const T *static_beta, const T *wt, T s_alpha, T s_beta, T eps,    \
+                                int use_tanh, T *r, T *p, T *t, T *alpha, T *beta, T *x,          \
+                                T *mixed, uint16_t *saved, const hb_norm *nm, int nthreads) {     \
+    if (n < 1 || n > HB_MAXN) return 1;                                                           \
     int k2 = n + 2;                                                                               \
     _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
     for (int64_t tok = 0; tok < N; tok++) {                                                       \
-        const T *ht = h + tok * n * d;                                                            \
+        const T *ht = h + tok * n * d, *ys[HB_MAXN + 3];                                          \
         T *pt = p + tok * n * k2, *tt = t + tok * n * k2, *at = alpha + tok * n * (n + 1);        \
+        T dots[HB_MAXN + 3];                                                                      \
+        for (int k = 0; k < k2; k++) ys[k + 1] = wt + k * d;                                      \
         for (int i = 0; i < n; i++) {                                                             \
-            const T *hi = ht + i * d;                                                             \
-            T ri = 1 / SQRT(hc_dot_##SUF(hi, hi, d) / (T)d + eps);                                \
+            ys[0] = ht + i * d;                                                                   \
+            HB_BY_N_##SUF(n, hc_dots_##SUF(ht + i * d, ys, nn + 3, d, dots));                     \
+            T ri = 1 / SQRT(dots[0] / (T)d + eps);                                                \
             r[tok * n + i] = ri;                                                                  \
             for (int k = 0; k < k2; k++) {                                                        \
-                T acc = hc_dot_##SUF(hi, wt + k * d, d);                                          \
-                pt[i * k2 + k] = acc;                                                             \
-                tt[i * k2 + k] = acc * ri;                                                        \
+                pt[i * k2 + k] = dots[k + 1];                                                     \
+                tt[i * k2 + k] = dots[k + 1] * ri;                                                \
             }                                                                                     \
         }                                                                                         \
-        if (use_tanh) {                                                                           \
-            _Pragma("omp simd")                                                                   \
-            for (int q = 0; q < n * k2; q++) tt[q] = TANH(tt[q]);                                 \
-        }                                                                                         \
+        if (use_tanh) HB_COLUMNS(W, n * k2, hb_st_##SUF(tt + c, TANH(hb_ld_##SUF(tt + c, m)), m);); \
         for (int i = 0; i < n; i++) {                                                             \
             for (int j = 0; j <= n; j++)                                                          \
                 at[i * (n + 1) + j] = tt[i * k2 + j] * s_alpha + static_alpha[i * (n + 1) + j];   \
             beta[tok * n + i] = tt[i * k2 + n + 1] * s_beta + static_beta[i];                     \
         }                                                                                         \
-        hc_mix_token_##SUF(ht, n, d, at, x + tok * d, mixed ? mixed + tok * n * d : NULL,         \
-                           saved ? saved + tok * n * d : NULL, nm, tok);                          \
+        HB_BY_N_##SUF(n, hc_mix_token_##SUF(nn, ht, d, at, x + tok * d, mixed ? mixed + tok * n * d : NULL, \
+                                      saved ? saved + tok * n * d : NULL));                       \
+        if (nm) hc_norm_token_##SUF(x + tok * d, d, nm, tok);                                     \
     }                                                                                             \
     return 0;                                                                                     \
 }                                                                                                 \
                                                                                                   \
-/* count elements of a buffer from element start on, in T: in place when the buffer is T, else  \
-   (bf16: a saved copy of H, or a branch output under autocast) widened into buf */               \
-static inline const T *load_row_##SUF(const void *src, int bf16, int64_t start, int64_t count,    \
-                                      T *buf) {                                                   \
-    if (!bf16) return (const T *)src + start;                                                     \
-    const uint16_t *sb = (const uint16_t *)src + start;                                           \
-    for (int64_t c = 0; c < count; c++) buf[c] = (T)hb_bf16_to_f32(sb[c]);                        \
-    return buf;                                                                                   \
-}                                                                                                 \
-                                                                                                  \
-/* a token's streams (n, d) in T, read or rebuilt (hb_streams) into per-thread scratch: buf (n d), \
-   pbuf (n d), ybuf (d) */                                                                        \
-static const T *streams_row_##SUF(const hb_streams *s, int64_t tok, int n, int64_t d, T *buf,    \
-                                  T *pbuf, T *ybuf) {                                             \
-    if (s->h) return load_row_##SUF(s->h, s->h_bf16, tok * n * d, n * d, buf);                   \
-    const T *pt = load_row_##SUF(s->prev, s->prev_bf16, tok * n * d, n * d, pbuf);                \
-    const T *yt = load_row_##SUF(s->y, s->y_bf16, tok * d, d, ybuf);                              \
+/* a token's streams (n, d) in T (hb_streams): h itself, or widened from bf16 or rebuilt into     \
+   dst (n d) */                                                                                   \
+HB_INLINE const T *hc_streams_token_##SUF(int n, const hb_streams *s, int64_t tok, int64_t d,     \
+                                          T *dst) {                                               \
+    if (s->h && !s->h_bf16) return (const T *)s->h + tok * n * d;                                 \
+    if (s->h) {                                                                                   \
+        const uint16_t *hb = (const uint16_t *)s->h + tok * n * d;                                \
+        HB_COLUMNS(W, n * d, hb_st_##SUF(dst + c, hb_ldh_##SUF(hb + c, m), m););                  \
+        return dst;                                                                               \
+    }                                                                                             \
     const T *a = (const T *)s->alpha + (s->alpha_per_token ? tok * n * (n + 1) : 0);              \
     const T *bt = (const T *)s->beta + (s->beta_per_token ? tok * n : 0);                         \
-    for (int i = 0; i < n; i++) {                                                                 \
-        T *oi = buf + i * d, b = bt[i];                                                           \
-        hc_mix_row_##SUF(pt, n, d, a, i + 1, oi);                                                 \
-        _Pragma("omp simd")                                                                       \
-        for (int64_t c = 0; c < d; c++) oi[c] = oi[c] + b * yt[c];                                \
-        if (s->round_bf16)                                                                        \
-            for (int64_t c = 0; c < d; c++) oi[c] = (T)hb_bf16_to_f32(hb_f32_to_bf16((float)oi[c])); \
-    }                                                                                             \
-    return buf;                                                                                   \
+    int prev_bf16 = s->prev_bf16, y_bf16 = s->y_bf16, round = s->round_bf16;                      \
+    HB_COLUMNS(W, d,                                                                              \
+        VT pv[HB_MAXN];                                                                           \
+        for (int j = 0; j < n; j++) pv[j] = hb_lda_##SUF(s->prev, prev_bf16, (tok * n + j) * d + c, m); \
+        VT yv = hb_lda_##SUF(s->y, y_bf16, tok * d + c, m);                                       \
+        for (int i = 0; i < n; i++) {                                                             \
+            VT o = hc_comb_##SUF(n, a + i + 1, n + 1, pv) + bt[i] * yv;                           \
+            if (round) o = hb_widen_##SUF(hb_narrow_##SUF(o));                                    \
+            hb_st_##SUF(dst + i * d + c, o, m);                                                   \
+        }                                                                                         \
+    );                                                                                            \
+    return dst;                                                                                   \
 }                                                                                                 \
                                                                                                   \
 /* per token of hb_streams: the streams written out (N, n, d) when out is given, the branch input \
-   x = A_m^T H (N, d) when x is given (alpha (n, n+1) or per token), both in T */                  \
+   x = A_m^T H (N, d) when x is given (alpha (n, n+1) or per token), both in T */                 \
 int hb_hc_streams_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const T *alpha,         \
-                        int alpha_per_token, T *out, T *x, int nthreads) {                       \
+                        int alpha_per_token, T *out, T *x, int nthreads) {                        \
+    if (n < 1 || n > HB_MAXN) return 1;                                                           \
     int bad = 0;                                                                                  \
     _Pragma("omp parallel num_threads(nthreads)")                                                 \
     {                                                                                             \
-        T *buf = malloc(sizeof(T) * (2 * n * d + d));                                             \
+        T *buf = malloc(sizeof(T) * n * d);                                                       \
         if (!buf) bad = 1;                                                                        \
         else {                                                                                    \
             _Pragma("omp for schedule(static)")                                                   \
             for (int64_t tok = 0; tok < N; tok++) {                                               \
-                const T *ht = streams_row_##SUF(s, tok, n, d, buf, buf + n * d, buf + 2 * n * d); \
-                if (out) memcpy(out + tok * n * d, ht, sizeof(T) * n * d);                        \
+                T *dst = out ? out + tok * n * d : buf;                                           \
+                const T *ht;                                                                      \
+                HB_BY_N_##SUF(n, ht = hc_streams_token_##SUF(nn, s, tok, d, dst));                \
+                if (out && ht != dst) memcpy(dst, ht, sizeof(T) * n * d);                         \
                 if (x)                                                                            \
-                    hc_mix_row_##SUF(ht, n, d, alpha + (alpha_per_token ? tok * n * (n + 1) : 0), \
-                                     0, x + tok * d);                                             \
+                    HB_BY_N_##SUF(n, hc_mix_token_##SUF(nn, ht, d,                                \
+                                                  alpha + (alpha_per_token ? tok * n * (n + 1) : 0), \
+                                                  x + tok * d, NULL, NULL));                      \
             }                                                                                     \
         }                                                                                         \
         free(buf);                                                                                \
@@ -468,108 +564,118 @@ int hb_hc_streams_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const 
     return bad ? 2 : 0;                                                                           \
 }                                                                                                 \
                                                                                                   \
+/* one token of hb_hc_backward: gx (d), gm (n, d) or NULL, gb (n) or NULL; writes gh (n, d), ga   \
+   (n, n+1), adds to gw ((n+2, d), DHC) and gnw (d, the norm's gain); buf: n d + 2 d scratch */   \
+HB_INLINE void hc_backward_token_##SUF(int n, const hb_streams *s, int64_t tok, int64_t d,        \
+                                       const T *a, const T *gx, const T *gm, const T *gb,         \
+                                       const T *t, const T *r, const T *p, const T *wt,           \
+                                       T s_alpha, T s_beta, int use_tanh, T *gh, T *ga, T *gw,    \
+                                       const hb_norm *nm, T *gnw, T *buf) {                       \
+    int k2 = n + 2;                                                                               \
+    const T *ht = hc_streams_token_##SUF(n, s, tok, d, buf);                                      \
+    if (nm) { /* the branch norm's backward: x (recomputed) -> dL/dx */                           \
+        T *xb = buf + n * d, *gxb = xb + d;                                                       \
+        const T *w = (const T *)nm->w, *go = (const T *)nm->g_out + tok * d;                      \
+        T rs = ((const T *)nm->rstd)[tok];                                                        \
+        VT dot = {0};                                                                             \
+        HB_COLUMNS(W, d,                                                                          \
+            VT hv[HB_MAXN];                                                                       \
+            for (int i = 0; i < n; i++) hv[i] = hb_ld_##SUF(ht + i * d + c, m);                   \
+            VT xv = hc_comb_##SUF(n, a, n + 1, hv);                                               \
+            hb_st_##SUF(xb + c, xv, m);                                                           \
+            dot += hb_ld_##SUF(go + c, m) * hb_ld_##SUF(w + c, m) * (xv * rs);                    \
+        );                                                                                        \
+        T mean = hb_hsum_##SUF(dot) / (T)d;                                                       \
+        HB_COLUMNS(W, d,                                                                          \
+            VT gov = hb_ld_##SUF(go + c, m), xh = hb_ld_##SUF(xb + c, m) * rs;                    \
+            hb_st_##SUF(gxb + c, (gov * hb_ld_##SUF(w + c, m) - xh * mean) * rs, m);              \
+            if (gnw) hb_st_##SUF(gnw + c, hb_ld_##SUF(gnw + c, m) + gov * xh, m);                 \
+        );                                                                                        \
+        gx = gxb;                                                                                 \
+    }                                                                                             \
+    const T *ys[HB_MAXN + 3];                                                                     \
+    ys[0] = gx;                                                                                   \
+    for (int j = 0; j < n; j++) ys[j + 1] = gm ? gm + j * d : gx;                                 \
+    for (int i = 0; i < n; i++) {                                                                 \
+        if (gm) hc_dots_##SUF(ht + i * d, ys, n + 1, d, ga + i * (n + 1));                        \
+        else {                                                                                    \
+            hc_dots_##SUF(ht + i * d, ys, 1, d, ga + i * (n + 1));                                \
+            for (int j = 1; j <= n; j++) ga[i * (n + 1) + j] = 0;                                 \
+        }                                                                                         \
+    }                                                                                             \
+    T gp[HB_MAXN * (HB_MAXN + 2)], coef[HB_MAXN];                                                 \
+    if (wt) { /* z = t (pre-tanh: P r); dL/dz, then dL/dP = dL/dz r */                            \
+        const T *tt = t + tok * n * k2, *pt = p + tok * n * k2, *rt = r + tok * n;                \
+        for (int i = 0; i < n; i++) {                                                             \
+            T cs = 0;                                                                             \
+            for (int k = 0; k < k2; k++) {                                                        \
+                T gz = k <= n ? ga[i * (n + 1) + k] * s_alpha : (gb ? gb[i] * s_beta : 0);        \
+                if (use_tanh) gz *= 1 - tt[i * k2 + k] * tt[i * k2 + k];                          \
+                gp[i * k2 + k] = gz * rt[i];                                                      \
+                cs += gz * pt[i * k2 + k];                                                        \
+            }                                                                                     \
+            coef[i] = cs * rt[i] * rt[i] * rt[i] / (T)d;                                          \
+        }                                                                                         \
+    }                                                                                             \
+    /* dL/dH_i = alpha_i0 gx + sum_j alpha_i,j+1 gm_j [+ sum_k gp_ik wt_k - coef_i H_i]; dL/dWt */ \
+    HB_COLUMNS(W, d,                                                                              \
+        VT hv[HB_MAXN], gmv[HB_MAXN], wv[HB_MAXN + 2], gxv = hb_ld_##SUF(gx + c, m);              \
+        for (int i = 0; i < n; i++) hv[i] = hb_ld_##SUF(ht + i * d + c, m);                       \
+        if (gm)                                                                                   \
+            for (int j = 0; j < n; j++) gmv[j] = hb_ld_##SUF(gm + j * d + c, m);                  \
+        if (wt)                                                                                   \
+            for (int k = 0; k < k2; k++) wv[k] = hb_ld_##SUF(wt + k * d + c, m);                  \
+        for (int i = 0; i < n; i++) {                                                             \
+            const T *ai = a + i * (n + 1);                                                        \
+            VT o = ai[0] * gxv;                                                                   \
+            if (gm)                                                                               \
+                for (int j = 0; j < n; j++) o += ai[j + 1] * gmv[j];                              \
+            if (wt) {                                                                             \
+                for (int k = 0; k < k2; k++) o += gp[i * k2 + k] * wv[k];                         \
+                o -= coef[i] * hv[i];                                                             \
+            }                                                                                     \
+            hb_st_##SUF(gh + i * d + c, o, m);                                                    \
+        }                                                                                         \
+        if (wt)                                                                                   \
+            for (int k = 0; k < k2; k++) {                                                        \
+                VT g = hb_ld_##SUF(gw + k * d + c, m);                                            \
+                for (int i = 0; i < n; i++) g += gp[i * k2 + k] * hv[i];                          \
+                hb_st_##SUF(gw + k * d + c, g, m);                                                \
+            }                                                                                     \
+    );                                                                                            \
+}                                                                                                 \
+                                                                                                  \
 /* g_x (N, d): dL/dx after the norm; g_mixed (N, n, d) or NULL; dynamic (wt != NULL): g_beta      \
    (N, n) or NULL, t, r, p from the forward. Out: g_h (N, n, d), g_alpha (N, n, n+1) (dL/dalpha   \
-   per token, before the dynamic chain), g_wt (n+2, d) when dynamic. */                          \
+   per token, before the dynamic chain), g_wt (n+2, d) when dynamic. */                           \
 int hb_hc_backward_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const T *alpha,        \
-                         int alpha_per_token, const T *g_x, const T *g_mixed, const T *g_beta,   \
-                         const T *t, const T *r, const T *p, const T *wt, T s_alpha, T s_beta,   \
-                         int use_tanh, T *g_h, T *g_alpha, T *g_wt, const hb_norm *nm,          \
+                         int alpha_per_token, const T *g_x, const T *g_mixed, const T *g_beta,    \
+                         const T *t, const T *r, const T *p, const T *wt, T s_alpha, T s_beta,    \
+                         int use_tanh, T *g_h, T *g_alpha, T *g_wt, const hb_norm *nm,            \
                          int nthreads) {                                                          \
-    int k2 = n + 2, bad = 0;                                                                      \
-    int64_t wsize = wt ? (int64_t)k2 * d : 0;                                                     \
+    if (n < 1 || n > HB_MAXN) return 1;                                                           \
+    int bad = 0;                                                                                  \
+    int64_t wsize = wt ? (int64_t)(n + 2) * d : 0;                                                \
     T *g_w = nm ? (T *)nm->g_w : NULL;                                                            \
-    /* the parameter gradients: one partial sum per thread, added in thread order afterwards, so \
+    /* the parameter gradients: one partial sum per thread, added in thread order afterwards, so  \
        that a run is reproducible (a critical section would add them in arrival order) */         \
     int64_t part = wsize + (g_w ? d : 0);                                                         \
     T *parts = part ? calloc((size_t)(nthreads * part), sizeof(T)) : NULL;                        \
     if (part && !parts) return 2;                                                                 \
     _Pragma("omp parallel num_threads(nthreads)")                                                 \
     {                                                                                             \
-        T *buf = malloc(sizeof(T) * (2 * n * d + 3 * d));                                         \
+        T *buf = malloc(sizeof(T) * (n * d + 2 * d));                                             \
         T *gw = wt ? parts + omp_get_thread_num() * part : NULL;                                  \
         T *gnw = g_w ? parts + omp_get_thread_num() * part + wsize : NULL;                        \
-        T gp[64 * 66], coef[64];                                                                  \
         if (!buf) bad = 1;                                                                        \
         else {                                                                                    \
             _Pragma("omp for schedule(static)")                                                   \
-            for (int64_t tok = 0; tok < N; tok++) {                                               \
-                const T *ht = streams_row_##SUF(s, tok, n, d, buf, buf + n * d, buf + 2 * n * d); \
-                const T *a = alpha + (alpha_per_token ? tok * n * (n + 1) : 0);                   \
-                const T *gx = nm ? buf + 2 * n * d + 2 * d : g_x + tok * d;                       \
-                if (nm) { /* the branch norm's backward: x (recomputed) -> dL/dx */              \
-                    T *xb = buf + 2 * n * d + d, *gxb = buf + 2 * n * d + 2 * d;                  \
-                    const T *w = (const T *)nm->w, *go = (const T *)nm->g_out + tok * d;          \
-                    T rs = ((const T *)nm->rstd)[tok], dot = 0;                                   \
-                    hc_mix_row_##SUF(ht, n, d, a, 0, xb);                                         \
-                    _Pragma("omp simd reduction(+:dot)")                                          \
-                    for (int64_t c = 0; c < d; c++) {                                             \
-                        T xh = xb[c] * rs;                                                        \
-                        dot += go[c] * w[c] * xh;                                                 \
-                    }                                                                             \
-                    T m = dot / (T)d;                                                             \
-                    _Pragma("omp simd")                                                           \
-                    for (int64_t c = 0; c < d; c++) {                                             \
-                        T xh = xb[c] * rs;                                                        \
-                        gxb[c] = (go[c] * w[c] - xh * m) * rs;                                    \
-                    }                                                                             \
-                    if (gnw) {                                                                    \
-                        _Pragma("omp simd")                                                       \
-                        for (int64_t c = 0; c < d; c++) gnw[c] += go[c] * (xb[c] * rs);           \
-                    }                                                                             \
-                }                                                                                 \
-                const T *gm = g_mixed ? g_mixed + tok * n * d : NULL;                             \
-                T *ga = g_alpha + tok * n * (n + 1);                                              \
-                for (int i = 0; i < n; i++) {                                                     \
-                    const T *hi = ht + i * d;                                                     \
-                    ga[i * (n + 1)] = hc_dot_##SUF(hi, gx, d);                                    \
-                    for (int j = 0; j < n; j++)                                                   \
-                        ga[i * (n + 1) + j + 1] = gm ? hc_dot_##SUF(hi, gm + j * d, d) : 0;       \
-                }                                                                                 \
-                if (wt) { /* z = t (pre-tanh: P r); dL/dz, then dL/dP = dL/dz r */               \
-                    const T *tt = t + tok * n * k2, *pt = p + tok * n * k2, *rt = r + tok * n;    \
-                    for (int i = 0; i < n; i++) {                                                 \
-                        T cs = 0;                                                                 \
-                        for (int k = 0; k < k2; k++) {                                            \
-                            T gz = k <= n ? ga[i * (n + 1) + k] * s_alpha                         \
-                                          : (g_beta ? g_beta[tok * n + i] * s_beta : 0);          \
-                            if (use_tanh) gz *= 1 - tt[i * k2 + k] * tt[i * k2 + k];              \
-                            gp[i * k2 + k] = gz * rt[i];                                          \
-                            cs += gz * pt[i * k2 + k];                                            \
-                        }                                                                         \
-                        coef[i] = cs * rt[i] * rt[i] * rt[i] / (T)d;                              \
-                    }                                                                             \
-                }                                                                                 \
-                for (int i = 0; i < n; i++) {                                                     \
-                    T *gi = g_h + (tok * n + i) * d;                                              \
-                    const T *hi = ht + i * d;                                                     \
-                    T a0 = a[i * (n + 1)];                                                        \
-                    _Pragma("omp simd")                                                           \
-                    for (int64_t c = 0; c < d; c++) gi[c] = a0 * gx[c];                           \
-                    if (gm)                                                                       \
-                        for (int j = 0; j < n; j++) {                                             \
-                            T aj = a[i * (n + 1) + j + 1];                                        \
-                            const T *gj = gm + j * d;                                             \
-                            _Pragma("omp simd")                                                   \
-                            for (int64_t c = 0; c < d; c++) gi[c] += aj * gj[c];                  \
-                        }                                                                         \
-                    if (wt) {                                                                     \
-                        for (int k = 0; k < k2; k++) {                                            \
-                            T g = gp[i * k2 + k];                                                 \
-                            const T *wk = wt + k * d;                                             \
-                            T *gwk = gw + k * d;                                                  \
-                            _Pragma("omp simd")                                                   \
-                            for (int64_t c = 0; c < d; c++) {                                     \
-                                gi[c] += g * wk[c];                                               \
-                                gwk[c] += g * hi[c];                                              \
-                            }                                                                     \
-                        }                                                                         \
-                        T cf = coef[i];                                                           \
-                        _Pragma("omp simd")                                                       \
-                        for (int64_t c = 0; c < d; c++) gi[c] -= cf * hi[c];                      \
-                    }                                                                             \
-                }                                                                                 \
-            }                                                                                     \
+            for (int64_t tok = 0; tok < N; tok++)                                                 \
+                HB_BY_N_##SUF(n, hc_backward_token_##SUF(                                         \
+                    nn, s, tok, d, alpha + (alpha_per_token ? tok * n * (n + 1) : 0), g_x + tok * d, \
+                    g_mixed ? g_mixed + tok * n * d : NULL, g_beta ? g_beta + tok * n : NULL, t, r, \
+                    p, wt, s_alpha, s_beta, use_tanh, g_h + tok * n * d, g_alpha + tok * n * (n + 1), \
+                    gw, nm, gnw, buf));                                                           \
         }                                                                                         \
         free(buf);                                                                                \
     }                                                                                             \
@@ -582,76 +688,56 @@ int hb_hc_backward_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const
     }                                                                                             \
     free(parts);                                                                                  \
     return bad ? 2 : 0;                                                                           \
-}
-
-DEFINE_HC(float, f32, sqrtf, hb_tanhf)
-DEFINE_HC(double, f64, sqrt, tanh)
-
-/* Depth connection (pathways/_depth_fused.py: DepthConnection): out_i = mixed_i + beta_i y per token,
-   beta (n) static or (N, n) per token, y (N, d) in T or bf16 (a branch output under autocast).
-   Backward: dL/dy = sum_i beta_i g_i and dL/dbeta_i = <g_i, y> per token, in one pass over g. */
-
-#define DEFINE_DEPTH(T, SUF)                                                                      \
-int hb_depth_forward_##SUF(const T *mixed, const T *beta, int beta_per_token, const void *y,     \
-                           int y_bf16, int64_t N, int n, int64_t d, T *out, int nthreads) {      \
-    int bad = 0;                                                                                  \
-    _Pragma("omp parallel num_threads(nthreads)")                                                 \
-    {                                                                                             \
-        T *buf = y_bf16 ? malloc(sizeof(T) * d) : NULL;                                           \
-        if (y_bf16 && !buf) bad = 1;                                                              \
-        else {                                                                                    \
-            _Pragma("omp for schedule(static)")                                                   \
-            for (int64_t tok = 0; tok < N; tok++) {                                               \
-                const T *yt = load_row_##SUF(y, y_bf16, tok * d, d, buf);                         \
-                const T *bt = beta + (beta_per_token ? tok * n : 0);                              \
-                for (int i = 0; i < n; i++) {                                                     \
-                    const T *mi = mixed + (tok * n + i) * d;                                      \
-                    T *oi = out + (tok * n + i) * d, b = bt[i];                                   \
-                    _Pragma("omp simd")                                                           \
-                    for (int64_t c = 0; c < d; c++) oi[c] = mi[c] + b * yt[c];                    \
-                }                                                                                 \
-            }                                                                                     \
-        }                                                                                         \
-        free(buf);                                                                                \
-    }                                                                                             \
-    return bad ? 2 : 0;                                                                           \
 }                                                                                                 \
                                                                                                   \
-/* g (N, n, d); g_y (N, d) or NULL; g_beta (N, n) per token or NULL */                           \
-int hb_depth_backward_##SUF(const T *g, const T *beta, int beta_per_token, const void *y,        \
-                            int y_bf16, int64_t N, int n, int64_t d, T *g_y, T *g_beta,          \
-                            int nthreads) {                                                       \
-    int bad = 0;                                                                                  \
-    _Pragma("omp parallel num_threads(nthreads)")                                                 \
-    {                                                                                             \
-        T *buf = y_bf16 && g_beta ? malloc(sizeof(T) * d) : NULL;                                 \
-        if (y_bf16 && g_beta && !buf) bad = 1;                                                    \
-        else {                                                                                    \
-            _Pragma("omp for schedule(static)")                                                   \
-            for (int64_t tok = 0; tok < N; tok++) {                                               \
-                const T *gt = g + tok * n * d, *bt = beta + (beta_per_token ? tok * n : 0);       \
-                if (g_y) {                                                                        \
-                    T *gy = g_y + tok * d, b0 = bt[0];                                            \
-                    _Pragma("omp simd")                                                           \
-                    for (int64_t c = 0; c < d; c++) gy[c] = b0 * gt[c];                           \
-                    for (int i = 1; i < n; i++) {                                                 \
-                        const T *gi = gt + i * d;                                                 \
-                        T b = bt[i];                                                              \
-                        _Pragma("omp simd")                                                       \
-                        for (int64_t c = 0; c < d; c++) gy[c] += b * gi[c];                       \
-                    }                                                                             \
-                }                                                                                 \
-                if (g_beta) {                                                                     \
-                    const T *yt = load_row_##SUF(y, y_bf16, tok * d, d, buf);                     \
-                    for (int i = 0; i < n; i++)                                                   \
-                        g_beta[tok * n + i] = hc_dot_##SUF(gt + i * d, yt, d);                    \
-                }                                                                                 \
-            }                                                                                     \
-        }                                                                                         \
-        free(buf);                                                                                \
+/* Depth connection (pathways/_depth_fused.py: DepthConnection): out_i = mixed_i + beta_i y per   \
+   token, beta (n) static or (N, n) per token, y (N, d) in T or bf16 (a branch output under       \
+   autocast). Backward: dL/dy = sum_i beta_i g_i and dL/dbeta_i = <g_i, y> per token, in one pass \
+   over g. */                                                                                     \
+int hb_depth_forward_##SUF(const T *mixed, const T *beta, int beta_per_token, const void *y,      \
+                           int y_bf16, int64_t N, int n, int64_t d, T *out, int nthreads) {       \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
+    for (int64_t tok = 0; tok < N; tok++) {                                                       \
+        const T *bt = beta + (beta_per_token ? tok * n : 0);                                      \
+        HB_COLUMNS(W, d,                                                                          \
+            VT yv = hb_lda_##SUF(y, y_bf16, tok * d + c, m);                                      \
+            for (int i = 0; i < n; i++)                                                           \
+                hb_st_##SUF(out + (tok * n + i) * d + c,                                          \
+                            hb_ld_##SUF(mixed + (tok * n + i) * d + c, m) + bt[i] * yv, m);       \
+        );                                                                                        \
     }                                                                                             \
-    return bad ? 2 : 0;                                                                           \
+    return 0;                                                                                     \
+}                                                                                                 \
+                                                                                                  \
+HB_INLINE void hc_depth_backward_token_##SUF(int n, const T *gt, const T *bt, const void *y,      \
+                                             int y_bf16, int64_t tok, int64_t d, T *gy, T *gb) {  \
+    VT acc[HB_MAXN];                                                                              \
+    for (int i = 0; i < n; i++) acc[i] = (VT){0};                                                 \
+    HB_COLUMNS(W, d,                                                                              \
+        VT gv[HB_MAXN];                                                                           \
+        for (int i = 0; i < n; i++) gv[i] = hb_ld_##SUF(gt + i * d + c, m);                       \
+        if (gy) hb_st_##SUF(gy + c, hc_comb_##SUF(n, bt, 1, gv), m);                              \
+        if (gb) {                                                                                 \
+            VT yv = hb_lda_##SUF(y, y_bf16, tok * d + c, m);                                      \
+            for (int i = 0; i < n; i++) acc[i] += gv[i] * yv;                                     \
+        }                                                                                         \
+    );                                                                                            \
+    if (gb)                                                                                       \
+        for (int i = 0; i < n; i++) gb[i] = hb_hsum_##SUF(acc[i]);                                \
+}                                                                                                 \
+                                                                                                  \
+/* g (N, n, d); g_y (N, d) or NULL; g_beta (N, n) per token or NULL */                            \
+int hb_depth_backward_##SUF(const T *g, const T *beta, int beta_per_token, const void *y,         \
+                            int y_bf16, int64_t N, int n, int64_t d, T *g_y, T *g_beta,           \
+                            int nthreads) {                                                       \
+    if (n < 1 || n > HB_MAXN) return 1;                                                           \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
+    for (int64_t tok = 0; tok < N; tok++)                                                         \
+        HB_BY_N_##SUF(n, hc_depth_backward_token_##SUF(                                           \
+            nn, g + tok * n * d, beta + (beta_per_token ? tok * n : 0), y, y_bf16, tok, d,        \
+            g_y ? g_y + tok * d : NULL, g_beta ? g_beta + tok * n : NULL));                       \
+    return 0;                                                                                     \
 }
 
-DEFINE_DEPTH(float, f32)
-DEFINE_DEPTH(double, f64)
+DEFINE_HC(float, f32, hb_vf32, hb_vh32, HB_VB / 4, sqrtf, hb_tanh_vf32)
+DEFINE_HC(double, f64, hb_vf64, hb_vh64, HB_VB / 8, sqrt, hb_tanh_vf64)
