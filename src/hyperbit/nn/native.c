@@ -266,6 +266,17 @@ typedef struct {
     int h_bf16, prev_bf16, alpha_per_token, beta_per_token, y_bf16, round_bf16;
 } hb_streams;
 
+/* The depth connection before, whose output H these streams are (pathways/_depth_fused.py: the
+   depth node's offer): its backward, dL/dy = sum_i beta_i g_i and dL/dbeta_i = <g_i, y> with
+   g = dL/dH, runs inside the width backward while dL/dH is in registers (one read of the n d
+   gradient less per branch). beta (n) or (N, n) and the outputs g_y (N, d), g_beta (N, n) in
+   the kernel's T; y (N, d) in T or bf16. */
+typedef struct {
+    const void *beta, *y;
+    void *g_y, *g_beta;
+    int beta_per_token, y_bf16;
+} hb_depth;
+
 /* The branch norm of a width connection, when the kernels apply it (n >= 2; see _hc_fused):
    forward, the branch input x (d) becomes x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps),
    rstd written per token; backward, dL/dx comes from dL/d(normed x) g_out and the saved rstd
@@ -565,12 +576,13 @@ int hb_hc_streams_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const 
 }                                                                                                 \
                                                                                                   \
 /* one token of hb_hc_backward: gx (d), gm (n, d) or NULL, gb (n) or NULL; writes gh (n, d), ga   \
-   (n, n+1), adds to gw ((n+2, d), DHC) and gnw (d, the norm's gain); buf: n d + 2 d scratch */   \
+   (n, n+1), adds to gw ((n+2, d), DHC) and gnw (d, the norm's gain), and runs the backward of the \
+   depth connection before (dp, or NULL) on gh; buf: n d + 2 d scratch */                         \
 HB_INLINE void hc_backward_token_##SUF(int n, const hb_streams *s, int64_t tok, int64_t d,        \
                                        const T *a, const T *gx, const T *gm, const T *gb,         \
                                        const T *t, const T *r, const T *p, const T *wt,           \
                                        T s_alpha, T s_beta, int use_tanh, T *gh, T *ga, T *gw,    \
-                                       const hb_norm *nm, T *gnw, T *buf) {                       \
+                                       const hb_norm *nm, T *gnw, const hb_depth *dp, T *buf) {   \
     int k2 = n + 2;                                                                               \
     const T *ht = hc_streams_token_##SUF(n, s, tok, d, buf);                                      \
     if (nm) { /* the branch norm's backward: x (recomputed) -> dL/dx */                           \
@@ -617,9 +629,13 @@ HB_INLINE void hc_backward_token_##SUF(int n, const hb_streams *s, int64_t tok, 
             coef[i] = cs * rt[i] * rt[i] * rt[i] / (T)d;                                          \
         }                                                                                         \
     }                                                                                             \
-    /* dL/dH_i = alpha_i0 gx + sum_j alpha_i,j+1 gm_j [+ sum_k gp_ik wt_k - coef_i H_i]; dL/dWt */ \
+    /* dL/dH_i = alpha_i0 gx + sum_j alpha_i,j+1 gm_j [+ sum_k gp_ik wt_k - coef_i H_i]; dL/dWt;  \
+       the depth backward before on dL/dH (as hc_depth_backward_token) */                         \
+    const T *db = dp ? (const T *)dp->beta + (dp->beta_per_token ? tok * n : 0) : NULL;           \
+    VT dacc[HB_MAXN];                                                                             \
+    for (int i = 0; i < n; i++) dacc[i] = (VT){0};                                                \
     HB_COLUMNS(W, d,                                                                              \
-        VT hv[HB_MAXN], gmv[HB_MAXN], wv[HB_MAXN + 2], gxv = hb_ld_##SUF(gx + c, m);              \
+        VT hv[HB_MAXN], gmv[HB_MAXN], wv[HB_MAXN + 2], ov[HB_MAXN], gxv = hb_ld_##SUF(gx + c, m); \
         for (int i = 0; i < n; i++) hv[i] = hb_ld_##SUF(ht + i * d + c, m);                       \
         if (gm)                                                                                   \
             for (int j = 0; j < n; j++) gmv[j] = hb_ld_##SUF(gm + j * d + c, m);                  \
@@ -635,6 +651,7 @@ HB_INLINE void hc_backward_token_##SUF(int n, const hb_streams *s, int64_t tok, 
                 o -= coef[i] * hv[i];                                                             \
             }                                                                                     \
             hb_st_##SUF(gh + i * d + c, o, m);                                                    \
+            ov[i] = o;                                                                            \
         }                                                                                         \
         if (wt)                                                                                   \
             for (int k = 0; k < k2; k++) {                                                        \
@@ -642,17 +659,25 @@ HB_INLINE void hc_backward_token_##SUF(int n, const hb_streams *s, int64_t tok, 
                 for (int i = 0; i < n; i++) g += gp[i * k2 + k] * hv[i];                          \
                 hb_st_##SUF(gw + k * d + c, g, m);                                                \
             }                                                                                     \
+        if (dp) {                                                                                 \
+            hb_st_##SUF((T *)dp->g_y + tok * d + c, hc_comb_##SUF(n, db, 1, ov), m);              \
+            VT yv = hb_lda_##SUF(dp->y, dp->y_bf16, tok * d + c, m);                              \
+            for (int i = 0; i < n; i++) dacc[i] += ov[i] * yv;                                    \
+        }                                                                                         \
     );                                                                                            \
+    if (dp)                                                                                       \
+        for (int i = 0; i < n; i++) ((T *)dp->g_beta)[tok * n + i] = hb_hsum_##SUF(dacc[i]);      \
 }                                                                                                 \
                                                                                                   \
 /* g_x (N, d): dL/dx after the norm; g_mixed (N, n, d) or NULL; dynamic (wt != NULL): g_beta      \
    (N, n) or NULL, t, r, p from the forward. Out: g_h (N, n, d), g_alpha (N, n, n+1) (dL/dalpha   \
-   per token, before the dynamic chain), g_wt (n+2, d) when dynamic. */                           \
+   per token, before the dynamic chain), g_wt (n+2, d) when dynamic; dp: the depth backward of the \
+   connection before (hb_depth), or NULL. */                                                      \
 int hb_hc_backward_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const T *alpha,        \
                          int alpha_per_token, const T *g_x, const T *g_mixed, const T *g_beta,    \
                          const T *t, const T *r, const T *p, const T *wt, T s_alpha, T s_beta,    \
                          int use_tanh, T *g_h, T *g_alpha, T *g_wt, const hb_norm *nm,            \
-                         int nthreads) {                                                          \
+                         const hb_depth *dp, int nthreads) {                                      \
     if (n < 1 || n > HB_MAXN) return 1;                                                           \
     int bad = 0;                                                                                  \
     int64_t wsize = wt ? (int64_t)(n + 2) * d : 0;                                                \
@@ -675,7 +700,7 @@ int hb_hc_backward_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const
                     nn, s, tok, d, alpha + (alpha_per_token ? tok * n * (n + 1) : 0), g_x + tok * d, \
                     g_mixed ? g_mixed + tok * n * d : NULL, g_beta ? g_beta + tok * n : NULL, t, r, \
                     p, wt, s_alpha, s_beta, use_tanh, g_h + tok * n * d, g_alpha + tok * n * (n + 1), \
-                    gw, nm, gnw, buf));                                                           \
+                    gw, nm, gnw, dp, buf));                                                       \
         }                                                                                         \
         free(buf);                                                                                \
     }                                                                                             \

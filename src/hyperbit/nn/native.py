@@ -88,7 +88,8 @@ def _build() -> ctypes.CDLL | None:
         hx = getattr(lib, f"hb_hc_streams_{suffix}")
         hx.argtypes = [st, i64, i, i64, p, i, p, p, i]
         hb = getattr(lib, f"hb_hc_backward_{suffix}")
-        hb.argtypes = [st, i64, i, i64, p, i, p, p, p, p, p, p, p, ctype, ctype, i, p, p, p, nm, i]
+        hb.argtypes = [st, i64, i, i64, p, i, p, p, p, p, p, p, p, ctype, ctype, i, p, p, p, nm,
+                       ctypes.POINTER(_Depth), i]
         hd = getattr(lib, f"hb_hc_forward_dynamic_{suffix}")
         hd.argtypes = [p, i64, i, i64, p, p, p, ctype, ctype, ctype, i, p, p, p, p, p, p, p, p, nm, i]
         hc.restype = hx.restype = hb.restype = hd.restype = ctypes.c_int
@@ -300,16 +301,27 @@ def hc_branch_input(h: Tensor | None, alpha: Tensor, compute: torch.dtype,
     return x
 
 
+class _Depth(ctypes.Structure):
+    """``hb_depth`` of native.c: the depth connection before, whose backward runs on dL/dH."""
+
+    _fields_ = [("beta", ctypes.c_void_p), ("y", ctypes.c_void_p), ("g_y", ctypes.c_void_p),
+                ("g_beta", ctypes.c_void_p), ("beta_per_token", ctypes.c_int), ("y_bf16", ctypes.c_int)]
+
+
 def hc_backward(h: Tensor | None, alpha: Tensor, g_x: Tensor, g_mixed: Tensor | None, g_beta: Tensor | None,
                 t: Tensor | None, r: Tensor | None, p: Tensor | None, wt: Tensor | None,
                 s_alpha: float, s_beta: float, use_tanh: bool,
                 source: tuple[Tensor, ...] | None = None, round_bf16: bool = False,
-                norm: tuple[Tensor, Tensor, bool] | None = None):
+                norm: tuple[Tensor, Tensor, bool] | None = None,
+                depth: tuple[Tensor, Tensor, Tensor, Tensor] | None = None):
     """dL/dH (B, T, n, d), dL/dalpha per token (B, T, n, n+1), dL/dWt (n+2, d) when ``wt`` is
     given, and dL/d(norm gain) (d,) when ``norm`` asks for it, from dL/d mixed and ``g_x``: dL/dx,
     or with ``norm = (x_rstd, norm_w, need_gain_grad)`` dL/d(the normed branch input), the norm's
     backward run per token in the kernel. All in the dtype of ``g_x``. The streams: ``h``, or
-    (``h`` None) rebuilt per token from ``source`` (:func:`hc_rebuild`)."""
+    (``h`` None) rebuilt per token from ``source`` (:func:`hc_rebuild`). ``depth = (beta, y, g_y,
+    g_beta)``: also the backward of the depth connection whose output H is (:func:`depth_backward`
+    on dL/dH), written into ``g_y`` (B, T, d) and ``g_beta`` (B, T, n), contiguous, in the dtype of
+    ``g_x``."""
     compute = g_x.dtype
     st, hold, lead, n, d = _streams(h, source, round_bf16)
     g_w, nm = None, None
@@ -325,11 +337,19 @@ def hc_backward(h: Tensor | None, alpha: Tensor, g_x: Tensor, g_mixed: Tensor | 
     g_wt = torch.empty(n + 2, d, dtype=compute) if wt is not None else None
     c = lambda x: None if x is None else x.contiguous()  # noqa: E731
     alpha, g_x, g_mixed, g_beta, t, r, p = c(alpha), c(g_x), c(g_mixed), c(g_beta), c(t), c(r), c(p)
+    dp = None
+    if depth is not None:
+        d_beta, d_y, d_g_y, d_g_beta = depth
+        d_beta, d_y = d_beta.contiguous(), d_y.contiguous()
+        hold += [d_beta, d_y]
+        dp = ctypes.byref(_Depth(beta=d_beta.data_ptr(), y=d_y.data_ptr(), g_y=d_g_y.data_ptr(),
+                                 g_beta=d_g_beta.data_ptr(), beta_per_token=int(d_beta.dim() > 1),
+                                 y_bf16=int(d_y.dtype == torch.bfloat16)))
     _check(_fn("hb_hc_backward", compute)(
         ctypes.byref(st), g_x[..., 0].numel(), n, d,
         alpha.data_ptr(), int(alpha.dim() > 2), g_x.data_ptr(),
         _ptr(g_mixed), _ptr(g_beta), _ptr(t), _ptr(r), _ptr(p), _ptr(wt), s_alpha, s_beta,
-        int(use_tanh), g_h.data_ptr(), g_alpha.data_ptr(), _ptr(g_wt), nm, _threads()),
+        int(use_tanh), g_h.data_ptr(), g_alpha.data_ptr(), _ptr(g_wt), nm, dp, _threads()),
         "hc_backward")
     del hold
     return g_h, g_alpha, g_wt, g_w

@@ -186,12 +186,15 @@ def hc_backward(h: Tensor | None, alpha: Tensor, g_x: Tensor, g_mixed: Tensor | 
                 g_beta: Tensor | None, t: Tensor | None, r: Tensor | None, p: Tensor | None,
                 wt: Tensor | None, s_alpha: Tensor | None, s_beta: Tensor | None, use_tanh: bool,
                 source: tuple[Tensor, ...] | None = None, round_bf16: bool = False,
-                norm: tuple[Tensor, Tensor, bool] | None = None):
+                norm: tuple[Tensor, Tensor, bool] | None = None,
+                depth: tuple[Tensor, ...] | None = None):
     """:func:`.native.hc_backward`, also inside ``torch.compile`` (there with the streams as
-    given, ``source`` None; the gains as tensors or None)."""
+    given, ``source`` None; the gains as tensors or None; no ``depth``, which fills its outputs in
+    place)."""
     if not torch.compiler.is_compiling():
         return native.hc_backward(h, alpha, g_x, g_mixed, g_beta, t, r, p, wt, _f(s_alpha), _f(s_beta),
-                                  use_tanh, source, round_bf16, norm)
+                                  use_tanh, source, round_bf16, norm, depth)
+    assert depth is None, "the depth connection's fused backward runs eager only"
     x_rstd, norm_w, need = norm if norm is not None else (None, None, False)
     g_h, g_alpha, g_wt, g_w = _hc_backward_op(h, *(source or (None,) * 4), alpha, g_x, g_mixed, g_beta, t,
                                               r, p, wt, s_alpha, s_beta, use_tanh, round_bf16, x_rstd,

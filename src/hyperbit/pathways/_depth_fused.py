@@ -37,13 +37,46 @@ class DepthConnection(torch.autograd.Function):
         return (*_depth_backward(ctx, g, need_beta, need_y), None)
 
 
+class DepthGradOffer:
+    """A depth node's offer to the next width node, the one whose streams are this node's output
+    H: that node's backward kernel, which writes dL/dH, runs this node's backward on it too (dL/dy
+    and dL/dbeta, computed while dL/dH is in registers: one read of the n*d gradient less per
+    branch; ``native.hc_backward(depth=...)``). This node uses the results only if the gradient it
+    receives is that very tensor, unchanged since (else it computes its own), so a second use of H,
+    whose gradient autograd adds in, or a change in place, cannot make it wrong. Eager only."""
+
+    __slots__ = ("beta", "y", "g", "g_version", "g_y", "g_beta")
+
+    def __init__(self) -> None:
+        self.beta = self.y = self.g = self.g_y = self.g_beta = None
+        self.g_version = -1
+
+    def fill(self, g: Tensor, g_y: Tensor, g_beta: Tensor) -> None:
+        self.g, self.g_version, self.g_y, self.g_beta = g, g._version, g_y, g_beta
+
+    def take(self, g: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(dL/dy, dL/dbeta per token) if ``g`` is the gradient they were computed from; the
+        offer is spent either way."""
+        ok = g is self.g and g._version == self.g_version
+        out = (self.g_y, self.g_beta) if ok else None
+        self.g = self.g_y = self.g_beta = None
+        return out
+
+
 def _depth_backward(ctx, g: Tensor, need_beta: bool, need_y: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """dL/d mixed (= ``g``), dL/dbeta, dL/dy of ``mixed + beta^T y``, from ``(beta, y)`` saved."""
+    """dL/d mixed (= ``g``), dL/dbeta, dL/dy of ``mixed + beta^T y``, from ``(beta, y)`` saved, or
+    from the next width node's backward (:class:`DepthGradOffer`)."""
     with torch.autocast(g.device.type, enabled=False):  # backward may run under autocast
         beta, y = ctx.saved_tensors
+        offer = getattr(ctx, "offer", None)
+        taken = offer.take(g) if offer is not None else None
         g = g.to(beta.dtype)
         n = g.shape[-2]
-        if ctx.native:
+        if taken is not None:
+            g_y, g_beta = taken
+            g_y = g_y.to(y.dtype) if need_y else None
+            g_beta = g_beta if need_beta else None
+        elif ctx.native:
             g_y, g_beta = native_ops.depth_backward(g, beta, y, need_y, need_beta)
             g_y = None if g_y is None else g_y.to(y.dtype)
         else:
@@ -63,26 +96,30 @@ class DepthFromStreams(torch.autograd.Function):
     dL/d(A_r^T H) = dL/d out, as from :class:`DepthConnection`). Keeps ``(beta, y)``."""
 
     @staticmethod
-    def forward(ctx, placeholder, h, alpha, beta, y):
+    def forward(ctx, placeholder, h, alpha, beta, y, offer=None):
         # h (B, T, n, d) in the compute dtype; alpha (n, n+1) or (B, T, n, n+1), beta (n,) or
-        # (B, T, n) in it; y (B, T, d) in any float dtype
+        # (B, T, n) in it; y (B, T, d) in any float dtype; offer: a DepthGradOffer, or None
         compute = h.dtype
         ctx.native = True
         ctx.save_for_backward(beta, y)
         y = y if y.dtype in kernel_dtypes(compute) else y.to(compute)
+        if offer is not None:
+            offer.beta, offer.y = beta.detach(), y.detach()
+        ctx.offer = offer
         return native_ops.hc_rebuild(h, alpha, beta, y, compute)
 
     @staticmethod
     def backward(ctx, g):
         need_beta, need_y = ctx.needs_input_grad[3:5]
         g, g_beta, g_y = _depth_backward(ctx, g, need_beta, need_y)
-        return g, None, None, g_beta, g_y
+        return g, None, None, g_beta, g_y, None
 
 
 def depth_node(mixed: Tensor, beta: Tensor, y: Tensor, dtype: torch.dtype,
-               streams: tuple[Tensor, Tensor] | None) -> Tensor:
+               streams: tuple[Tensor, Tensor] | None, offer: DepthGradOffer | None = None) -> Tensor:
     """The depth connection's node: :class:`DepthFromStreams` when the width node left the mixing
-    to it (``streams`` = (H, alpha)), else :class:`DepthConnection`."""
+    to it (``streams`` = (H, alpha); with its ``offer`` to the next width node), else
+    :class:`DepthConnection`."""
     if streams is not None:
-        return DepthFromStreams.apply(mixed, *streams, beta, y)
+        return DepthFromStreams.apply(mixed, *streams, beta, y, offer)
     return DepthConnection.apply(mixed, beta, y, dtype)

@@ -153,12 +153,14 @@ def backward_streams(saved: Tensor | None, source: list[Tensor], compute: torch.
 
 def kernel_mix_backward(h: Tensor | None, src: tuple[Tensor, ...] | None, alpha: Tensor, g_out: Tensor,
                         g_mixed: Tensor | None, norm_w: Tensor | None, x_rstd: Tensor | None,
-                        kernel_norm: bool, need_norm_w: bool, round_bf16: bool, dynamic: tuple = ()
+                        kernel_norm: bool, need_norm_w: bool, round_bf16: bool, dynamic: tuple = (),
+                        depth: tuple[Tensor, ...] | None = None
                         ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """The C-kernel reverse of the mixing (and of the branch norm: inside the kernel when
     ``kernel_norm``, else PyTorch's around it), with streams from :func:`backward_streams`:
     dL/dH, dL/dalpha per token, dL/dWt (``dynamic`` = (g_beta, t, r, p, wt, s_alpha, s_beta,
-    use_tanh) for DHC) and dL/d(norm gain), in the dtype of ``alpha``."""
+    use_tanh) for DHC) and dL/d(norm gain), in the dtype of ``alpha``; ``depth``: the depth
+    backward before, see ``native.hc_backward``."""
     compute = alpha.dtype
     g_x, norm, g_norm_w = g_out.to(compute), None, None
     if kernel_norm:
@@ -170,7 +172,7 @@ def kernel_mix_backward(h: Tensor | None, src: tuple[Tensor, ...] | None, alpha:
     g_h, g_alpha, g_wt, g_kernel_norm_w = native_ops.hc_backward(
         h, alpha, g_x, None if g_mixed is None else g_mixed.to(compute),
         None if g_beta is None else g_beta.to(compute), t, r, p, wt, s_alpha, s_beta, use_tanh,
-        src, round_bf16, norm)
+        src, round_bf16, norm, depth)
     return g_h, g_alpha, g_wt, g_kernel_norm_w if kernel_norm else g_norm_w
 
 
@@ -224,19 +226,21 @@ class WidthConnection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, static_alpha, static_beta, dyn_wt, s_alpha, s_beta, norm_w,
                 stream_eps, norm_eps, use_tanh, save_dtype, source=None, keep=False, lazy=False,
-                saved_copy=None):
+                saved_copy=None, depth_grad=None):
         # the weights come in the compute dtype (fp32, or fp64); h in the streams' dtype.
         # source: (prev, alpha, beta, y) that rebuild h (see rebuild_streams): h is not kept.
         # keep: also return (saved h, alpha) when h is kept, for the next node's source.
         # lazy: mixes_in_depth holds; mixed is a placeholder, and alpha is returned.
         # saved_copy: the copy of h in the save dtype an earlier node made and keeps (mHC's
         # projection): kept instead of a copy of this node's own. Static alpha and beta may also
-        # be per token (mHC's), their gradients then per token too.
+        # be per token (mHC's), their gradients then per token too. depth_grad: the offer of the
+        # depth node whose output h is (_depth_fused.DepthGradOffer), taken with the kernels.
         ctx.h_dtype, streams = h.dtype, h
         compute = static_alpha.dtype
         h = h.to(compute).contiguous()  # expand_streams' broadcast view would slow bmm
         n = h.shape[-2]
         ctx.native = _native_ok(h, compute, save_dtype)
+        ctx.depth_grad = depth_grad if ctx.native and ctx.h_dtype == compute else None
         # the branch norm runs in the kernels too, except with one stream: PyTorch's, so that a
         # one-stream HC stays Pre-Norm bit for bit
         ctx.kernel_norm = ctx.native and norm_w is not None and n >= 2
@@ -301,9 +305,17 @@ class WidthConnection(torch.autograd.Function):
         g_wt = None
         if ctx.native:
             dynamic = () if dyn_wt is None else (g_beta, t, r, p, dyn_wt, s_alpha, s_beta, ctx.use_tanh)
+            offer = ctx.depth_grad
+            depth = None
+            if offer is not None:
+                lead = g_out.shape[:-1]
+                depth = (offer.beta, offer.y, g_out.new_empty(*lead, d, dtype=compute),
+                         g_out.new_empty(*lead, n, dtype=compute))
             g_h, g_alpha_tok, g_wt, g_norm_w = kernel_mix_backward(
                 h, src, alpha, g_out, g_mixed, norm_w, x_rstd, ctx.kernel_norm, ctx.needs_input_grad[6],
-                ctx.h_dtype != compute, dynamic)
+                ctx.h_dtype != compute, dynamic, depth)
+            if offer is not None:
+                offer.fill(g_h, *depth[2:])  # g_h is the gradient returned for h (h_dtype == compute)
         else:
             h = h.to(compute)
             g_h, g_alpha_tok, g_norm_w = mix_backward(h, alpha, norm_w, x_rstd, g_out, g_mixed,
@@ -311,7 +323,7 @@ class WidthConnection(torch.autograd.Function):
         g_static_alpha = g_alpha_tok if static_alpha.dim() > 2 else g_alpha_tok.reshape(-1, n, n + 1).sum(0)
         if dyn_wt is None:
             return (g_h.to(ctx.h_dtype), g_static_alpha, g_beta, None, None, None, g_norm_w,
-                    None, None, None, None, None, None, None, None)
+                    None, None, None, None, None, None, None, None, None)
         if g_beta is None:
             g_beta = torch.zeros_like(t[..., 0])
         g_static_beta = g_beta.reshape(-1, n).sum(0)
@@ -327,4 +339,4 @@ class WidthConnection(torch.autograd.Function):
             g_h.view(-1, d).addmm_(g_p, dyn_wt)  # += dL/dP Wt
             g_h.addcmul_(h, (g_z * p).sum(-1, keepdim=True) * r.pow(3), value=-1.0 / d)  # via r(H)
         return (g_h.to(ctx.h_dtype), g_static_alpha, g_static_beta, g_wt, g_sa, g_sb, g_norm_w,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)

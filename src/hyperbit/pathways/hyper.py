@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.norm import RMSNorm
-from ._depth_fused import depth_node
+from ._depth_fused import DepthGradOffer, depth_node
 from ._hc_fused import WidthConnection, kept_for_rebuild, mixes_in_depth
 from .base import Branch, Pathway, check_streams, expand_streams, reduce_streams
 
@@ -143,7 +143,8 @@ class HyperConnection(Pathway):
             lazy = mixes_in_depth(h, compute, save_dtype)
             x, mixed, beta, saved, alpha = WidthConnection.apply(
                 h, static_alpha, self.static_beta.to(compute), dyn_w, s_alpha, s_beta, norm_w,
-                stream_eps, norm_eps, self.use_tanh, save_dtype, source, source is None, lazy)
+                stream_eps, norm_eps, self.use_tanh, save_dtype, source, source is None, lazy, None,
+                _take_depth_grad(h))
         kept = None if source is not None else kept_for_rebuild(saved, alpha, h, static_alpha)
         return x, DepthContext(mixed, beta, h.dtype, kept, depth_streams(lazy, h, alpha, static_alpha))
 
@@ -251,6 +252,10 @@ _REBUILD = "_hyperbit_rebuild"
 #: rebuild the streams of every other branch in backward instead of keeping a copy (False: every
 #: width connection keeps its own copy; the gradients are the same, bit for bit without autocast)
 REBUILD_STREAMS = True
+_DEPTH_GRAD = "_hyperbit_depth_grad"
+#: run a depth connection's backward inside the next width connection's backward kernel (eager,
+#: CPU kernels; False: its own kernel; the gradients are the same, bit for bit)
+FUSE_DEPTH_BACKWARD = True
 
 
 def depth_streams(lazy: bool, h: Tensor, alpha: Tensor | None, static_alpha: Tensor
@@ -278,11 +283,18 @@ def streams_for_depth(ctx: DepthContext) -> tuple[Tensor, Tensor] | None:
 
 def fused_depth(pathway: nn.Module, ctx: DepthContext, y: Tensor) -> Tensor:
     """The depth connection's autograd node (``_depth_fused.depth_node``) for a width node's
-    ``ctx``, and its offer to the next width node (:func:`_offer_rebuild`) when ``ctx.kept``."""
+    ``ctx``, and its offers to the next width node: the streams' rebuild (:func:`_offer_rebuild`)
+    when ``ctx.kept``, and eager, when the depth node mixes, its own backward
+    (:class:`~._depth_fused.DepthGradOffer`)."""
+    streams = streams_for_depth(ctx)
+    offer = (DepthGradOffer() if streams is not None and FUSE_DEPTH_BACKWARD
+             and not torch.compiler.is_compiling() else None)
     with torch.autocast(y.device.type, enabled=False):
-        out = depth_node(ctx.mix, ctx.beta, y, ctx.dtype, streams_for_depth(ctx))
+        out = depth_node(ctx.mix, ctx.beta, y, ctx.dtype, streams, offer)
     if ctx.kept is not None:
         _offer_rebuild(pathway, out, (*ctx.kept, ctx.beta.detach(), y.detach()))
+    if offer is not None:
+        setattr(out, _DEPTH_GRAD, (out._version, offer))
     return out
 
 
@@ -302,6 +314,12 @@ def _take_rebuild(h: Tensor) -> tuple[Tensor, ...] | None:
     if torch.compiler.is_compiling():  # made by a pathway whose output comes straight here
         return offer[1] if offer[0] is None else None
     return offer[1] if offer[0] == h._version else None
+
+
+def _take_depth_grad(h: Tensor) -> DepthGradOffer | None:
+    """The depth node's :class:`~._depth_fused.DepthGradOffer` made with ``h``, if ``h`` is unchanged."""
+    offer = getattr(h, _DEPTH_GRAD, None)
+    return offer[1] if offer is not None and offer[0] == h._version else None
 
 
 def static_and_gain_names(dynamic: bool) -> set[str]:
