@@ -180,3 +180,21 @@ def test_sinkhorn_quick(tmp_path):
     assert float(rows["hyperbit"][1]) == pytest.approx(1e3 * med["hyperbit"], abs=0.006)
     assert float(rows["hyperbit"][2]) == pytest.approx(med["hyperbit"] / med["log-domain"], abs=6e-4)
     assert data["settings"]["tokens"] == 64 and data["machine"]["torch_threads"] == 1
+
+
+def test_hc_kernels_quick(tmp_path):
+    """Real timings: the calls per step show the fused depth backward (one depth backward kernel
+    call per step left, for the last connection, against one per connection unfused), and the
+    table, the JSON and the verdict agree."""
+    out, data = run("hc_kernels.py", ["--quick", "--threads", "1"], {}, tmp_path / "hk.json")
+    calls, med = data["calls_per_step"], data["median_s"]
+    assert calls["unfused-depth"]["depth_backward"] == 4 and calls["base"]["depth_backward"] == 1
+    assert calls["unfused-depth"]["hc_backward"] == calls["base"]["hc_backward"] == 4
+    (target,) = data["targets"]
+    assert target["ratio"] == pytest.approx(med["base"]["all kernels"] / med["unfused-depth"]["all kernels"])
+    assert target["passed"] == (target["ratio"] <= 1.0)
+    rows = {r[0]: r for r in table(out, "kernel")}
+    assert rows["depth_backward"][1:3] == ["4", "1"]
+    assert float(rows["hc_backward"][3]) == pytest.approx(1e3 * med["unfused-depth"]["hc_backward"], abs=0.006)
+    assert float(rows["step"][4]) == pytest.approx(1e3 * med["base"]["step"], abs=0.006)
+    assert data["settings"]["variants"] == ["unfused-depth", "base"]
