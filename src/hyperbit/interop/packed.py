@@ -8,13 +8,16 @@ A packed directory (``hyperbit export RUN --format packed OUT``)::
                          "packed_linears": [module names], "files": {name: {"size", "sha256"}}}
     model.safetensors   for every BitLinear ``name``: ``name.packed`` (uint8, (out/4, in), the
                         Hugging Face ``bitnet`` layout of :mod:`hyperbit.nn.packed`) and
-                        ``name.weight_scale`` (fp32 scalar, multiplies); every other tensor
+                        ``name.weight_scale`` (fp32 scalar, multiplies); for every BitNet expert
+                        stack (mixture of experts) the same per expert: (E, out/4, in) and (E,)
+                        (:mod:`hyperbit.nn.packed_moe`); every other tensor
                         (embeddings, norms, head, connection weights) as the model holds it; tied
                         tensors stored once (``aliases`` metadata, as in checkpoints)
     tokenizer.json      the tokenizer (:meth:`Tokenizer.save`), so the directory stands alone
 
 The tensor names are exactly the ``state_dict`` keys of the model with every ``BitLinear`` swapped
-for a :class:`~hyperbit.nn.PackedBitLinear`. :func:`load_packed` builds that model on the meta
+for a :class:`~hyperbit.nn.PackedBitLinear` and every BitNet ``ExpertLinear`` for a
+:class:`~hyperbit.nn.packed_moe.PackedExpertLinear`. :func:`load_packed` builds that model on the meta
 device, checks every stored name, shape and dtype against it, then assigns the stored tensors:
 the only linear weights that ever exist are the uint8 codes (and their int8 unpacking).
 Problems raise :class:`CheckpointError` with one line.
@@ -34,6 +37,8 @@ from .._io import hash_and_sync, sha256_file, write_new_file
 from ..data import Tokenizer, load_tokenizer
 from ..models import build_model
 from ..nn import BitLinear, PackedBitLinear
+from ..nn.moe import ExpertLinear
+from ..nn.packed_moe import PackedExpertLinear
 from ..nn.rope import RotaryEmbedding
 from ..train.config import RunConfig
 from ..train.errors import CheckpointError, first_line
@@ -55,16 +60,39 @@ def is_packed_dir(path: str | Path) -> bool:
     return (Path(path) / PACKED_FILE).is_file()
 
 
-def _bitlinears(model: nn.Module) -> dict[str, BitLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, BitLinear)}
+def _ternary(m: nn.Module) -> bool:
+    """Whether ``m`` is a layer the packed format stores as codes: a BitLinear, or BitNet experts."""
+    return isinstance(m, BitLinear) or (isinstance(m, ExpertLinear) and m.bitnet)
+
+
+def _bitlinears(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if _ternary(m)}
+
+
+def _packed(layer: nn.Module) -> nn.Module:
+    """The packed form of a BitLinear or of BitNet experts (CheckpointError if it cannot be packed)."""
+    try:
+        if isinstance(layer, ExpertLinear):
+            return PackedExpertLinear.from_expert_linear(layer)
+        return PackedBitLinear.from_bitlinear(layer)
+    except ValueError as e:
+        raise CheckpointError(f"cannot pack {layer}: {first_line(e)}") from None
+
+
+def _empty_packed(layer: nn.Module) -> nn.Module:
+    """An empty packed layer of ``layer``'s shape on the meta device (to be loaded into)."""
+    if isinstance(layer, ExpertLinear):
+        return PackedExpertLinear(layer.experts, layer.in_features, layer.out_features, device="meta")
+    return PackedBitLinear(layer.in_features, layer.out_features, device="meta")
 
 
 def _swap(model: nn.Module, make) -> list[str]:
-    """Replace every BitLinear ``m`` of ``model`` by ``make(m)`` in place; returns their names."""
+    """Replace every BitLinear and BitNet expert stack ``m`` of ``model`` by ``make(m)`` in place;
+    returns their names."""
     names = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if isinstance(child, BitLinear):
+            if _ternary(child):
                 setattr(parent, child_name, make(child))
                 names.append(f"{parent_name}.{child_name}" if parent_name else child_name)
     return names
@@ -72,14 +100,10 @@ def _swap(model: nn.Module, make) -> list[str]:
 
 @torch.no_grad()
 def pack_modules(model: nn.Module) -> nn.Module:
-    """Swap every BitLinear of ``model`` for its :class:`PackedBitLinear`, in place (an in-memory
-    conversion; the latent weights are released). Returns ``model``."""
-    def make(layer: BitLinear) -> PackedBitLinear:
-        try:
-            return PackedBitLinear.from_bitlinear(layer)
-        except ValueError as e:
-            raise CheckpointError(f"cannot pack {layer}: {first_line(e)}") from None
-    _swap(model, make)
+    """Swap every BitLinear of ``model`` for its :class:`PackedBitLinear` (BitNet experts for
+    their :class:`PackedExpertLinear`), in place (an in-memory conversion; the latent weights are
+    released). Returns ``model``."""
+    _swap(model, _packed)
     return model
 
 
@@ -92,10 +116,7 @@ def pack_model(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
         raise CheckpointError("the model has no BitLinear layers; nothing to pack")
     state = dict(model.state_dict())
     for name, layer in linears.items():
-        try:
-            packed = PackedBitLinear.from_bitlinear(layer)
-        except ValueError as e:
-            raise CheckpointError(f"cannot pack {name}: {first_line(e)}") from None
+        packed = _packed(layer)
         del state[f"{name}.weight"]
         for key, t in packed.state_dict().items():
             state[f"{name}.{key}"] = t
@@ -163,7 +184,7 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu", *,
     if cfg.model.linear != "bitnet":
         raise CheckpointError(f"{path / PACKED_FILE}: model.linear={cfg.model.linear!r}; a packed model is BitNet")
     model = build_model(cfg.model, device="meta")
-    names = _swap(model, lambda m: PackedBitLinear(m.in_features, m.out_features, device="meta"))
+    names = _swap(model, _empty_packed)
     if sorted(names) != sorted(header["packed_linears"]):
         raise CheckpointError(f"{path / PACKED_FILE}: packed_linears does not match the model of its config")
     stored = read_tensors(path / WEIGHTS_FILE, "cpu")

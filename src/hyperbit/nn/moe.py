@@ -223,7 +223,9 @@ class MoEFeedForward(nn.Module):
 
     def experts_forward(self, x: Tensor, sizes: list[int]) -> Tensor:
         """Every expert on its own rows: ``(M, d) -> (M, d)``, ``sizes`` rows per expert."""
-        gate, up = ExpertLinear.fused_forward([self.gate_proj, self.up_proj], x, sizes).chunk(2, dim=-1)
+        # the gate and up experts' class: ExpertLinear, or PackedExpertLinear (nn.packed_moe)
+        fused = type(self.gate_proj).fused_forward
+        gate, up = fused([self.gate_proj, self.up_proj], x, sizes).chunk(2, dim=-1)
         hidden = F.silu(gate) * up  # (M, hidden)
         if self.ffn_sub_norm is not None:
             hidden = self.ffn_sub_norm(hidden, sizes)
