@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hyperbit.models.fast import set_activation_checkpointing
 from hyperbit.nn import native
 from hyperbit.pathways import HyperConnection, _depth_fused, hyper
 
@@ -91,3 +92,35 @@ def test_the_offer_is_taken_between_two_connections(takes):
     h = h0.clone().requires_grad_(True)
     b(a(h, torch.tanh), torch.sin).square().sum().backward()
     assert takes == [False, True]  # b's depth node feeds no width node
+
+
+def test_an_offer_holds_no_tensor_between_forward_and_backward(monkeypatch, connected_lm):
+    """Nothing is kept alive by the offers (the width node reads beta and y from the depth node's
+    saved tensors in backward), so activation checkpointing and saved-tensor hooks keep their say
+    over what stays in memory."""
+    made = []
+    init = _depth_fused.DepthGradOffer.__init__
+
+    def recorded(self):
+        init(self)
+        made.append(self)
+
+    monkeypatch.setattr(_depth_fused.DepthGradOffer, "__init__", recorded)
+    model = connected_lm("dhc", n_layers=2)
+    idx = torch.randint(0, 64, (2, 16))
+    _, loss = model(idx, idx)
+    assert len(made) == 4
+    for offer in made:
+        assert all(not isinstance(getattr(offer, k), torch.Tensor) for k in offer.__slots__)
+    loss.backward()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_with_activation_checkpointing_the_same_gradients(autocast, monkeypatch, connected_lm, takes):
+    model = set_activation_checkpointing(connected_lm("dhc", n_layers=3))
+    grads = _lm_grads(model, autocast)
+    assert True in takes
+    monkeypatch.setattr(hyper, "FUSE_DEPTH_BACKWARD", False)
+    grads_ref = _lm_grads(model, autocast)
+    for k in grads_ref:
+        assert torch.equal(grads[k], grads_ref[k]), k

@@ -5,6 +5,8 @@ hyper-connections and mHC; checked against plain autograd in the tests."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -43,13 +45,33 @@ class DepthGradOffer:
     and dL/dbeta, computed while dL/dH is in registers: one read of the n*d gradient less per
     branch; ``native.hc_backward(depth=...)``). This node uses the results only if the gradient it
     receives is that very tensor, unchanged since (else it computes its own), so a second use of H,
-    whose gradient autograd adds in, or a change in place, cannot make it wrong. Eager only."""
+    whose gradient autograd adds in, or a change in place, cannot make it wrong. The offer holds
+    no tensor until backward: the width node reads beta and y from this node's saved tensors
+    (through a weak reference to the node), so saved-tensor hooks and activation checkpointing
+    see them as they see any saved tensor. Eager only."""
 
-    __slots__ = ("beta", "y", "g", "g_version", "g_y", "g_beta")
+    __slots__ = ("node", "saved", "g", "g_version", "g_y", "g_beta")
 
     def __init__(self) -> None:
-        self.beta = self.y = self.g = self.g_y = self.g_beta = None
+        self.node = self.saved = self.g = self.g_y = self.g_beta = None
         self.g_version = -1
+
+    def inputs(self, compute: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        """The depth node's (beta, y) as its backward kernel reads them, or None if the node is
+        gone. The node's saved tensors are unpacked here, once (a checkpointed region's may be
+        unpacked only once), and handed on to the node's own backward (:meth:`saved_tensors`)."""
+        node = self.node() if self.node is not None else None
+        if node is None:
+            return None
+        if self.saved is None:
+            self.saved = node.saved_tensors
+        beta, y = self.saved
+        return beta, y if y.dtype in kernel_dtypes(compute) else y.to(compute)
+
+    def saved_tensors(self, ctx) -> tuple[Tensor, ...]:
+        """The depth node's saved tensors: those :meth:`inputs` unpacked, else ``ctx``'s."""
+        saved, self.saved = self.saved, None
+        return saved if saved is not None else ctx.saved_tensors
 
     def fill(self, g: Tensor, g_y: Tensor, g_beta: Tensor) -> None:
         self.g, self.g_version, self.g_y, self.g_beta = g, g._version, g_y, g_beta
@@ -67,8 +89,8 @@ def _depth_backward(ctx, g: Tensor, need_beta: bool, need_y: bool) -> tuple[Tens
     """dL/d mixed (= ``g``), dL/dbeta, dL/dy of ``mixed + beta^T y``, from ``(beta, y)`` saved, or
     from the next width node's backward (:class:`DepthGradOffer`)."""
     with torch.autocast(g.device.type, enabled=False):  # backward may run under autocast
-        beta, y = ctx.saved_tensors
         offer = getattr(ctx, "offer", None)
+        beta, y = offer.saved_tensors(ctx) if offer is not None else ctx.saved_tensors
         taken = offer.take(g) if offer is not None else None
         g = g.to(beta.dtype)
         n = g.shape[-2]
@@ -104,7 +126,7 @@ class DepthFromStreams(torch.autograd.Function):
         ctx.save_for_backward(beta, y)
         y = y if y.dtype in kernel_dtypes(compute) else y.to(compute)
         if offer is not None:
-            offer.beta, offer.y = beta.detach(), y.detach()
+            offer.node = weakref.ref(ctx)
         ctx.offer = offer
         return native_ops.hc_rebuild(h, alpha, beta, y, compute)
 

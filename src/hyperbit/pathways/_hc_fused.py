@@ -306,15 +306,15 @@ class WidthConnection(torch.autograd.Function):
         if ctx.native:
             dynamic = () if dyn_wt is None else (g_beta, t, r, p, dyn_wt, s_alpha, s_beta, ctx.use_tanh)
             offer = ctx.depth_grad
+            inputs = offer.inputs(compute) if offer is not None else None
             depth = None
-            if offer is not None:
+            if inputs is not None:
                 lead = g_out.shape[:-1]
-                depth = (offer.beta, offer.y, g_out.new_empty(*lead, d, dtype=compute),
-                         g_out.new_empty(*lead, n, dtype=compute))
+                depth = (*inputs, g_out.new_empty(*lead, d, dtype=compute), g_out.new_empty(*lead, n, dtype=compute))
             g_h, g_alpha_tok, g_wt, g_norm_w = kernel_mix_backward(
                 h, src, alpha, g_out, g_mixed, norm_w, x_rstd, ctx.kernel_norm, ctx.needs_input_grad[6],
                 ctx.h_dtype != compute, dynamic, depth)
-            if offer is not None:
+            if depth is not None:
                 offer.fill(g_h, *depth[2:])  # g_h is the gradient returned for h (h_dtype == compute)
         else:
             h = h.to(compute)
