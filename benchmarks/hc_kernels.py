@@ -19,6 +19,10 @@ process, the order alternating by round:
     python benchmarks/hc_kernels.py                               # unfused-depth against base, DHC x4
     python benchmarks/hc_kernels.py --variants source=/tmp/native_before.c,base
     python benchmarks/hc_kernels.py --quick                       # d 32 x 2 blocks, 1 round
+    python benchmarks/hc_kernels.py --isolated --threads 1        # each kernel alone, same buffers
+
+``--isolated`` times each kernel alone instead, called again and again on the same buffers (DHC x4
+shapes: 2,048 tokens x n 4 x d 256, or --quick's), median of --calls calls.
 """
 
 from __future__ import annotations
@@ -119,6 +123,50 @@ def _patched(target, values: dict):
             put(k, v)
 
 
+def isolated(args, info) -> int:
+    """Each kernel alone on the same buffers (the caches warm): median ms of ``args.calls`` calls."""
+    n, d, tokens = 4, (32 if args.quick else 256), (64 if args.quick else 2048)
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape, s=1.0: s * torch.randn(*shape, generator=g)  # noqa: E731
+    h, lead = r(tokens, n, d), (tokens,)
+    alpha, beta, wt = r(*lead, n, n + 1, s=0.2), r(*lead, n), r(n + 2, d, s=0.1)
+    static_alpha, static_beta, norm_w = r(n, n + 1, s=0.2), r(n), 1 + 0.1 * r(d)
+    (x, _, saved, rstd), (a, b, rr, p, t) = native.hc_forward_dynamic(
+        h, static_alpha, static_beta, wt, 0.01, 0.01, 1e-6, True, True, norm_w, 1e-6, mixed=False)
+    gx, gm, gb = r(*lead, d), r(*lead, n, d), r(*lead, n)
+    y = r(*lead, d).bfloat16()
+    calls = {
+        "width forward (DHC)": lambda: native.hc_forward_dynamic(
+            h, static_alpha, static_beta, wt, 0.01, 0.01, 1e-6, True, True, norm_w, 1e-6, mixed=False),
+        "width backward, bf16 copy": lambda: native.hc_backward(
+            saved, a, gx, gm, gb, t, rr, p, wt, 0.01, 0.01, True, norm=(rstd, norm_w, True)),
+        "width backward, rebuilt": lambda: native.hc_backward(
+            None, a, gx, gm, gb, t, rr, p, wt, 0.01, 0.01, True, source=(saved, alpha, beta, y),
+            round_bf16=True, norm=(rstd, norm_w, True)),
+        "rebuild (depth forward)": lambda: native.hc_rebuild(h, alpha, beta, y, torch.float32),
+        "depth backward": lambda: native.depth_backward(gm, beta, y, True, True),
+    }
+    ms = {}
+    for name, fn in calls.items():
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(args.calls):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        ms[name] = 1e3 * C.median(times)
+    print(f"\nHC kernels alone: {tokens} tokens x n {n} x d {d}, fp32 (bf16 copy / branch output), "
+          f"{torch.get_num_threads()} threads, {info['cpu_model']}; median of {args.calls} calls"
+          + ("  [QUICK]" if args.quick else ""))
+    print(C.format_table(["kernel", "ms"], [[k, C.fmt(v, ".3f")] for k, v in ms.items()]))
+    out = args.out or C.RESULTS_DIR / ("hc_kernels_isolated_quick.json" if args.quick else "hc_kernels_isolated.json")
+    C.finish("hc_kernels_isolated", info, [], out, quick=args.quick, source_changed=False,
+             settings={"tokens": tokens, "n": n, "d": d, "calls": args.calls,
+                       "threads": torch.get_num_threads()}, median_ms=ms)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="dhc4", help="a model of --models-list of train_throughput.py (default dhc4)")
@@ -127,6 +175,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per variant and round (default 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--quick", action="store_true", help="d 32 x 2 blocks, batch 2 x seq 16, 1 round")
+    ap.add_argument("--isolated", action="store_true", help="time each kernel alone (see above)")
+    ap.add_argument("--calls", type=int, default=100, help="--isolated: calls per kernel (default 100)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if native.library() is None:
@@ -139,6 +189,8 @@ def main(argv=None) -> int:
     variants = {name: _variant(name) for name in names}
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.isolated:
+        return isolated(args, C.machine_info("cpu"))
     rounds = args.rounds or (1 if args.quick else 10)
     shape = SHAPE_QUICK if args.quick else SHAPE
     info = C.machine_info("cpu")

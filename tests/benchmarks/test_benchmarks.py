@@ -198,3 +198,13 @@ def test_hc_kernels_quick(tmp_path):
     assert float(rows["hc_backward"][3]) == pytest.approx(1e3 * med["unfused-depth"]["hc_backward"], abs=0.006)
     assert float(rows["step"][4]) == pytest.approx(1e3 * med["base"]["step"], abs=0.006)
     assert data["settings"]["variants"] == ["unfused-depth", "base"]
+
+
+def test_hc_kernels_isolated_quick(tmp_path):
+    out, data = run("hc_kernels.py", ["--isolated", "--quick", "--threads", "1", "--calls", "3"], {}, tmp_path / "hi.json")
+    ms = data["median_ms"]
+    assert set(ms) == {"width forward (DHC)", "width backward, bf16 copy", "width backward, rebuilt",
+                       "rebuild (depth forward)", "depth backward"} and all(v > 0 for v in ms.values())
+    rows = {r[0]: r for r in table(out, "kernel")}
+    assert float(rows["depth backward"][1]) == pytest.approx(ms["depth backward"], abs=6e-4)
+    assert data["settings"]["calls"] == 3
