@@ -60,3 +60,20 @@ def connected_lm():
         return model
 
     return build
+
+
+@pytest.fixture
+def lm_backward():
+    """``run(model, autocast=False)``: one forward and backward of an LM on a fixed batch (its
+    tokens as targets, under bf16 autocast if asked); returns ``(logits, loss, {name: grad})``
+    (detached; parameters without a gradient left out)."""
+    def run(model, autocast: bool = False):
+        idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, loss = model(idx, idx)
+        loss.backward()
+        return (logits.detach(), loss.detach(),
+                {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+
+    return run

@@ -30,24 +30,15 @@ def takes(monkeypatch):
     return seen
 
 
-def _lm_grads(model, autocast):
-    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        _, loss = model(idx, idx)
-    loss.backward()
-    return {k: p.grad.clone() for k, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("kind", ["dhc", "shc"])
-def test_the_fused_depth_backward_changes_no_bit(kind, autocast, monkeypatch, connected_lm, takes):
+def test_the_fused_depth_backward_changes_no_bit(kind, autocast, monkeypatch, connected_lm, takes, lm_backward):
     model = connected_lm(kind, n_layers=3)
-    grads = _lm_grads(model, autocast)
+    grads = lm_backward(model, autocast)[2]
     # every depth node but the last (its output goes to the final norm) feeds a width node
     assert takes == [False] + [True] * 5
     monkeypatch.setattr(hyper, "FUSE_DEPTH_BACKWARD", False)
-    grads_ref = _lm_grads(model, autocast)
+    grads_ref = lm_backward(model, autocast)[2]
     assert len(takes) == 6
     for k in grads_ref:
         assert torch.equal(grads[k], grads_ref[k]), k
@@ -116,11 +107,11 @@ def test_an_offer_holds_no_tensor_between_forward_and_backward(monkeypatch, conn
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_with_activation_checkpointing_the_same_gradients(autocast, monkeypatch, connected_lm, takes):
+def test_with_activation_checkpointing_the_same_gradients(autocast, monkeypatch, connected_lm, takes, lm_backward):
     model = set_activation_checkpointing(connected_lm("dhc", n_layers=3))
-    grads = _lm_grads(model, autocast)
+    grads = lm_backward(model, autocast)[2]
     assert True in takes
     monkeypatch.setattr(hyper, "FUSE_DEPTH_BACKWARD", False)
-    grads_ref = _lm_grads(model, autocast)
+    grads_ref = lm_backward(model, autocast)[2]
     for k in grads_ref:
         assert torch.equal(grads[k], grads_ref[k]), k

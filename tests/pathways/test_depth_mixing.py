@@ -13,15 +13,6 @@ from hyperbit.pathways import HyperConnection, ManifoldHyperConnection, hyper, m
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: the PyTorch path runs")
 
-def _run(model, autocast):
-    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        logits, loss = model(idx, idx)
-    loss.backward()
-    return logits.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
-
-
 def _mixing_in_width(monkeypatch):
     for module in (hyper, manifold):
         monkeypatch.setattr(module, "mixes_in_depth", lambda *a: False)
@@ -29,18 +20,18 @@ def _mixing_in_width(monkeypatch):
 
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("kind", ["dhc", "shc", "mhc"])
-def test_the_mixing_in_the_depth_node_changes_no_bit(kind, autocast, monkeypatch, connected_lm):
+def test_the_mixing_in_the_depth_node_changes_no_bit(kind, autocast, monkeypatch, connected_lm, lm_backward):
     model = connected_lm(kind, n_layers=2)
     widths = [m for m in model.modules() if isinstance(m, (HyperConnection, ManifoldHyperConnection))]
     contexts = []
-    logits, grads = _run(model, autocast)
+    logits, _, grads = lm_backward(model, autocast)
     h = torch.randn(2, 3, 4, 32)
     contexts.append(widths[0].width_connection(h)[1])
     assert contexts[0].streams is not None and contexts[0].mix.stride() == (0, 0, 0, 0)  # no n*d tensor
     _mixing_in_width(monkeypatch)
     contexts.append(widths[0].width_connection(h)[1])
     assert contexts[1].streams is None and contexts[1].mix.stride() != (0, 0, 0, 0)
-    logits_ref, grads_ref = _run(model, autocast)
+    logits_ref, _, grads_ref = lm_backward(model, autocast)
     assert torch.equal(logits, logits_ref)
     for k in grads_ref:
         assert torch.equal(grads[k], grads_ref[k]), k

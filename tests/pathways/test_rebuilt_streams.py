@@ -12,25 +12,16 @@ from hyperbit.pathways import HyperConnection, ManifoldHyperConnection, hyper
 from hyperbit.pathways._hc_fused import rebuild_streams
 
 
-def _grads(model, autocast=False):
-    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        _, loss = model(idx, idx)
-    loss.backward()
-    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-
-
 def _without_rebuild(monkeypatch):
     monkeypatch.setattr(hyper, "REBUILD_STREAMS", False)
 
 
 @pytest.mark.parametrize("kind", ["dhc", "shc", "mhc"])
-def test_rebuilt_streams_give_the_same_gradients_bit_for_bit_in_fp32(kind, kernels, monkeypatch, connected_lm):
+def test_rebuilt_streams_give_the_same_gradients_bit_for_bit_in_fp32(kind, kernels, monkeypatch, connected_lm, lm_backward):
     model = connected_lm(kind)
-    loss, grads = _grads(model)
+    _, loss, grads = lm_backward(model)
     _without_rebuild(monkeypatch)
-    loss_ref, grads_ref = _grads(model)
+    _, loss_ref, grads_ref = lm_backward(model)
     assert torch.equal(loss, loss_ref)
     assert grads.keys() == grads_ref.keys() and len(grads) > 10
     for k in grads:
@@ -38,14 +29,14 @@ def test_rebuilt_streams_give_the_same_gradients_bit_for_bit_in_fp32(kind, kerne
 
 
 @pytest.mark.parametrize("kind", ["dhc", "mhc"])
-def test_rebuilt_streams_under_autocast_are_as_close_as_the_bf16_copy(kind, kernels, monkeypatch, connected_lm):
+def test_rebuilt_streams_under_autocast_are_as_close_as_the_bf16_copy(kind, kernels, monkeypatch, connected_lm, lm_backward):
     """Under bf16 autocast both ways keep bf16 round-off of the streams: a bf16 copy of H', or H'
     rebuilt from the bf16 copy of H. Both agree with the fp32 gradients to the same order."""
     model = connected_lm(kind)
-    _, fp32 = _grads(model)
-    _, rebuilt = _grads(model, autocast=True)
+    *_, fp32 = lm_backward(model)
+    *_, rebuilt = lm_backward(model, autocast=True)
     _without_rebuild(monkeypatch)
-    _, copied = _grads(model, autocast=True)
+    *_, copied = lm_backward(model, autocast=True)
     def rel_errors(grads):
         return torch.stack([(grads[k] - fp32[k]).norm() / (fp32[k].norm() + 1e-6) for k in fp32])
 
@@ -103,12 +94,12 @@ def test_an_in_place_change_of_the_streams_cancels_the_rebuild(kernels):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
 
 
-def test_rebuilt_bf16_streams_match_the_kept_copy(kernels, monkeypatch, connected_lm):
+def test_rebuilt_bf16_streams_match_the_kept_copy(kernels, monkeypatch, connected_lm, lm_backward):
     """A bf16 model: its streams are bf16, and the rebuilt ones go through bf16 too."""
     model = connected_lm().to(torch.bfloat16)
-    loss, grads = _grads(model)
+    _, loss, grads = lm_backward(model)
     _without_rebuild(monkeypatch)
-    loss_ref, grads_ref = _grads(model)
+    _, loss_ref, grads_ref = lm_backward(model)
     assert torch.equal(loss, loss_ref)
     for k in grads:
         g, g_ref = grads[k].float(), grads_ref[k].float()
