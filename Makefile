@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c '$(TORCH_OK)' 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev,hf,vision]"
+	@echo "building the CPU kernels (hyperbit/nn/native.c: once per machine and version, ~10 s)"
+	$(PY) -c 'from hyperbit.nn import native; native.library()'
 	touch $(STAMP)
 
 install: $(STAMP)
