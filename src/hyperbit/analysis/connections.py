@@ -114,7 +114,9 @@ class PathwayState:
 def pathway_states(model, idx: Tensor) -> list[PathwayState]:
     """Run ``model`` on ``idx`` once and record every branch's :class:`PathwayState`, in execution
     order. The weights are computed inside the forward pass, where sharded (FSDP2) parameters are
-    gathered."""
+    gathered. Compiled blocks run eagerly here: a graph dynamo compiled before the recording hooks
+    existed would not call them (dynamo does not guard on module hooks), and recompiling for a
+    diagnostic pass would cost more than it saves."""
     states = []
 
     def record(mod, args):
@@ -123,7 +125,8 @@ def pathway_states(model, idx: Tensor) -> list[PathwayState]:
 
     hooks = [p.register_forward_pre_hook(record) for p in model.pathways()]
     try:
-        model(idx)
+        with torch.compiler.set_stance("force_eager"):
+            model(idx)
     finally:
         for h in hooks:
             h.remove()

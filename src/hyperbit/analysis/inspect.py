@@ -101,7 +101,8 @@ def _output_rms(model: nn.Module) -> Iterator[list[Tensor]]:
     modules = [model.embed] + [m for block in model.blocks for m in (block.attn, block.ffn)]
     hooks = [m.register_forward_hook(record) for m in modules]
     try:
-        yield rms
+        with torch.compiler.set_stance("force_eager"):  # (hooks inside compiled blocks: see
+            yield rms                                   # analysis.connections.pathway_states)
     finally:
         for h in hooks:
             h.remove()

@@ -119,12 +119,15 @@ def _zeroed_output_projections(model: nn.Module):
 
 @contextlib.contextmanager
 def _recording(modules: list[nn.Module]):
-    """Record ``(module, input state, output state)`` for every call, in call order."""
+    """Record ``(module, input state, output state)`` for every call, in call order (compiled
+    blocks run eagerly meanwhile: dynamo does not guard on module hooks, so a graph compiled
+    before them would skip them)."""
     calls: list[tuple[nn.Module, Tensor, Tensor]] = []
     hooks = [m.register_forward_hook(lambda mod, args, out: calls.append((mod, args[0], out)))
              for m in modules]
     try:
-        yield calls
+        with torch.compiler.set_stance("force_eager"):
+            yield calls
     finally:
         for h in hooks:
             h.remove()
