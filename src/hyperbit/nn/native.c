@@ -370,6 +370,8 @@ static inline hb_vf64 hb_tanh_vf64(hb_vf64 x) {  /* libm's, lane by lane (the fp
 
 /* the largest n of the vectorised kernels (HC_MAX_N in native.py): a token's rows as vectors */
 #define HB_MAXN 16
+/* tokens per partial sum of a backward kernel's parameter gradients */
+#define HB_TOKBLK 64
 
 /* CALL with nn a compile-time constant for the usual expansion rates, else nn = n (the fp64
    kernels, there for the tests, take the general path only) */
@@ -682,34 +684,37 @@ int hb_hc_backward_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const
     int bad = 0;                                                                                  \
     int64_t wsize = wt ? (int64_t)(n + 2) * d : 0;                                                \
     T *g_w = nm ? (T *)nm->g_w : NULL;                                                            \
-    /* the parameter gradients: one partial sum per thread, added in thread order afterwards, so  \
-       that a run is reproducible (a critical section would add them in arrival order) */         \
-    int64_t part = wsize + (g_w ? d : 0);                                                         \
-    T *parts = part ? calloc((size_t)(nthreads * part), sizeof(T)) : NULL;                        \
+    /* the parameter gradients: one partial sum per block of HB_TOKBLK tokens, each block's tokens \
+       in order, the blocks added in order afterwards: the same bits at any thread count */       \
+    int64_t part = wsize + (g_w ? d : 0), nblk = (N + HB_TOKBLK - 1) / HB_TOKBLK;                 \
+    T *parts = part ? calloc((size_t)(nblk * part), sizeof(T)) : NULL;                            \
     if (part && !parts) return 2;                                                                 \
     _Pragma("omp parallel num_threads(nthreads)")                                                 \
     {                                                                                             \
         T *buf = malloc(sizeof(T) * (n * d + 2 * d));                                             \
-        T *gw = wt ? parts + omp_get_thread_num() * part : NULL;                                  \
-        T *gnw = g_w ? parts + omp_get_thread_num() * part + wsize : NULL;                        \
         if (!buf) bad = 1;                                                                        \
         else {                                                                                    \
             _Pragma("omp for schedule(static)")                                                   \
-            for (int64_t tok = 0; tok < N; tok++)                                                 \
-                HB_BY_N_##SUF(n, hc_backward_token_##SUF(                                         \
-                    nn, s, tok, d, alpha + (alpha_per_token ? tok * n * (n + 1) : 0), g_x + tok * d, \
-                    g_mixed ? g_mixed + tok * n * d : NULL, g_beta ? g_beta + tok * n : NULL, t, r, \
-                    p, wt, s_alpha, s_beta, use_tanh, g_h + tok * n * d, g_alpha + tok * n * (n + 1), \
-                    gw, nm, gnw, dp, buf));                                                       \
+            for (int64_t blk = 0; blk < nblk; blk++) {                                            \
+                T *gw = wt ? parts + blk * part : NULL;                                           \
+                T *gnw = g_w ? parts + blk * part + wsize : NULL;                                 \
+                int64_t end = (blk + 1) * HB_TOKBLK < N ? (blk + 1) * HB_TOKBLK : N;              \
+                for (int64_t tok = blk * HB_TOKBLK; tok < end; tok++)                             \
+                    HB_BY_N_##SUF(n, hc_backward_token_##SUF(                                     \
+                        nn, s, tok, d, alpha + (alpha_per_token ? tok * n * (n + 1) : 0), g_x + tok * d, \
+                        g_mixed ? g_mixed + tok * n * d : NULL, g_beta ? g_beta + tok * n : NULL, t, r, \
+                        p, wt, s_alpha, s_beta, use_tanh, g_h + tok * n * d, g_alpha + tok * n * (n + 1), \
+                        gw, nm, gnw, dp, buf));                                                   \
+            }                                                                                     \
         }                                                                                         \
         free(buf);                                                                                \
     }                                                                                             \
     if (wt) memset(g_wt, 0, sizeof(T) * wsize);                                                   \
     if (g_w) memset(g_w, 0, sizeof(T) * d);                                                       \
-    for (int th = 0; th < nthreads; th++) {                                                       \
-        for (int64_t c = 0; c < wsize; c++) g_wt[c] += parts[th * part + c];                      \
+    for (int64_t blk = 0; blk < nblk; blk++) {                                                    \
+        for (int64_t c = 0; c < wsize; c++) g_wt[c] += parts[blk * part + c];                     \
         if (g_w)                                                                                  \
-            for (int64_t c = 0; c < d; c++) g_w[c] += parts[th * part + wsize + c];               \
+            for (int64_t c = 0; c < d; c++) g_w[c] += parts[blk * part + wsize + c];              \
     }                                                                                             \
     free(parts);                                                                                  \
     return bad ? 2 : 0;                                                                           \
