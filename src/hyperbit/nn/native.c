@@ -577,6 +577,18 @@ int hb_hc_streams_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const 
     return bad ? 2 : 0;                                                                           \
 }                                                                                                 \
                                                                                                   \
+/* one column block of a depth connection's backward, g = dL/d out given as its n rows gv: the    \
+   block of dL/dy = sum_i beta_i g_i into gy (if gy), and <g_i, y> added to acc[i] (if acc; the   \
+   caller sums the lanes into dL/dbeta_i). y in T or bf16, its token's row at element at */       \
+HB_INLINE void hc_depth_column_##SUF(int n, const T *bt, const VT *gv, const void *y, int y_bf16, \
+                                     int64_t at, int64_t c, int m, T *gy, VT *acc) {              \
+    if (gy) hb_st_##SUF(gy + c, hc_comb_##SUF(n, bt, 1, gv), m);                                  \
+    if (acc) {                                                                                    \
+        VT yv = hb_lda_##SUF(y, y_bf16, at + c, m);                                               \
+        for (int i = 0; i < n; i++) acc[i] += gv[i] * yv;                                         \
+    }                                                                                             \
+}                                                                                                 \
+                                                                                                  \
 /* one token of hb_hc_backward: gx (d), gm (n, d) or NULL, gb (n) or NULL; writes gh (n, d), ga   \
    (n, n+1), adds to gw ((n+2, d), DHC) and gnw (d, the norm's gain), and runs the backward of the \
    depth connection before (dp, or NULL) on gh; buf: n d + 2 d scratch */                         \
@@ -632,7 +644,7 @@ HB_INLINE void hc_backward_token_##SUF(int n, const hb_streams *s, int64_t tok, 
         }                                                                                         \
     }                                                                                             \
     /* dL/dH_i = alpha_i0 gx + sum_j alpha_i,j+1 gm_j [+ sum_k gp_ik wt_k - coef_i H_i]; dL/dWt;  \
-       the depth backward before on dL/dH (as hc_depth_backward_token) */                         \
+       the depth backward before on dL/dH (hc_depth_column, as hc_depth_backward_token) */        \
     const T *db = dp ? (const T *)dp->beta + (dp->beta_per_token ? tok * n : 0) : NULL;           \
     VT dacc[HB_MAXN];                                                                             \
     for (int i = 0; i < n; i++) dacc[i] = (VT){0};                                                \
@@ -661,11 +673,8 @@ HB_INLINE void hc_backward_token_##SUF(int n, const hb_streams *s, int64_t tok, 
                 for (int i = 0; i < n; i++) g += gp[i * k2 + k] * hv[i];                          \
                 hb_st_##SUF(gw + k * d + c, g, m);                                                \
             }                                                                                     \
-        if (dp) {                                                                                 \
-            hb_st_##SUF((T *)dp->g_y + tok * d + c, hc_comb_##SUF(n, db, 1, ov), m);              \
-            VT yv = hb_lda_##SUF(dp->y, dp->y_bf16, tok * d + c, m);                              \
-            for (int i = 0; i < n; i++) dacc[i] += ov[i] * yv;                                    \
-        }                                                                                         \
+        if (dp)                                                                                   \
+            hc_depth_column_##SUF(n, db, ov, dp->y, dp->y_bf16, tok * d, c, m, (T *)dp->g_y + tok * d, dacc); \
     );                                                                                            \
     if (dp)                                                                                       \
         for (int i = 0; i < n; i++) ((T *)dp->g_beta)[tok * n + i] = hb_hsum_##SUF(dacc[i]);      \
@@ -746,11 +755,7 @@ HB_INLINE void hc_depth_backward_token_##SUF(int n, const T *gt, const T *bt, co
     HB_COLUMNS(W, d,                                                                              \
         VT gv[HB_MAXN];                                                                           \
         for (int i = 0; i < n; i++) gv[i] = hb_ld_##SUF(gt + i * d + c, m);                       \
-        if (gy) hb_st_##SUF(gy + c, hc_comb_##SUF(n, bt, 1, gv), m);                              \
-        if (gb) {                                                                                 \
-            VT yv = hb_lda_##SUF(y, y_bf16, tok * d + c, m);                                      \
-            for (int i = 0; i < n; i++) acc[i] += gv[i] * yv;                                     \
-        }                                                                                         \
+        hc_depth_column_##SUF(n, bt, gv, y, y_bf16, tok * d, c, m, gy, gb ? acc : NULL);          \
     );                                                                                            \
     if (gb)                                                                                       \
         for (int i = 0; i < n; i++) gb[i] = hb_hsum_##SUF(acc[i]);                                \
