@@ -65,18 +65,19 @@ def _ternary(m: nn.Module) -> bool:
     return isinstance(m, BitLinear) or (isinstance(m, ExpertLinear) and m.bitnet)
 
 
-def _bitlinears(model: nn.Module) -> dict[str, nn.Module]:
+def _ternary_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if _ternary(m)}
 
 
-def _packed(layer: nn.Module) -> nn.Module:
-    """The packed form of a BitLinear or of BitNet experts (CheckpointError if it cannot be packed)."""
+def _packed(layer: nn.Module, label: str | None = None) -> nn.Module:
+    """The packed form of a BitLinear or of BitNet experts (CheckpointError naming ``label``, or
+    the layer, if it cannot be packed)."""
     try:
         if isinstance(layer, ExpertLinear):
             return PackedExpertLinear.from_expert_linear(layer)
         return PackedBitLinear.from_bitlinear(layer)
     except ValueError as e:
-        raise CheckpointError(f"cannot pack {layer}: {first_line(e)}") from None
+        raise CheckpointError(f"cannot pack {label or layer}: {first_line(e)}") from None
 
 
 def _empty_packed(layer: nn.Module) -> nn.Module:
@@ -111,12 +112,12 @@ def pack_modules(model: nn.Module) -> nn.Module:
 def pack_model(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The packed ``state_dict`` of ``model`` (every BitLinear as codes + scale) and the names of
     the packed linears; ``model`` itself is left unchanged."""
-    linears = _bitlinears(model)
+    linears = _ternary_layers(model)
     if not linears:
         raise CheckpointError("the model has no BitLinear layers; nothing to pack")
     state = dict(model.state_dict())
     for name, layer in linears.items():
-        packed = _packed(layer)
+        packed = _packed(layer, name)
         del state[f"{name}.weight"]
         for key, t in packed.state_dict().items():
             state[f"{name}.{key}"] = t

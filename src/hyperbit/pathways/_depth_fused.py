@@ -39,6 +39,11 @@ class DepthConnection(torch.autograd.Function):
         return (*_depth_backward(ctx, g, need_beta, need_y), None)
 
 
+def _kernel_y(y: Tensor, compute: torch.dtype) -> Tensor:
+    """The branch output as the depth kernels read it: as it is in a dtype they take, else cast."""
+    return y if y.dtype in kernel_dtypes(compute) else y.to(compute)
+
+
 class DepthGradOffer:
     """A depth node's offer to the next width node, the one whose streams are this node's output
     H: that node's backward kernel, which writes dL/dH, runs this node's backward on it too (dL/dy
@@ -66,7 +71,7 @@ class DepthGradOffer:
         if self.saved is None:
             self.saved = node.saved_tensors
         beta, y = self.saved
-        return beta, y if y.dtype in kernel_dtypes(compute) else y.to(compute)
+        return beta, _kernel_y(y, compute)
 
     def saved_tensors(self, ctx) -> tuple[Tensor, ...]:
         """The depth node's saved tensors: those :meth:`inputs` unpacked, else ``ctx``'s."""
@@ -124,7 +129,7 @@ class DepthFromStreams(torch.autograd.Function):
         compute = h.dtype
         ctx.native = True
         ctx.save_for_backward(beta, y)
-        y = y if y.dtype in kernel_dtypes(compute) else y.to(compute)
+        y = _kernel_y(y, compute)
         if offer is not None:
             offer.node = weakref.ref(ctx)
         ctx.offer = offer
