@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..pathways import FracConnection, HyperConnection, ManifoldHyperConnection
+from ._hooks import recording
 
 #: pathways with connection weights (``connection_weights(h) -> alpha, beta``); mHC gives its
 #: pre, res and post as A_m = pre, A_r = res^T, B = post
@@ -114,22 +115,15 @@ class PathwayState:
 def pathway_states(model, idx: Tensor) -> list[PathwayState]:
     """Run ``model`` on ``idx`` once and record every branch's :class:`PathwayState`, in execution
     order. The weights are computed inside the forward pass, where sharded (FSDP2) parameters are
-    gathered. Compiled blocks run eagerly here: a graph dynamo compiled before the recording hooks
-    existed would not call them (dynamo does not guard on module hooks), and recompiling for a
-    diagnostic pass would cost more than it saves."""
+    gathered (compiled blocks run eagerly meanwhile: :func:`._hooks.recording`)."""
     states = []
 
     def record(mod, args):
         weights = mod.connection_weights(args[0]) if isinstance(mod, WEIGHTED) else (None, None)
         states.append(PathwayState(mod, args[0], *weights))
 
-    hooks = [p.register_forward_pre_hook(record) for p in model.pathways()]
-    try:
-        with torch.compiler.set_stance("force_eager"):
-            model(idx)
-    finally:
-        for h in hooks:
-            h.remove()
+    with recording(model.pathways(), record, pre=True):
+        model(idx)
     return states
 
 

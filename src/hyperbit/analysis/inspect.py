@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..pathways import FracConnection, parallel_matrix
+from ._hooks import recording
 from .collapse import consecutive_cosine, inputs_from_states
 from .connections import (WEIGHTED, BranchWeights, PathwayState, branch_weights_from_states,
                           composite_gain, from_matrix, output_weights, pathway_states, unfold)
@@ -99,13 +100,8 @@ def _output_rms(model: nn.Module) -> Iterator[list[Tensor]]:
         rms.append(output.detach().float().pow(2).mean(-1).sqrt().mean().cpu())
 
     modules = [model.embed] + [m for block in model.blocks for m in (block.attn, block.ffn)]
-    hooks = [m.register_forward_hook(record) for m in modules]
-    try:
-        with torch.compiler.set_stance("force_eager"):  # (hooks inside compiled blocks: see
-            yield rms                                   # analysis.connections.pathway_states)
-    finally:
-        for h in hooks:
-            h.remove()
+    with recording(modules, record):
+        yield rms
 
 
 def _grad_norm(params: list[nn.Parameter]) -> float:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..nn.branch import output_projections
 from ..pathways import Pathway
+from ._hooks import recording
 
 
 @dataclass
@@ -119,27 +120,16 @@ def _zeroed_output_projections(model: nn.Module):
 
 @contextlib.contextmanager
 def _recording(modules: list[nn.Module]):
-    """Record ``(module, input state, output state)`` for every call, in call order (compiled
-    blocks run eagerly meanwhile: dynamo does not guard on module hooks, so a graph compiled
-    before them would skip them)."""
+    """Record ``(module, input state, output state)`` for every call, in call order."""
     calls: list[tuple[nn.Module, Tensor, Tensor]] = []
-    hooks = [m.register_forward_hook(lambda mod, args, out: calls.append((mod, args[0], out)))
-             for m in modules]
-    try:
-        with torch.compiler.set_stance("force_eager"):
-            yield calls
-    finally:
-        for h in hooks:
-            h.remove()
+    with recording(modules, lambda mod, args, out: calls.append((mod, args[0], out))):
+        yield calls
 
 
 def _final_norm_input(model: nn.Module, idx: Tensor) -> Tensor:
     captured = []
-    hook = model.final_norm.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
-    try:
+    with recording([model.final_norm], lambda m, args: captured.append(args[0]), pre=True):
         model(idx)
-    finally:
-        hook.remove()
     return captured[-1]
 
 
