@@ -46,6 +46,36 @@ def test_sinkhorn_kernel_backward_matches_autograd_fp64(n, iters):
 
 
 @needs_native
+@pytest.mark.parametrize("n", [2, 4])
+def test_sinkhorn_kernel_fp32_backward_follows_fp64_autograd(n):
+    """The fp32 kernel (the one training runs) against autograd in fp64 on the same logits."""
+    z = _logits(37, n, torch.float32, seed=3)[:74]  # mild and wide logits (the floor is fp64's test)
+    g = torch.randn(z.shape, generator=torch.Generator().manual_seed(4))
+    z64 = z.double().requires_grad_(True)
+    (ref,) = torch.autograd.grad(sk._sinkhorn_reference(z64, 20), z64, g.double())
+    out = native.sinkhorn_backward(z, g, 20, sk.LOGIT_RANGE, sk._DEFICIT_FLOOR)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-3, atol=2e-4)
+
+
+@needs_native
+def test_sinkhorn_kernels_give_the_same_bits_at_any_thread_count():
+    """Blocks of tokens are split among threads; no token's result may depend on that split."""
+    z = _logits(100, 4, torch.float32, seed=5)  # 300 tokens: 19 blocks, the last one partial
+    g = torch.randn(z.shape, generator=torch.Generator().manual_seed(6))
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append((native.sinkhorn(z, 20, sk.LOGIT_RANGE, sk._DEFICIT_FLOOR),
+                            native.sinkhorn_backward(z, g, 20, sk.LOGIT_RANGE, sk._DEFICIT_FLOOR)))
+    finally:
+        torch.set_num_threads(before)
+    for out, grad in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+@needs_native
 def test_sinkhorn_kernel_extreme_logits_are_finite():
     signs = torch.randn(200, 4, 4, generator=torch.Generator().manual_seed(0)).sign()
     z = torch.cat([1e4 * signs, torch.full((1, 4, 4), -1e4), torch.full((1, 4, 4), 1e4)])

@@ -3,35 +3,66 @@
    Every kernel has a PyTorch reference in the package; the tests compare the two, forward and
    backward. Tensors are passed as contiguous buffers; "tokens last" layouts let the compiler
    vectorise across tokens (one SIMD lane per token), with every iteration of a token's small
-   problem kept in registers or L1 instead of a round trip through memory per tensor op.
+   problem kept in registers or L1 instead of a round trip through memory per tensor op. Every
+   kernel runs in parallel over tokens on OpenMP (the runtime torch uses), and every token's
+   result is computed by one thread alone, so the results do not depend on the thread count.
 
    Sinkhorn (pathways/sinkhorn.py: _scale, then round_doubly_stochastic), logits z (N, n, n).
    K = exp(max(z - max_j z, -range)); per round u = 1 / (K v), v = 1 / (K^T u), v_0 = 1;
-   P = diag(u) K diag(v), then the rounding step onto the doubly stochastic matrices. Inside,
-   tokens are processed in blocks of BLOCK, laid out tokens last. The backward recomputes the
-   rounds and runs the reverse of both steps. */
+   P = diag(u) K diag(v), then the rounding step onto the doubly stochastic matrices. Tokens are
+   processed in blocks of SK_BLOCK, transposed to tokens last on the way in and back on the way
+   out; the last block is padded with zero logits (computed, never written), so every loop runs
+   over whole blocks. The backward recomputes the rounds and runs the reverse of both steps. */
 
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
-#define BLOCK 16  /* tokens per vector block */
-#define MAXN 8    /* largest n handled here (n x n stays in registers / L1) */
+#define SK_BLOCK 16  /* tokens per block (vector lanes) */
+#define SK_MAXN 8    /* largest n handled here (n x n stays in registers / L1) */
+
+#define HB_INLINE static inline __attribute__((always_inline))
+
+/* CALL with nn a compile-time constant for the usual expansion rates, else nn = n (the fp64
+   kernels, there for the tests, take the general path only) */
+#define HB_BY_N_f32(n, ...)                                                                       \
+    switch (n) {                                                                                  \
+    case 2: { enum { nn = 2 }; __VA_ARGS__; } break;                                              \
+    case 4: { enum { nn = 4 }; __VA_ARGS__; } break;                                              \
+    default: { const int nn = (n); __VA_ARGS__; }                                                 \
+    }
+#define HB_BY_N_f64(n, ...) { const int nn = (n); __VA_ARGS__; }
 
 #define DEFINE_SINKHORN(T, SUF, EXP)                                                              \
-static void load_k_##SUF(const T *z, int64_t nn, int n, int64_t t0, int nb, T range,            \
-                         T k[MAXN * MAXN][BLOCK], unsigned char live[MAXN * MAXN][BLOCK]) {      \
+typedef T sk_mat_##SUF[SK_MAXN * SK_MAXN][SK_BLOCK];  /* an n x n matrix per token, tokens last */ \
+typedef T sk_vec_##SUF[SK_MAXN][SK_BLOCK];                                                        \
+                                                                                                  \
+/* tokens t0 .. t0 + nb of a (N, n, n) buffer -> tokens last, zeros past nb */                   \
+HB_INLINE void sk_gather_##SUF(const T *x, int n, int64_t t0, int nb, sk_mat_##SUF out) {         \
+    const int nn2 = n * n;                                                                        \
+    for (int b = 0; b < SK_BLOCK; b++)                                                            \
+        for (int ij = 0; ij < nn2; ij++) out[ij][b] = b < nb ? x[(t0 + b) * nn2 + ij] : 0;        \
+}                                                                                                 \
+                                                                                                  \
+HB_INLINE void sk_scatter_##SUF(sk_mat_##SUF in, int n, int64_t t0, int nb, T *x) {               \
+    const int nn2 = n * n;                                                                        \
+    for (int b = 0; b < nb; b++)                                                                  \
+        for (int ij = 0; ij < nn2; ij++) x[(t0 + b) * nn2 + ij] = in[ij][b];                      \
+}                                                                                                 \
+                                                                                                  \
+/* K from the logits zt (tokens last); live: the entries above the floor (they get a gradient) */ \
+HB_INLINE void sk_load_k_##SUF(sk_mat_##SUF zt, int n, T range, sk_mat_##SUF k,                   \
+                               unsigned char live[SK_MAXN * SK_MAXN][SK_BLOCK]) {                 \
     for (int i = 0; i < n; i++) {                                                                 \
-        T m[BLOCK];                                                                               \
-        for (int b = 0; b < nb; b++) m[b] = z[(t0 + b) * nn + i * n];                     \
+        T m[SK_BLOCK];                                                                            \
+        for (int b = 0; b < SK_BLOCK; b++) m[b] = zt[i * n][b];                                   \
         for (int j = 1; j < n; j++)                                                               \
-            for (int b = 0; b < nb; b++) {                                                        \
-                T x = z[(t0 + b) * nn + i * n + j];                                       \
-                m[b] = x > m[b] ? x : m[b];                                                       \
-            }                                                                                     \
+            for (int b = 0; b < SK_BLOCK; b++) m[b] = zt[i * n + j][b] > m[b] ? zt[i * n + j][b] : m[b]; \
         for (int j = 0; j < n; j++)                                                               \
-            for (int b = 0; b < nb; b++) {                                                        \
-                T s = z[(t0 + b) * nn + i * n + j] - m[b];                                \
+            for (int b = 0; b < SK_BLOCK; b++) {                                                  \
+                T s = zt[i * n + j][b] - m[b];                                                    \
                 live[i * n + j][b] = s >= -range;                                                 \
                 k[i * n + j][b] = EXP(s >= -range ? s : -range);                                  \
             }                                                                                     \
@@ -39,198 +70,234 @@ static void load_k_##SUF(const T *z, int64_t nn, int n, int64_t t0, int nb, T ra
 }                                                                                                 \
                                                                                                   \
 /* the rounds: u[t], v[t + 1] for t < iters (v[0] = 1) */                                        \
-static void rounds_##SUF(int n, int nb, int iters, T k[MAXN * MAXN][BLOCK],                      \
-                         T (*u)[MAXN][BLOCK], T (*v)[MAXN][BLOCK]) {                              \
+HB_INLINE void sk_rounds_##SUF(int n, int iters, sk_mat_##SUF k, sk_vec_##SUF *u, sk_vec_##SUF *v) { \
     for (int j = 0; j < n; j++)                                                                   \
-        for (int b = 0; b < nb; b++) v[0][j][b] = 1;                                              \
+        for (int b = 0; b < SK_BLOCK; b++) v[0][j][b] = 1;                                        \
     for (int t = 0; t < iters; t++) {                                                             \
         for (int i = 0; i < n; i++) {                                                             \
-            T s[BLOCK] = {0};                                                                     \
+            T s[SK_BLOCK] = {0};                                                                  \
             for (int j = 0; j < n; j++)                                                           \
-                for (int b = 0; b < nb; b++) s[b] += k[i * n + j][b] * v[t][j][b];                \
-            for (int b = 0; b < nb; b++) u[t][i][b] = 1 / s[b];                                   \
+                for (int b = 0; b < SK_BLOCK; b++) s[b] += k[i * n + j][b] * v[t][j][b];          \
+            for (int b = 0; b < SK_BLOCK; b++) u[t][i][b] = 1 / s[b];                             \
         }                                                                                         \
         for (int j = 0; j < n; j++) {                                                             \
-            T s[BLOCK] = {0};                                                                     \
+            T s[SK_BLOCK] = {0};                                                                  \
             for (int i = 0; i < n; i++)                                                           \
-                for (int b = 0; b < nb; b++) s[b] += k[i * n + j][b] * u[t][i][b];                \
-            for (int b = 0; b < nb; b++) v[t + 1][j][b] = 1 / s[b];                               \
+                for (int b = 0; b < SK_BLOCK; b++) s[b] += k[i * n + j][b] * u[t][i][b];          \
+            for (int b = 0; b < SK_BLOCK; b++) v[t + 1][j][b] = 1 / s[b];                         \
         }                                                                                         \
     }                                                                                             \
 }                                                                                                 \
                                                                                                   \
-/* the rounding step (round_doubly_stochastic) on a block: m (columns sum to 1) -> o; keeps     \
-   what its reverse needs in r (row sums of m), d (deficits), sp (column spares), tot */         \
-typedef struct { T R[MAXN][BLOCK], def[MAXN][BLOCK], sp[MAXN][BLOCK], tot[BLOCK], s[MAXN * MAXN][BLOCK]; } \
-    round_state_##SUF;                                                                            \
-static void round_##SUF(int n, int nb, T m[MAXN * MAXN][BLOCK], round_state_##SUF *st,           \
-                        T floor_) {                                                               \
-    for (int b = 0; b < nb; b++) st->tot[b] = 0;                                                  \
+/* the rounding step (round_doubly_stochastic) on a block: m (columns sum to 1) -> s + def sp^T / \
+   tot; keeps what its reverse needs: R (row sums of m), def (deficits), sp (column spares), tot */ \
+typedef struct { sk_vec_##SUF R, def, sp; T tot[SK_BLOCK]; sk_mat_##SUF s; } sk_state_##SUF;     \
+HB_INLINE void sk_round_##SUF(int n, sk_mat_##SUF m, sk_state_##SUF *st, T floor_) {             \
+    for (int b = 0; b < SK_BLOCK; b++) st->tot[b] = 0;                                            \
     for (int i = 0; i < n; i++) {                                                                 \
-        T R[BLOCK] = {0}, Rs[BLOCK] = {0};                                                        \
+        T R[SK_BLOCK] = {0}, Rs[SK_BLOCK] = {0};                                                  \
         for (int j = 0; j < n; j++)                                                               \
-            for (int b = 0; b < nb; b++) R[b] += m[i * n + j][b];                                 \
+            for (int b = 0; b < SK_BLOCK; b++) R[b] += m[i * n + j][b];                           \
         for (int j = 0; j < n; j++)                                                               \
-            for (int b = 0; b < nb; b++) {                                                        \
+            for (int b = 0; b < SK_BLOCK; b++) {                                                  \
                 st->s[i * n + j][b] = m[i * n + j][b] / (R[b] > 1 ? R[b] : 1);                    \
                 Rs[b] += st->s[i * n + j][b];                                                     \
             }                                                                                     \
-        for (int b = 0; b < nb; b++) {                                                            \
+        for (int b = 0; b < SK_BLOCK; b++) {                                                      \
             st->R[i][b] = R[b];                                                                   \
             st->def[i][b] = 1 - Rs[b] > 0 ? 1 - Rs[b] : 0;                                        \
             st->tot[b] += st->def[i][b];                                                          \
         }                                                                                         \
     }                                                                                             \
     for (int j = 0; j < n; j++) {                                                                 \
-        T C[BLOCK] = {0};                                                                         \
+        T C[SK_BLOCK] = {0};                                                                      \
         for (int i = 0; i < n; i++)                                                               \
-            for (int b = 0; b < nb; b++) C[b] += st->s[i * n + j][b];                             \
-        for (int b = 0; b < nb; b++) st->sp[j][b] = 1 - C[b] > 0 ? 1 - C[b] : 0;                  \
+            for (int b = 0; b < SK_BLOCK; b++) C[b] += st->s[i * n + j][b];                       \
+        for (int b = 0; b < SK_BLOCK; b++) st->sp[j][b] = 1 - C[b] > 0 ? 1 - C[b] : 0;            \
     }                                                                                             \
-    for (int b = 0; b < nb; b++) st->tot[b] = st->tot[b] > floor_ ? st->tot[b] : floor_;          \
+    for (int b = 0; b < SK_BLOCK; b++) st->tot[b] = st->tot[b] > floor_ ? st->tot[b] : floor_;    \
 }                                                                                                 \
                                                                                                   \
-/* the reverse of round_: g (N, n, n) rows of this block -> gm = dL/dm; st from round_(m) */     \
-static void round_backward_##SUF(int n, int nb, T m[MAXN * MAXN][BLOCK], round_state_##SUF *st, \
-                                 T floor_, const T *g, int64_t t0, T gm[MAXN * MAXN][BLOCK]) {    \
-    T gdef[MAXN][BLOCK] = {{0}}, gsp[MAXN][BLOCK] = {{0}}, gtot[BLOCK] = {0};                     \
+/* the reverse of sk_round_: g = dL/d(its result) -> gm = dL/dm; st from sk_round_(m) */          \
+HB_INLINE void sk_round_backward_##SUF(int n, sk_mat_##SUF m, sk_state_##SUF *st, T floor_,       \
+                                       sk_mat_##SUF g, sk_mat_##SUF gm) {                         \
+    T gdef[SK_MAXN][SK_BLOCK] = {{0}}, gsp[SK_MAXN][SK_BLOCK] = {{0}}, gtot[SK_BLOCK] = {0};      \
     for (int i = 0; i < n; i++)                                                                   \
         for (int j = 0; j < n; j++)                                                               \
-            for (int b = 0; b < nb; b++) {                                                        \
-                T go = g[(t0 + b) * n * n + i * n + j];                                           \
+            for (int b = 0; b < SK_BLOCK; b++) {                                                  \
+                T go = g[i * n + j][b];                                                           \
                 gm[i * n + j][b] = go; /* dL/ds, for now */                                       \
                 gdef[i][b] += go * st->sp[j][b] / st->tot[b];                                     \
                 gsp[j][b] += go * st->def[i][b] / st->tot[b];                                     \
                 gtot[b] -= go * st->def[i][b] * st->sp[j][b] / (st->tot[b] * st->tot[b]);         \
             }                                                                                     \
-    for (int b = 0; b < nb; b++) {                                                                \
+    for (int b = 0; b < SK_BLOCK; b++) {                                                          \
         T t = 0;                                                                                  \
         for (int i = 0; i < n; i++) t += st->def[i][b];                                           \
         if (!(t >= floor_)) gtot[b] = 0; /* clamp_min passes the gradient where x >= floor */     \
     }                                                                                             \
     /* def_i = max(1 - rowsum(s)_i, 0); sp_j = max(1 - colsum(s)_j, 0); where 1 - sum >= 0 */   \
     for (int i = 0; i < n; i++)                                                                   \
-        for (int b = 0; b < nb; b++) {                                                            \
+        for (int b = 0; b < SK_BLOCK; b++) {                                                      \
             T Rs = 0;                                                                             \
             for (int j = 0; j < n; j++) Rs += st->s[i * n + j][b];                                \
             T gd = gdef[i][b] + gtot[b];                                                          \
             gdef[i][b] = 1 - Rs >= 0 ? -gd : 0; /* now dL/d rowsum(s)_i */                        \
         }                                                                                         \
     for (int j = 0; j < n; j++)                                                                   \
-        for (int b = 0; b < nb; b++) {                                                            \
+        for (int b = 0; b < SK_BLOCK; b++) {                                                      \
             T C = 0;                                                                              \
             for (int i = 0; i < n; i++) C += st->s[i * n + j][b];                                 \
             gsp[j][b] = 1 - C >= 0 ? -gsp[j][b] : 0; /* now dL/d colsum(s)_j */                   \
         }                                                                                         \
     /* s_ij = m_ij / max(R_i, 1) */                                                               \
     for (int i = 0; i < n; i++) {                                                                 \
-        T gR[BLOCK] = {0};                                                                        \
+        T gR[SK_BLOCK] = {0};                                                                     \
         for (int j = 0; j < n; j++)                                                               \
-            for (int b = 0; b < nb; b++) {                                                        \
+            for (int b = 0; b < SK_BLOCK; b++) {                                                  \
                 T d = st->R[i][b] > 1 ? st->R[i][b] : 1;                                          \
                 T gs = gm[i * n + j][b] + gdef[i][b] + gsp[j][b];                                 \
                 gm[i * n + j][b] = gs / d;                                                        \
                 gR[b] -= gs * m[i * n + j][b] / (d * d);                                          \
             }                                                                                     \
-        for (int b = 0; b < nb; b++)                                                              \
-            if (st->R[i][b] >= 1)                                                                 \
-                for (int j = 0; j < n; j++) gm[i * n + j][b] += gR[b];                            \
+        for (int j = 0; j < n; j++)                                                               \
+            for (int b = 0; b < SK_BLOCK; b++)                                                    \
+                gm[i * n + j][b] += st->R[i][b] >= 1 ? gR[b] : 0;                                 \
     }                                                                                             \
 }                                                                                                 \
                                                                                                   \
-int hb_sinkhorn_##SUF(const T *z, T *out, int64_t N, int n, int iters, T range, T floor_) {          \
-    if (n < 1 || n > MAXN || iters < 1) return 1;                                                 \
-    T (*u)[MAXN][BLOCK] = malloc(sizeof(T[MAXN][BLOCK]) * (size_t)iters);                         \
-    T (*v)[MAXN][BLOCK] = malloc(sizeof(T[MAXN][BLOCK]) * (size_t)(iters + 1));                   \
-    round_state_##SUF *st = malloc(sizeof(round_state_##SUF));                                    \
-    if (!u || !v || !st) { free(u); free(v); free(st); return 2; }                                \
-    T k[MAXN * MAXN][BLOCK];                                                                      \
-    unsigned char live[MAXN * MAXN][BLOCK];                                                       \
-    for (int64_t t0 = 0; t0 < N; t0 += BLOCK) {                                                   \
-        int nb = N - t0 < BLOCK ? (int)(N - t0) : BLOCK;                                          \
-        load_k_##SUF(z, (int64_t)n * n, n, t0, nb, range, k, live);                                            \
-        rounds_##SUF(n, nb, iters, k, u, v);                                                      \
-        for (int i = 0; i < n; i++)                                                               \
-            for (int j = 0; j < n; j++)                                                           \
-                for (int b = 0; b < nb; b++)                                                      \
-                    k[i * n + j][b] *= u[iters - 1][i][b] * v[iters][j][b];                       \
-        round_##SUF(n, nb, k, st, floor_);                                                        \
-        for (int i = 0; i < n; i++)                                                               \
-            for (int j = 0; j < n; j++)                                                           \
-                for (int b = 0; b < nb; b++)                                                      \
-                    out[(t0 + b) * n * n + i * n + j] = st->s[i * n + j][b]                       \
-                        + st->def[i][b] * st->sp[j][b] / st->tot[b];                              \
-    }                                                                                             \
-    free(u); free(v); free(st);                                                                   \
-    return 0;                                                                                     \
+/* one block forward: zt (logits, tokens last) -> out (the result, tokens last) */               \
+HB_INLINE void sk_forward_block_##SUF(int n, int iters, T range, T floor_, sk_mat_##SUF zt,       \
+                                      sk_vec_##SUF *u, sk_vec_##SUF *v, sk_state_##SUF *st,       \
+                                      sk_mat_##SUF out) {                                         \
+    T k[SK_MAXN * SK_MAXN][SK_BLOCK];                                                             \
+    unsigned char live[SK_MAXN * SK_MAXN][SK_BLOCK];                                              \
+    sk_load_k_##SUF(zt, n, range, k, live);                                                       \
+    sk_rounds_##SUF(n, iters, k, u, v);                                                           \
+    for (int i = 0; i < n; i++)                                                                   \
+        for (int j = 0; j < n; j++)                                                               \
+            for (int b = 0; b < SK_BLOCK; b++) k[i * n + j][b] *= u[iters - 1][i][b] * v[iters][j][b]; \
+    sk_round_##SUF(n, k, st, floor_);                                                             \
+    for (int i = 0; i < n; i++)                                                                   \
+        for (int j = 0; j < n; j++)                                                               \
+            for (int b = 0; b < SK_BLOCK; b++)                                                    \
+                out[i * n + j][b] = st->s[i * n + j][b] + st->def[i][b] * st->sp[j][b] / st->tot[b]; \
 }                                                                                                 \
                                                                                                   \
-/* g: dL/d(result), gz: dL/dz; both (N, n, n) like z */                                          \
-int hb_sinkhorn_backward_##SUF(const T *z, const T *g, T *gz, int64_t N, int n, int iters,       \
-                               T range, T floor_) {                                               \
-    if (n < 1 || n > MAXN || iters < 1) return 1;                                                 \
-    T (*u)[MAXN][BLOCK] = malloc(sizeof(T[MAXN][BLOCK]) * (size_t)iters);                         \
-    T (*v)[MAXN][BLOCK] = malloc(sizeof(T[MAXN][BLOCK]) * (size_t)(iters + 1));                   \
-    round_state_##SUF *st = malloc(sizeof(round_state_##SUF));                                    \
-    if (!u || !v || !st) { free(u); free(v); free(st); return 2; }                                \
-    T k[MAXN * MAXN][BLOCK], gk[MAXN * MAXN][BLOCK], p[MAXN * MAXN][BLOCK], gp[MAXN * MAXN][BLOCK]; \
-    unsigned char live[MAXN * MAXN][BLOCK];                                                       \
-    for (int64_t t0 = 0; t0 < N; t0 += BLOCK) {                                                   \
-        int nb = N - t0 < BLOCK ? (int)(N - t0) : BLOCK;                                          \
-        load_k_##SUF(z, (int64_t)n * n, n, t0, nb, range, k, live);                                            \
-        rounds_##SUF(n, nb, iters, k, u, v);                                                      \
-        T gu[MAXN][BLOCK] = {{0}}, gv[MAXN][BLOCK] = {{0}};                                       \
-        T *uT = &u[iters - 1][0][0], *vT = &v[iters][0][0];                                       \
-        for (int ij = 0; ij < n * n; ij++)                                                        \
-            for (int b = 0; b < nb; b++)                                                          \
-                p[ij][b] = k[ij][b] * (uT[(ij / n) * BLOCK + b] * vT[(ij % n) * BLOCK + b]);      \
-        round_##SUF(n, nb, p, st, floor_);                                                        \
-        round_backward_##SUF(n, nb, p, st, floor_, g, t0, gp);                                    \
-        for (int i = 0; i < n; i++)                                                               \
+/* one block backward: zt (logits), g = dL/d(result) -> gz = dL/dz, all tokens last */           \
+HB_INLINE void sk_backward_block_##SUF(int n, int iters, T range, T floor_, sk_mat_##SUF zt,      \
+                                       sk_mat_##SUF g, sk_vec_##SUF *u, sk_vec_##SUF *v,          \
+                                       sk_state_##SUF *st, sk_mat_##SUF gz) {                     \
+    T k[SK_MAXN * SK_MAXN][SK_BLOCK], p[SK_MAXN * SK_MAXN][SK_BLOCK], gp[SK_MAXN * SK_MAXN][SK_BLOCK]; \
+    unsigned char live[SK_MAXN * SK_MAXN][SK_BLOCK];                                              \
+    T gu[SK_MAXN][SK_BLOCK] = {{0}}, gv[SK_MAXN][SK_BLOCK] = {{0}};                               \
+    sk_load_k_##SUF(zt, n, range, k, live);                                                       \
+    sk_rounds_##SUF(n, iters, k, u, v);                                                           \
+    T (*uT)[SK_BLOCK] = u[iters - 1], (*vT)[SK_BLOCK] = v[iters];                                 \
+    for (int i = 0; i < n; i++)                                                                   \
+        for (int j = 0; j < n; j++)                                                               \
+            for (int b = 0; b < SK_BLOCK; b++) p[i * n + j][b] = k[i * n + j][b] * (uT[i][b] * vT[j][b]); \
+    sk_round_##SUF(n, p, st, floor_);                                                             \
+    sk_round_backward_##SUF(n, p, st, floor_, g, gp);                                             \
+    /* p = diag(uT) K diag(vT); gz holds dL/dK until the end */                                   \
+    for (int i = 0; i < n; i++)                                                                   \
+        for (int j = 0; j < n; j++)                                                               \
+            for (int b = 0; b < SK_BLOCK; b++) {                                                  \
+                T gij = gp[i * n + j][b], gk = gij * k[i * n + j][b];                             \
+                gz[i * n + j][b] = gij * uT[i][b] * vT[j][b];                                     \
+                gu[i][b] += gk * vT[j][b];                                                        \
+                gv[j][b] += gk * uT[i][b];                                                        \
+            }                                                                                     \
+    for (int t = iters - 1; t >= 0; t--) {                                                        \
+        /* v[t+1] = 1 / (K^T u[t]) */                                                             \
+        T gc[SK_MAXN][SK_BLOCK];                                                                  \
+        for (int j = 0; j < n; j++)                                                               \
+            for (int b = 0; b < SK_BLOCK; b++) gc[j][b] = -gv[j][b] * v[t + 1][j][b] * v[t + 1][j][b]; \
+        for (int i = 0; i < n; i++) {                                                             \
+            T s[SK_BLOCK] = {0};                                                                  \
             for (int j = 0; j < n; j++)                                                           \
-                for (int b = 0; b < nb; b++) {                                                    \
-                    T gij = gp[i * n + j][b];                                                     \
-                    T gp = gij * k[i * n + j][b];                                                 \
-                    gk[i * n + j][b] = gij * uT[i * BLOCK + b] * vT[j * BLOCK + b];               \
-                    gu[i][b] += gp * vT[j * BLOCK + b];                                           \
-                    gv[j][b] += gp * uT[i * BLOCK + b];                                           \
+                for (int b = 0; b < SK_BLOCK; b++) {                                              \
+                    gz[i * n + j][b] += u[t][i][b] * gc[j][b];                                    \
+                    s[b] += k[i * n + j][b] * gc[j][b];                                           \
                 }                                                                                 \
-        for (int t = iters - 1; t >= 0; t--) {                                                    \
-            /* v[t+1] = 1 / (K^T u[t]) */                                                         \
-            T gc[MAXN][BLOCK];                                                                    \
-            for (int j = 0; j < n; j++)                                                           \
-                for (int b = 0; b < nb; b++) gc[j][b] = -gv[j][b] * v[t + 1][j][b] * v[t + 1][j][b]; \
-            for (int i = 0; i < n; i++) {                                                         \
-                T s[BLOCK] = {0};                                                                 \
-                for (int j = 0; j < n; j++)                                                       \
-                    for (int b = 0; b < nb; b++) {                                                \
-                        gk[i * n + j][b] += u[t][i][b] * gc[j][b];                                \
-                        s[b] += k[i * n + j][b] * gc[j][b];                                       \
-                    }                                                                             \
-                for (int b = 0; b < nb; b++) gu[i][b] += s[b];                                    \
-            }                                                                                     \
-            /* u[t] = 1 / (K v[t]) */                                                             \
-            T gr[MAXN][BLOCK];                                                                    \
-            for (int i = 0; i < n; i++)                                                           \
-                for (int b = 0; b < nb; b++) gr[i][b] = -gu[i][b] * u[t][i][b] * u[t][i][b];      \
-            for (int j = 0; j < n; j++) {                                                         \
-                T s[BLOCK] = {0};                                                                 \
-                for (int i = 0; i < n; i++)                                                       \
-                    for (int b = 0; b < nb; b++) {                                                \
-                        gk[i * n + j][b] += gr[i][b] * v[t][j][b];                                \
-                        s[b] += k[i * n + j][b] * gr[i][b];                                       \
-                    }                                                                             \
-                for (int b = 0; b < nb; b++) gv[j][b] = s[b];                                     \
-            }                                                                                     \
-            for (int i = 0; i < n; i++)                                                           \
-                for (int b = 0; b < nb; b++) gu[i][b] = 0;                                        \
+            for (int b = 0; b < SK_BLOCK; b++) gu[i][b] += s[b];                                  \
         }                                                                                         \
-        for (int ij = 0; ij < n * n; ij++)                                                        \
-            for (int b = 0; b < nb; b++)                                                          \
-                gz[(t0 + b) * n * n + ij] = live[ij][b] ? gk[ij][b] * k[ij][b] : 0;               \
+        /* u[t] = 1 / (K v[t]) */                                                                 \
+        T gr[SK_MAXN][SK_BLOCK];                                                                  \
+        for (int i = 0; i < n; i++)                                                               \
+            for (int b = 0; b < SK_BLOCK; b++) gr[i][b] = -gu[i][b] * u[t][i][b] * u[t][i][b];    \
+        for (int j = 0; j < n; j++) {                                                             \
+            T s[SK_BLOCK] = {0};                                                                  \
+            for (int i = 0; i < n; i++)                                                           \
+                for (int b = 0; b < SK_BLOCK; b++) {                                              \
+                    gz[i * n + j][b] += gr[i][b] * v[t][j][b];                                    \
+                    s[b] += k[i * n + j][b] * gr[i][b];                                           \
+                }                                                                                 \
+            for (int b = 0; b < SK_BLOCK; b++) gv[j][b] = s[b];                                   \
+        }                                                                                         \
+        for (int i = 0; i < n; i++)                                                               \
+            for (int b = 0; b < SK_BLOCK; b++) gu[i][b] = 0;                                      \
     }                                                                                             \
-    free(u); free(v); free(st);                                                                   \
-    return 0;                                                                                     \
+    for (int ij = 0; ij < n * n; ij++)                                                            \
+        for (int b = 0; b < SK_BLOCK; b++) gz[ij][b] = live[ij][b] ? gz[ij][b] * k[ij][b] : 0;    \
+}                                                                                                 \
+                                                                                                  \
+/* z, out (N, n, n). Blocks in parallel; each thread keeps its own rounds (u, v) and rounding   \
+   state. Returns 1 for a bad n or iters, 2 when memory runs out. */                             \
+int hb_sinkhorn_##SUF(const T *z, T *out, int64_t N, int n, int iters, T range, T floor_,         \
+                      int nthreads) {                                                             \
+    if (n < 1 || n > SK_MAXN || iters < 1 || nthreads < 1) return 1;                              \
+    if (N <= 0) return 0;                                                                         \
+    const int64_t blocks = (N + SK_BLOCK - 1) / SK_BLOCK;                                         \
+    int failed = 0;                                                                               \
+    _Pragma("omp parallel num_threads(blocks < nthreads ? (int)blocks : nthreads)")               \
+    {                                                                                             \
+        sk_vec_##SUF *u = malloc(sizeof(sk_vec_##SUF) * (size_t)iters);                           \
+        sk_vec_##SUF *v = malloc(sizeof(sk_vec_##SUF) * (size_t)(iters + 1));                     \
+        sk_state_##SUF *st = malloc(sizeof(sk_state_##SUF));                                      \
+        if (!u || !v || !st) { _Pragma("omp atomic write") failed = 2; }                          \
+        _Pragma("omp for schedule(static)")                                                       \
+        for (int64_t blk = 0; blk < blocks; blk++) {                                              \
+            if (!u || !v || !st) continue;                                                        \
+            const int64_t t0 = blk * SK_BLOCK;                                                    \
+            const int nb = N - t0 < SK_BLOCK ? (int)(N - t0) : SK_BLOCK;                          \
+            sk_mat_##SUF zt, res;                                                                 \
+            sk_gather_##SUF(z, n, t0, nb, zt);                                                    \
+            sk_forward_block_##SUF(n, iters, range, floor_, zt, u, v, st, res);                   \
+            sk_scatter_##SUF(res, n, t0, nb, out);                                                \
+        }                                                                                         \
+        free(u); free(v); free(st);                                                               \
+    }                                                                                             \
+    return failed;                                                                                \
+}                                                                                                 \
+                                                                                                  \
+/* g: dL/d(result), gz: dL/dz; all (N, n, n) like z */                                           \
+int hb_sinkhorn_backward_##SUF(const T *z, const T *g, T *gz, int64_t N, int n, int iters,       \
+                               T range, T floor_, int nthreads) {                                 \
+    if (n < 1 || n > SK_MAXN || iters < 1 || nthreads < 1) return 1;                              \
+    if (N <= 0) return 0;                                                                         \
+    const int64_t blocks = (N + SK_BLOCK - 1) / SK_BLOCK;                                         \
+    int failed = 0;                                                                               \
+    _Pragma("omp parallel num_threads(blocks < nthreads ? (int)blocks : nthreads)")               \
+    {                                                                                             \
+        sk_vec_##SUF *u = malloc(sizeof(sk_vec_##SUF) * (size_t)iters);                           \
+        sk_vec_##SUF *v = malloc(sizeof(sk_vec_##SUF) * (size_t)(iters + 1));                     \
+        sk_state_##SUF *st = malloc(sizeof(sk_state_##SUF));                                      \
+        if (!u || !v || !st) { _Pragma("omp atomic write") failed = 2; }                          \
+        _Pragma("omp for schedule(static)")                                                       \
+        for (int64_t blk = 0; blk < blocks; blk++) {                                              \
+            if (!u || !v || !st) continue;                                                        \
+            const int64_t t0 = blk * SK_BLOCK;                                                    \
+            const int nb = N - t0 < SK_BLOCK ? (int)(N - t0) : SK_BLOCK;                          \
+            sk_mat_##SUF zt, gt, res;                                                             \
+            sk_gather_##SUF(z, n, t0, nb, zt);                                                    \
+            sk_gather_##SUF(g, n, t0, nb, gt);                                                    \
+            sk_backward_block_##SUF(n, iters, range, floor_, zt, gt, u, v, st, res);              \
+            sk_scatter_##SUF(res, n, t0, nb, gz);                                                 \
+        }                                                                                         \
+        free(u); free(v); free(st);                                                               \
+    }                                                                                             \
+    return failed;                                                                                \
 }
 
 DEFINE_SINKHORN(float, f32, expf)
@@ -253,8 +320,6 @@ DEFINE_SINKHORN(double, f64, exp)
    waits on its own previous add. For the usual expansion rates n is a compile-time constant
    (HB_BY_N), which is what lets the compiler keep those rows in registers. */
 
-#include <string.h>
-#include <omp.h>
 
 /* The streams a backward kernel reads per token: h itself (T or bf16), or, when h is NULL, h
    rebuilt from what the nodes before keep: h_i = sum_j alpha[j][i + 1] prev_j + beta_i y (the
@@ -373,17 +438,6 @@ static inline hb_vf64 hb_tanh_vf64(hb_vf64 x) {  /* libm's, lane by lane (the fp
 /* tokens per partial sum of a backward kernel's parameter gradients */
 #define HB_TOKBLK 64
 
-/* CALL with nn a compile-time constant for the usual expansion rates, else nn = n (the fp64
-   kernels, there for the tests, take the general path only) */
-#define HB_BY_N_f32(n, ...)                                                                       \
-    switch (n) {                                                                                  \
-    case 2: { enum { nn = 2 }; __VA_ARGS__; } break;                                              \
-    case 4: { enum { nn = 4 }; __VA_ARGS__; } break;                                              \
-    default: { const int nn = (n); __VA_ARGS__; }                                                 \
-    }
-#define HB_BY_N_f64(n, ...) { const int nn = (n); __VA_ARGS__; }
-
-#define HB_INLINE static inline __attribute__((always_inline))
 
 #define DEFINE_HC(T, SUF, VT, HV, W, SQRT, TANH)                                                  \
 HB_INLINE VT hb_ld_##SUF(const T *p, int m) {                                                     \

@@ -75,10 +75,10 @@ def _build() -> ctypes.CDLL | None:
     for suffix, ctype in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
         fwd = getattr(lib, f"hb_sinkhorn_{suffix}")
         fwd.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
-                        ctype, ctype]
+                        ctype, ctype, ctypes.c_int]
         bwd = getattr(lib, f"hb_sinkhorn_backward_{suffix}")
         bwd.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                        ctypes.c_int, ctypes.c_int, ctype, ctype]
+                        ctypes.c_int, ctypes.c_int, ctype, ctype, ctypes.c_int]
         fwd.restype = bwd.restype = ctypes.c_int
         p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         nm = ctypes.POINTER(_Norm)
@@ -158,7 +158,7 @@ def sinkhorn(z: Tensor, iters: int, logit_range: float, deficit_floor: float) ->
     z = z.contiguous()
     out = torch.empty_like(z)
     _check(_fn("hb_sinkhorn", z.dtype)(z.data_ptr(), out.data_ptr(), N, n, iters, logit_range,
-                                        deficit_floor), "sinkhorn")
+                                        deficit_floor, _threads()), "sinkhorn")
     return out
 
 
@@ -169,7 +169,8 @@ def sinkhorn_backward(z: Tensor, grad: Tensor, iters: int, logit_range: float,
     z, grad = z.contiguous(), grad.to(z.dtype).contiguous()
     out = torch.empty_like(z)
     _check(_fn("hb_sinkhorn_backward", z.dtype)(z.data_ptr(), grad.data_ptr(), out.data_ptr(), N, n,
-                                                 iters, logit_range, deficit_floor), "sinkhorn_backward")
+                                                 iters, logit_range, deficit_floor, _threads()),
+           "sinkhorn_backward")
     return out
 
 

