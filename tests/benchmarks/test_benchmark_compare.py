@@ -20,6 +20,7 @@ def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow  # ~15 s: in the slow run
 def test_compare_overhead_quick(tmp_path):
     record = tmp_path / "calls.json"
     # one torch thread: on a shared machine, OpenMP threads waiting on a descheduled sibling

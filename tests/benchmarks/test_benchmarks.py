@@ -19,6 +19,7 @@ from hyperbit.train import resolve_run_config
 MIB = 1024 * 1024
 
 
+@pytest.mark.slow  # ~15 s: in the slow run
 def test_pathway_overhead_quick(tmp_path):
     # Planted step costs, per call: 1 warm-up, then 2 rounds x 2 steps (the order rotates, round
     # 2 runs dhc4 first). prenorm: 4 ms, its last step 12 ms; DHC x4: 10 ms in round 1, 20 ms in 2.
@@ -106,6 +107,7 @@ def test_pathway_overhead_quick(tmp_path):
     assert targets["bitlinear_step"]["passed"] is None  # prenorm_bitnet was not run
 
 
+@pytest.mark.slow  # ~15 s: in the slow run
 def test_inspect_time_smoke(tmp_path):
     # the inspect command (really run) is planted at 45 s, `import torch` at 2 s, the analysis
     # at 0.25 s: over the 30 s target

@@ -115,14 +115,28 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
 
 @needs_native
 def test_the_library_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
+    """Built once into the cache, under its key, then reused. The "compiler" here copies the
+    library this session built (a real build of this source has run once already: the cache key
+    is a hash of the source), and counts its calls."""
+    calls, cache = tmp_path / "calls", tmp_path / "cache"
+    compiler = tmp_path / "cc"
+    compiler.write_text('#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = -o ] && out="$2"; shift; done\n'
+                        f'cp "{native.library()._name}" "$out" && echo built >> "{calls}"\n')
+    compiler.chmod(0o755)
     monkeypatch.setattr(native, "_state", {})
-    monkeypatch.setenv("HYPERBIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("HYPERBIT_CACHE", str(cache))
+    monkeypatch.setenv("CC", str(compiler))
     assert native.library() is not None
-    (built,) = tmp_path.iterdir()
+    (built,) = cache.iterdir()  # no temporary file left beside it
     assert built.name.startswith("hyperbit_native_") and built.suffix == ".so"
-    mtime = built.stat().st_mtime_ns
     monkeypatch.setattr(native, "_state", {})
-    assert native.library() is not None and built.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert native.library() is not None
+    assert calls.read_text().split() == ["built"]  # reused, not rebuilt
+    monkeypatch.setattr(native, "SOURCE", tmp_path / "native.c")  # another source: another key
+    native.SOURCE.write_bytes(native.Path(native.__file__).with_name("native.c").read_bytes() + b"\n")
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is not None
+    assert calls.read_text().split() == ["built", "built"] and len(list(cache.iterdir())) == 2
 
 
 @needs_native

@@ -99,7 +99,8 @@ def test_two_process_resume_continues_exactly(tmp_path, strategy):
     assert _losses(out) == pytest.approx(before, rel=1e-6, abs=1e-7)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+# on the CPU a subset of test_two_processes_match_one_process: in the slow run only
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), *DEVICES[1:]])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_torchrun_with_one_process_runs_the_strategy(tmp_path, strategy, device):
     """One process under torchrun joins a process group (gloo on the CPU, NCCL on a GPU), wraps

@@ -100,7 +100,8 @@ def test_fp16_trains_with_a_scaler_and_resumes_bit_for_bit(tmp_path):
 # --- interrupts --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130),
+                                       pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow)])
 def test_a_signal_saves_a_checkpoint_and_resume_matches_the_uninterrupted_run(tmp_path, sig, code):
     args = ["--preset", "tiny", "train.steps=40", "train.batch_size=8", "train.seq_len=64",
             "train.save_every=1000", "train.eval_every=0", *FAST]
