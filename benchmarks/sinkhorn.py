@@ -96,7 +96,7 @@ def main(argv=None) -> None:
            "scaling": lambda: (_sinkhorn_reference(logits, args.iters) * probe).sum().backward(),
            "log-domain recompute": lambda: (_Recompute.apply(logits, args.iters, log_domain) * probe
                                             ).sum().backward(),
-           "scaling recompute": lambda: (_Sinkhorn.apply(logits, args.iters) * probe).sum().backward(),
+           "scaling recompute": lambda: (_Sinkhorn.apply(logits, args.iters, False) * probe).sum().backward(),
            "hyperbit": lambda: (sinkhorn(logits, args.iters) * probe).sum().backward()}
     with torch.no_grad():
         diff = float((log_domain(logits, args.iters) - sinkhorn(logits, args.iters)).abs().max())

@@ -242,62 +242,49 @@ HB_INLINE void sk_backward_block_##SUF(int n, int iters, T range, T floor_, sk_m
         for (int b = 0; b < SK_BLOCK; b++) gz[ij][b] = live[ij][b] ? gz[ij][b] * k[ij][b] : 0;    \
 }                                                                                                 \
                                                                                                   \
-/* z, out (N, n, n). Blocks in parallel; each thread keeps its own rounds (u, v) and rounding   \
-   state. Returns 1 for a bad n or iters, 2 when memory runs out. */                             \
-int hb_sinkhorn_##SUF(const T *z, T *out, int64_t N, int n, int iters, T range, T floor_,         \
-                      int nthreads) {                                                             \
-    if (n < 1 || n > SK_MAXN || iters < 1 || nthreads < 1) return 1;                              \
-    if (N <= 0) return 0;                                                                         \
-    const int64_t blocks = (N + SK_BLOCK - 1) / SK_BLOCK;                                         \
-    int failed = 0;                                                                               \
-    _Pragma("omp parallel num_threads(blocks < nthreads ? (int)blocks : nthreads)")               \
-    {                                                                                             \
-        sk_vec_##SUF *u = malloc(sizeof(sk_vec_##SUF) * (size_t)iters);                           \
-        sk_vec_##SUF *v = malloc(sizeof(sk_vec_##SUF) * (size_t)(iters + 1));                     \
-        sk_state_##SUF *st = malloc(sizeof(sk_state_##SUF));                                      \
-        if (!u || !v || !st) { _Pragma("omp atomic write") failed = 2; }                          \
-        _Pragma("omp for schedule(static)")                                                       \
-        for (int64_t blk = 0; blk < blocks; blk++) {                                              \
-            if (!u || !v || !st) continue;                                                        \
-            const int64_t t0 = blk * SK_BLOCK;                                                    \
-            const int nb = N - t0 < SK_BLOCK ? (int)(N - t0) : SK_BLOCK;                          \
-            sk_mat_##SUF zt, res;                                                                 \
-            sk_gather_##SUF(z, n, t0, nb, zt);                                                    \
-            sk_forward_block_##SUF(n, iters, range, floor_, zt, u, v, st, res);                   \
-            sk_scatter_##SUF(res, n, t0, nb, out);                                                \
-        }                                                                                         \
-        free(u); free(v); free(st);                                                               \
-    }                                                                                             \
-    return failed;                                                                                \
-}                                                                                                 \
-                                                                                                  \
-/* g: dL/d(result), gz: dL/dz; all (N, n, n) like z */                                           \
-int hb_sinkhorn_backward_##SUF(const T *z, const T *g, T *gz, int64_t N, int n, int iters,       \
-                               T range, T floor_, int nthreads) {                                 \
-    if (n < 1 || n > SK_MAXN || iters < 1 || nthreads < 1) return 1;                              \
-    if (N <= 0) return 0;                                                                         \
-    const int64_t blocks = (N + SK_BLOCK - 1) / SK_BLOCK;                                         \
-    int failed = 0;                                                                               \
-    _Pragma("omp parallel num_threads(blocks < nthreads ? (int)blocks : nthreads)")               \
-    {                                                                                             \
-        sk_vec_##SUF *u = malloc(sizeof(sk_vec_##SUF) * (size_t)iters);                           \
-        sk_vec_##SUF *v = malloc(sizeof(sk_vec_##SUF) * (size_t)(iters + 1));                     \
-        sk_state_##SUF *st = malloc(sizeof(sk_state_##SUF));                                      \
-        if (!u || !v || !st) { _Pragma("omp atomic write") failed = 2; }                          \
-        _Pragma("omp for schedule(static)")                                                       \
-        for (int64_t blk = 0; blk < blocks; blk++) {                                              \
-            if (!u || !v || !st) continue;                                                        \
-            const int64_t t0 = blk * SK_BLOCK;                                                    \
-            const int nb = N - t0 < SK_BLOCK ? (int)(N - t0) : SK_BLOCK;                          \
-            sk_mat_##SUF zt, gt, res;                                                             \
-            sk_gather_##SUF(z, n, t0, nb, zt);                                                    \
-            sk_gather_##SUF(g, n, t0, nb, gt);                                                    \
-            sk_backward_block_##SUF(n, iters, range, floor_, zt, gt, u, v, st, res);              \
-            sk_scatter_##SUF(res, n, t0, nb, gz);                                                 \
-        }                                                                                         \
-        free(u); free(v); free(st);                                                               \
-    }                                                                                             \
-    return failed;                                                                                \
+/* Forward (g NULL): out = the result; backward: out = dL/dz given g = dL/d(the result); z, g,     \
+   out (N, n, n). Blocks in parallel; each thread keeps its own rounds (u, v) and rounding state.  \
+   Returns 1 for a bad n or iters, 2 when memory runs out. */                                      \
+static int sk_run_##SUF(const T *z, const T *g, T *out, int64_t N, int n, int iters, T range,      \
+                        T floor_, int nthreads) {                                                  \
+    if (n < 1 || n > SK_MAXN || iters < 1 || nthreads < 1) return 1;                               \
+    if (N <= 0) return 0;                                                                          \
+    const int64_t blocks = (N + SK_BLOCK - 1) / SK_BLOCK;                                          \
+    int failed = 0;                                                                                \
+    _Pragma("omp parallel num_threads(blocks < nthreads ? (int)blocks : nthreads)")                \
+    {                                                                                              \
+        sk_vec_##SUF *u = malloc(sizeof(sk_vec_##SUF) * (size_t)iters);                            \
+        sk_vec_##SUF *v = malloc(sizeof(sk_vec_##SUF) * (size_t)(iters + 1));                      \
+        sk_state_##SUF *st = malloc(sizeof(sk_state_##SUF));                                       \
+        if (!u || !v || !st) { _Pragma("omp atomic write") failed = 2; }                           \
+        _Pragma("omp for schedule(static)")                                                        \
+        for (int64_t blk = 0; blk < blocks; blk++) {                                               \
+            if (!u || !v || !st) continue;                                                         \
+            const int64_t t0 = blk * SK_BLOCK;                                                     \
+            const int nb = N - t0 < SK_BLOCK ? (int)(N - t0) : SK_BLOCK;                           \
+            sk_mat_##SUF zt, gt, res;                                                              \
+            sk_gather_##SUF(z, n, t0, nb, zt);                                                     \
+            if (g) {                                                                               \
+                sk_gather_##SUF(g, n, t0, nb, gt);                                                 \
+                sk_backward_block_##SUF(n, iters, range, floor_, zt, gt, u, v, st, res);           \
+            } else {                                                                               \
+                sk_forward_block_##SUF(n, iters, range, floor_, zt, u, v, st, res);                \
+            }                                                                                      \
+            sk_scatter_##SUF(res, n, t0, nb, out);                                                 \
+        }                                                                                          \
+        free(u); free(v); free(st);                                                                \
+    }                                                                                              \
+    return failed;                                                                                 \
+}                                                                                                  \
+                                                                                                   \
+int hb_sinkhorn_##SUF(const T *z, T *out, int64_t N, int n, int iters, T range, T floor_,          \
+                      int nthreads) {                                                              \
+    return sk_run_##SUF(z, NULL, out, N, n, iters, range, floor_, nthreads);                       \
+}                                                                                                  \
+                                                                                                   \
+int hb_sinkhorn_backward_##SUF(const T *z, const T *g, T *gz, int64_t N, int n, int iters,         \
+                               T range, T floor_, int nthreads) {                                  \
+    return sk_run_##SUF(z, g, gz, N, n, iters, range, floor_, nthreads);                           \
 }
 
 DEFINE_SINKHORN(float, f32, expf)
