@@ -33,8 +33,12 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("native.c")
 # -fopenmp: the kernels run on the OpenMP runtime torch has loaded (same soname, one thread pool);
-# -fno-unswitch-loops: halves the build time of the hyper-connection kernels, at no measured cost
-FLAGS = ["-O3", "-march=native", "-fno-unswitch-loops", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# -fno-unswitch-loops: halves the build time of the hyper-connection kernels, at no measured cost;
+# -ffp-contract=fast: a * b + c as one fused multiply-add where the CPU has it (-std=c11 alone
+# turns that off): 8% less kernel time in DHC x4 training steps. The pairs of kernels that must
+# agree bit for bit (the streams rebuilt in backward and those the forward made) share their code.
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-unswitch-loops", "-fopenmp", "-shared", "-fPIC",
+         "-std=c11"]
 _state: dict[str, object] = {}
 
 
