@@ -39,7 +39,7 @@
 typedef T sk_mat_##SUF[SK_MAXN * SK_MAXN][SK_BLOCK];  /* an n x n matrix per token, tokens last */ \
 typedef T sk_vec_##SUF[SK_MAXN][SK_BLOCK];                                                        \
                                                                                                   \
-/* tokens t0 .. t0 + nb of a (N, n, n) buffer -> tokens last, zeros past nb */                   \
+/* tokens t0 .. t0 + nb of a (N, n, n) buffer -> tokens last, zeros past nb */                    \
 HB_INLINE void sk_gather_##SUF(const T *x, int n, int64_t t0, int nb, sk_mat_##SUF out) {         \
     const int nn2 = n * n;                                                                        \
     for (int b = 0; b < SK_BLOCK; b++)                                                            \
@@ -69,7 +69,7 @@ HB_INLINE void sk_load_k_##SUF(sk_mat_##SUF zt, int n, T range, sk_mat_##SUF k, 
     }                                                                                             \
 }                                                                                                 \
                                                                                                   \
-/* the rounds: u[t], v[t + 1] for t < iters (v[0] = 1) */                                        \
+/* the rounds: u[t], v[t + 1] for t < iters (v[0] = 1) */                                         \
 HB_INLINE void sk_rounds_##SUF(int n, int iters, sk_mat_##SUF k, sk_vec_##SUF *u, sk_vec_##SUF *v) { \
     for (int j = 0; j < n; j++)                                                                   \
         for (int b = 0; b < SK_BLOCK; b++) v[0][j][b] = 1;                                        \
@@ -91,8 +91,8 @@ HB_INLINE void sk_rounds_##SUF(int n, int iters, sk_mat_##SUF k, sk_vec_##SUF *u
                                                                                                   \
 /* the rounding step (round_doubly_stochastic) on a block: m (columns sum to 1) -> s + def sp^T / \
    tot; keeps what its reverse needs: R (row sums of m), def (deficits), sp (column spares), tot */ \
-typedef struct { sk_vec_##SUF R, def, sp; T tot[SK_BLOCK]; sk_mat_##SUF s; } sk_state_##SUF;     \
-HB_INLINE void sk_round_##SUF(int n, sk_mat_##SUF m, sk_state_##SUF *st, T floor_) {             \
+typedef struct { sk_vec_##SUF R, def, sp; T tot[SK_BLOCK]; sk_mat_##SUF s; } sk_state_##SUF;      \
+HB_INLINE void sk_round_##SUF(int n, sk_mat_##SUF m, sk_state_##SUF *st, T floor_) {              \
     for (int b = 0; b < SK_BLOCK; b++) st->tot[b] = 0;                                            \
     for (int i = 0; i < n; i++) {                                                                 \
         T R[SK_BLOCK] = {0}, Rs[SK_BLOCK] = {0};                                                  \
@@ -136,7 +136,7 @@ HB_INLINE void sk_round_backward_##SUF(int n, sk_mat_##SUF m, sk_state_##SUF *st
         for (int i = 0; i < n; i++) t += st->def[i][b];                                           \
         if (!(t >= floor_)) gtot[b] = 0; /* clamp_min passes the gradient where x >= floor */     \
     }                                                                                             \
-    /* def_i = max(1 - rowsum(s)_i, 0); sp_j = max(1 - colsum(s)_j, 0); where 1 - sum >= 0 */   \
+    /* def_i = max(1 - rowsum(s)_i, 0); sp_j = max(1 - colsum(s)_j, 0); where 1 - sum >= 0 */     \
     for (int i = 0; i < n; i++)                                                                   \
         for (int b = 0; b < SK_BLOCK; b++) {                                                      \
             T Rs = 0;                                                                             \
@@ -166,7 +166,7 @@ HB_INLINE void sk_round_backward_##SUF(int n, sk_mat_##SUF m, sk_state_##SUF *st
     }                                                                                             \
 }                                                                                                 \
                                                                                                   \
-/* one block forward: zt (logits, tokens last) -> out (the result, tokens last) */               \
+/* one block forward: zt (logits, tokens last) -> out (the result, tokens last) */                \
 HB_INLINE void sk_forward_block_##SUF(int n, int iters, T range, T floor_, sk_mat_##SUF zt,       \
                                       sk_vec_##SUF *u, sk_vec_##SUF *v, sk_state_##SUF *st,       \
                                       sk_mat_##SUF out) {                                         \
@@ -184,7 +184,7 @@ HB_INLINE void sk_forward_block_##SUF(int n, int iters, T range, T floor_, sk_ma
                 out[i * n + j][b] = st->s[i * n + j][b] + st->def[i][b] * st->sp[j][b] / st->tot[b]; \
 }                                                                                                 \
                                                                                                   \
-/* one block backward: zt (logits), g = dL/d(result) -> gz = dL/dz, all tokens last */           \
+/* one block backward: zt (logits), g = dL/d(result) -> gz = dL/dz, all tokens last */            \
 HB_INLINE void sk_backward_block_##SUF(int n, int iters, T range, T floor_, sk_mat_##SUF zt,      \
                                        sk_mat_##SUF g, sk_vec_##SUF *u, sk_vec_##SUF *v,          \
                                        sk_state_##SUF *st, sk_mat_##SUF gz) {                     \
@@ -242,49 +242,49 @@ HB_INLINE void sk_backward_block_##SUF(int n, int iters, T range, T floor_, sk_m
         for (int b = 0; b < SK_BLOCK; b++) gz[ij][b] = live[ij][b] ? gz[ij][b] * k[ij][b] : 0;    \
 }                                                                                                 \
                                                                                                   \
-/* Forward (g NULL): out = the result; backward: out = dL/dz given g = dL/d(the result); z, g,     \
+/* Forward (g NULL): out = the result; backward: out = dL/dz given g = dL/d(the result); z, g,    \
    out (N, n, n). Blocks in parallel; each thread keeps its own rounds (u, v) and rounding state.  \
-   Returns 1 for a bad n or iters, 2 when memory runs out. */                                      \
-static int sk_run_##SUF(const T *z, const T *g, T *out, int64_t N, int n, int iters, T range,      \
-                        T floor_, int nthreads) {                                                  \
-    if (n < 1 || n > SK_MAXN || iters < 1 || nthreads < 1) return 1;                               \
-    if (N <= 0) return 0;                                                                          \
-    const int64_t blocks = (N + SK_BLOCK - 1) / SK_BLOCK;                                          \
-    int failed = 0;                                                                                \
-    _Pragma("omp parallel num_threads(blocks < nthreads ? (int)blocks : nthreads)")                \
-    {                                                                                              \
-        sk_vec_##SUF *u = malloc(sizeof(sk_vec_##SUF) * (size_t)iters);                            \
-        sk_vec_##SUF *v = malloc(sizeof(sk_vec_##SUF) * (size_t)(iters + 1));                      \
-        sk_state_##SUF *st = malloc(sizeof(sk_state_##SUF));                                       \
-        if (!u || !v || !st) { _Pragma("omp atomic write") failed = 2; }                           \
-        _Pragma("omp for schedule(static)")                                                        \
-        for (int64_t blk = 0; blk < blocks; blk++) {                                               \
-            if (!u || !v || !st) continue;                                                         \
-            const int64_t t0 = blk * SK_BLOCK;                                                     \
-            const int nb = N - t0 < SK_BLOCK ? (int)(N - t0) : SK_BLOCK;                           \
-            sk_mat_##SUF zt, gt, res;                                                              \
-            sk_gather_##SUF(z, n, t0, nb, zt);                                                     \
-            if (g) {                                                                               \
-                sk_gather_##SUF(g, n, t0, nb, gt);                                                 \
-                sk_backward_block_##SUF(n, iters, range, floor_, zt, gt, u, v, st, res);           \
-            } else {                                                                               \
-                sk_forward_block_##SUF(n, iters, range, floor_, zt, u, v, st, res);                \
-            }                                                                                      \
-            sk_scatter_##SUF(res, n, t0, nb, out);                                                 \
-        }                                                                                          \
-        free(u); free(v); free(st);                                                                \
-    }                                                                                              \
-    return failed;                                                                                 \
-}                                                                                                  \
-                                                                                                   \
-int hb_sinkhorn_##SUF(const T *z, T *out, int64_t N, int n, int iters, T range, T floor_,          \
-                      int nthreads) {                                                              \
-    return sk_run_##SUF(z, NULL, out, N, n, iters, range, floor_, nthreads);                       \
-}                                                                                                  \
-                                                                                                   \
-int hb_sinkhorn_backward_##SUF(const T *z, const T *g, T *gz, int64_t N, int n, int iters,         \
-                               T range, T floor_, int nthreads) {                                  \
-    return sk_run_##SUF(z, g, gz, N, n, iters, range, floor_, nthreads);                           \
+   Returns 1 for a bad n or iters, 2 when memory runs out. */                                     \
+static int sk_run_##SUF(const T *z, const T *g, T *out, int64_t N, int n, int iters, T range,     \
+                        T floor_, int nthreads) {                                                 \
+    if (n < 1 || n > SK_MAXN || iters < 1 || nthreads < 1) return 1;                              \
+    if (N <= 0) return 0;                                                                         \
+    const int64_t blocks = (N + SK_BLOCK - 1) / SK_BLOCK;                                         \
+    int failed = 0;                                                                               \
+    _Pragma("omp parallel num_threads(blocks < nthreads ? (int)blocks : nthreads)")               \
+    {                                                                                             \
+        sk_vec_##SUF *u = malloc(sizeof(sk_vec_##SUF) * (size_t)iters);                           \
+        sk_vec_##SUF *v = malloc(sizeof(sk_vec_##SUF) * (size_t)(iters + 1));                     \
+        sk_state_##SUF *st = malloc(sizeof(sk_state_##SUF));                                      \
+        if (!u || !v || !st) { _Pragma("omp atomic write") failed = 2; }                          \
+        _Pragma("omp for schedule(static)")                                                       \
+        for (int64_t blk = 0; blk < blocks; blk++) {                                              \
+            if (!u || !v || !st) continue;                                                        \
+            const int64_t t0 = blk * SK_BLOCK;                                                    \
+            const int nb = N - t0 < SK_BLOCK ? (int)(N - t0) : SK_BLOCK;                          \
+            sk_mat_##SUF zt, gt, res;                                                             \
+            sk_gather_##SUF(z, n, t0, nb, zt);                                                    \
+            if (g) {                                                                              \
+                sk_gather_##SUF(g, n, t0, nb, gt);                                                \
+                sk_backward_block_##SUF(n, iters, range, floor_, zt, gt, u, v, st, res);          \
+            } else {                                                                              \
+                sk_forward_block_##SUF(n, iters, range, floor_, zt, u, v, st, res);               \
+            }                                                                                     \
+            sk_scatter_##SUF(res, n, t0, nb, out);                                                \
+        }                                                                                         \
+        free(u); free(v); free(st);                                                               \
+    }                                                                                             \
+    return failed;                                                                                \
+}                                                                                                 \
+                                                                                                  \
+int hb_sinkhorn_##SUF(const T *z, T *out, int64_t N, int n, int iters, T range, T floor_,         \
+                      int nthreads) {                                                             \
+    return sk_run_##SUF(z, NULL, out, N, n, iters, range, floor_, nthreads);                      \
+}                                                                                                 \
+                                                                                                  \
+int hb_sinkhorn_backward_##SUF(const T *z, const T *g, T *gz, int64_t N, int n, int iters,        \
+                               T range, T floor_, int nthreads) {                                 \
+    return sk_run_##SUF(z, g, gz, N, n, iters, range, floor_, nthreads);                          \
 }
 
 DEFINE_SINKHORN(float, f32, expf)
@@ -417,7 +417,7 @@ static inline hb_vf64 hb_tanh_vf64(hb_vf64 x) {  /* libm's, lane by lane (the fp
     do {                                                                                          \
         int64_t c_ = 0;                                                                           \
         for (; c_ + (W) <= (d); c_ += (W)) { const int64_t c = c_; const int m = (W); __VA_ARGS__ } \
-        if (c_ < (d)) { const int64_t c = c_; const int m = (int)((d) - c_); __VA_ARGS__ }         \
+        if (c_ < (d)) { const int64_t c = c_; const int m = (int)((d) - c_); __VA_ARGS__ }        \
     } while (0)
 
 /* the largest n of the vectorised kernels (HC_MAX_N in native.py): a token's rows as vectors */
@@ -599,19 +599,18 @@ int hb_hc_streams_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const 
     _Pragma("omp parallel num_threads(nthreads)")                                                 \
     {                                                                                             \
         T *buf = malloc(sizeof(T) * n * d);                                                       \
-        if (!buf) bad = 1;                                                                        \
-        else {                                                                                    \
-            _Pragma("omp for schedule(static)")                                                   \
-            for (int64_t tok = 0; tok < N; tok++) {                                               \
-                T *dst = out ? out + tok * n * d : buf;                                           \
-                const T *ht;                                                                      \
-                HB_BY_N_##SUF(n, ht = hc_streams_token_##SUF(nn, s, tok, d, dst));                \
-                if (out && ht != dst) memcpy(dst, ht, sizeof(T) * n * d);                         \
-                if (x)                                                                            \
-                    HB_BY_N_##SUF(n, hc_mix_token_##SUF(nn, ht, d,                                \
-                                                  alpha + (alpha_per_token ? tok * n * (n + 1) : 0), \
-                                                  x + tok * d, NULL, NULL));                      \
-            }                                                                                     \
+        if (!buf) { _Pragma("omp atomic write") bad = 1; }                                        \
+        _Pragma("omp for schedule(static)")                                                       \
+        for (int64_t tok = 0; tok < N; tok++) {                                                   \
+            if (!buf) continue;  /* every thread reaches the loop's barrier */                    \
+            T *dst = out ? out + tok * n * d : buf;                                               \
+            const T *ht;                                                                          \
+            HB_BY_N_##SUF(n, ht = hc_streams_token_##SUF(nn, s, tok, d, dst));                    \
+            if (out && ht != dst) memcpy(dst, ht, sizeof(T) * n * d);                             \
+            if (x)                                                                                \
+                HB_BY_N_##SUF(n, hc_mix_token_##SUF(nn, ht, d,                                    \
+                                              alpha + (alpha_per_token ? tok * n * (n + 1) : 0),  \
+                                              x + tok * d, NULL, NULL));                          \
         }                                                                                         \
         free(buf);                                                                                \
     }                                                                                             \
@@ -742,20 +741,19 @@ int hb_hc_backward_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const
     _Pragma("omp parallel num_threads(nthreads)")                                                 \
     {                                                                                             \
         T *buf = malloc(sizeof(T) * (n * d + 2 * d));                                             \
-        if (!buf) bad = 1;                                                                        \
-        else {                                                                                    \
-            _Pragma("omp for schedule(static)")                                                   \
-            for (int64_t blk = 0; blk < nblk; blk++) {                                            \
-                T *gw = wt ? parts + blk * part : NULL;                                           \
-                T *gnw = g_w ? parts + blk * part + wsize : NULL;                                 \
-                int64_t end = (blk + 1) * HB_TOKBLK < N ? (blk + 1) * HB_TOKBLK : N;              \
-                for (int64_t tok = blk * HB_TOKBLK; tok < end; tok++)                             \
-                    HB_BY_N_##SUF(n, hc_backward_token_##SUF(                                     \
-                        nn, s, tok, d, alpha + (alpha_per_token ? tok * n * (n + 1) : 0), g_x + tok * d, \
-                        g_mixed ? g_mixed + tok * n * d : NULL, g_beta ? g_beta + tok * n : NULL, t, r, \
-                        p, wt, s_alpha, s_beta, use_tanh, g_h + tok * n * d, g_alpha + tok * n * (n + 1), \
-                        gw, nm, gnw, dp, buf));                                                   \
-            }                                                                                     \
+        if (!buf) { _Pragma("omp atomic write") bad = 1; }                                        \
+        _Pragma("omp for schedule(static)")                                                       \
+        for (int64_t blk = 0; blk < nblk; blk++) {                                                \
+            if (!buf) continue;  /* every thread reaches the loop's barrier */                    \
+            T *gw = wt ? parts + blk * part : NULL;                                               \
+            T *gnw = g_w ? parts + blk * part + wsize : NULL;                                     \
+            int64_t end = (blk + 1) * HB_TOKBLK < N ? (blk + 1) * HB_TOKBLK : N;                  \
+            for (int64_t tok = blk * HB_TOKBLK; tok < end; tok++)                                 \
+                HB_BY_N_##SUF(n, hc_backward_token_##SUF(                                         \
+                    nn, s, tok, d, alpha + (alpha_per_token ? tok * n * (n + 1) : 0), g_x + tok * d, \
+                    g_mixed ? g_mixed + tok * n * d : NULL, g_beta ? g_beta + tok * n : NULL, t, r, \
+                    p, wt, s_alpha, s_beta, use_tanh, g_h + tok * n * d, g_alpha + tok * n * (n + 1), \
+                    gw, nm, gnw, dp, buf));                                                       \
         }                                                                                         \
         free(buf);                                                                                \
     }                                                                                             \
