@@ -142,7 +142,32 @@ def quantize_rows(x2d: Tensor) -> tuple[Tensor, Tensor]:
     return (xf * s).round_().to(torch.int8), s
 
 
-class PackedBitLinear(nn.Module):
+class PackedTernary(nn.Module):
+    """What the packed ternary layers share: ``weight_scale`` moves with the module but stays fp32
+    (gamma is scale arithmetic, fp32 whatever the activations' dtype), and what is derived from the
+    codes is cached, dropped when a state dict is loaded (:meth:`_drop_codes`) and when the module
+    moves or is cast (:meth:`_moved`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_load_state_dict_post_hook(lambda module, keys: module._drop_codes())
+
+    def _drop_codes(self) -> None:
+        raise NotImplementedError
+
+    def _moved(self) -> None:
+        """Drop what a move or cast leaves stale (called after every ``_apply``)."""
+
+    def _apply(self, fn, recurse=True):
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32)
+        self._moved()
+        return self
+
+
+class PackedBitLinear(PackedTernary):
     """Bias-free ternary linear for inference; ``state_dict`` holds only ``packed`` and ``weight_scale``.
 
     ``use_int_mm`` (default True) and ``use_onednn`` (class default False) choose the kernel
@@ -162,7 +187,6 @@ class PackedBitLinear(nn.Module):
         self.register_buffer("weight_scale", torch.tensor(EPS, dtype=torch.float32, device=device))
         self.register_buffer("codes", None, persistent=False)
         self._kernels: dict[tuple[int, ...], tuple] = {}  # fused / prepacked weights, by layer ids
-        self.register_load_state_dict_post_hook(lambda module, keys: module._drop_codes())
 
     @classmethod
     def from_bitlinear(cls, layer: nn.Linear) -> "PackedBitLinear":
@@ -189,15 +213,8 @@ class PackedBitLinear(nn.Module):
         state["_kernels"] = {}  # opaque prepacked tensors are rebuilt, not copied or pickled
         return state
 
-    def _apply(self, fn, recurse=True):
-        """``module.to(torch.bfloat16)`` / ``.half()`` move the scale with the module but keep it
-        fp32: gamma is scale arithmetic, which is fp32 whatever the activations' dtype."""
-        scale = self.weight_scale
-        super()._apply(fn, recurse)
-        if self.weight_scale.dtype != torch.float32:
-            self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32)
-        self._kernels = {}
-        return self
+    def _moved(self) -> None:
+        self._kernels = {}  # the codes buffer moves with the module; the prepacked weights do not
 
     def unpacked_codes(self) -> Tensor:
         """The int8 ``(out, in)`` codes, unpacked on first use and cached."""

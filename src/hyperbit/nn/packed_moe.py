@@ -19,14 +19,14 @@ dict is loaded or the module moves).
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .bitlinear import EPS
 from .moe import ExpertLinear, _compute_dtype, quantize_expert_weight
-from .packed import int8_matmul, pack_ternary, quantize_rows, unpack_ternary
+from .packed import PackedTernary, int8_matmul, pack_ternary, quantize_rows, unpack_ternary
 
 
-class PackedExpertLinear(nn.Module):
+class PackedExpertLinear(PackedTernary):
     """E packed ternary linears on rows grouped by expert (module docstring); ``state_dict`` holds
     only ``packed`` and ``weight_scale``."""
 
@@ -42,7 +42,6 @@ class PackedExpertLinear(nn.Module):
                                                   dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.full((experts,), EPS, dtype=torch.float32, device=device))
         self.codes: Tensor | None = None  # int8 (E, out, in), unpacked on first use
-        self.register_load_state_dict_post_hook(lambda module, keys: module._drop_codes())
 
     @classmethod
     @torch.no_grad()
@@ -60,14 +59,7 @@ class PackedExpertLinear(nn.Module):
     def _drop_codes(self) -> None:
         self.codes = None
 
-    def _apply(self, fn, recurse=True):
-        """Moves keep the scale in fp32 (scale arithmetic), as PackedBitLinear's."""
-        scale = self.weight_scale
-        super()._apply(fn, recurse)
-        if self.weight_scale.dtype != torch.float32:
-            self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32)
-        self._drop_codes()
-        return self
+    _moved = _drop_codes  # the cached codes are a plain attribute, which a move leaves behind
 
     def unpacked_codes(self) -> Tensor:
         """The int8 ``(E, out, in)`` codes, unpacked on first use and cached."""

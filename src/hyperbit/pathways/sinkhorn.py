@@ -177,9 +177,10 @@ def sinkhorn(logits: Tensor, iters: int = 20, *, recompute: bool = True) -> Tens
     in that dtype.
 
     On CPU (fp32 / fp64, n <= 8) this is one call of the C kernel forward and one backward (inside
-    ``torch.compile`` as the operator ``hyperbit::sinkhorn``). Elsewhere: ``recompute=True`` keeps only the logits for backward and
-    recomputes the rounds there; ``recompute=False`` (for callers that are themselves recomputing
-    under autograd, as a fused node's backward) is plain autograd through the rounds."""
+    ``torch.compile`` as the operator ``hyperbit::sinkhorn``). Elsewhere: ``recompute=True`` keeps
+    only the logits for backward and recomputes the rounds there; ``recompute=False`` (for callers
+    that are themselves recomputing under autograd, as a fused node's backward) is plain autograd
+    through the rounds."""
     if logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"sinkhorn expects square (..., n, n) logits, got shape {tuple(logits.shape)}")
     if iters < 1:
