@@ -184,8 +184,8 @@ def main(argv=None) -> int:
     if args.model not in C.STEP_MODELS or args.model == "plain":
         raise SystemExit(f"hc_kernels: --model must be one of {[m for m in C.STEP_MODELS if m != 'plain']}")
     names = [v for v in args.variants.split(",") if v]
-    if len(names) != 2:
-        raise SystemExit("hc_kernels: --variants takes two variants, A,B")
+    if len(names) != 2 or names[0] == names[1]:
+        raise SystemExit("hc_kernels: --variants takes two different variants, A,B")
     variants = {name: _variant(name) for name in names}
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -6,6 +6,7 @@ exactly, and a planted-slow configuration has to show up as the slow one and fai
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 
 import pytest
@@ -200,6 +201,14 @@ def test_hc_kernels_quick(tmp_path):
     assert float(rows["hc_backward"][3]) == pytest.approx(1e3 * med["unfused-depth"]["hc_backward"], abs=0.006)
     assert float(rows["step"][4]) == pytest.approx(1e3 * med["base"]["step"], abs=0.006)
     assert data["settings"]["variants"] == ["unfused-depth", "base"]
+
+
+def test_hc_kernels_refuses_a_variant_against_itself():
+    """A,A would fold into one set of rounds and print identical columns as if measured twice."""
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "hc_kernels.py"), "--variants",
+                             "base,base", "--quick"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "two different variants" in result.stderr
 
 
 def test_hc_kernels_isolated_quick(tmp_path):
