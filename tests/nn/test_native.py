@@ -348,3 +348,82 @@ def test_every_kernel_has_its_signature_declared():
     for name in names:
         for suffix in ("f32", "f64"):
             assert getattr(lib, f"{name}_{suffix}").argtypes is not None, name
+
+
+def _mhc_backward_inputs(N, n, d, m, dtype, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    alpha = r(N, n, n + 1)
+    return dict(h=r(N, n, d), alpha=alpha, g_xn=r(N, d), g_mixed=r(N, n, d), g_p=r(N, m), coef=r(N),
+                phi=r(m, n * d), beta=r(N, n), y=r(N, d))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("with_mixed", [True, False])
+@pytest.mark.parametrize("n,d,N", [(4, 20, 300), (2, 64, 13), (3, 16, 8)])
+def test_the_mhc_backward_kernel_matches_its_formula(n, d, N, with_mixed, dtype, tol):
+    """dL/dH = alpha-mixing of (g_x, g_mixed) + g_p phi - coef H per token, dL/dphi = g_p^T x and
+    the depth backward before on dL/dH, over several blocks of tokens, groups and their tails, and
+    a row length that is not a whole number of vectors; with the streams given and rebuilt."""
+    m = 2 * n + n * n
+    t = _mhc_backward_inputs(N, n, d, m, dtype)
+    h, alpha, g_mixed = t["h"], t["alpha"], t["g_mixed"] if with_mixed else None
+    g_y, g_beta = torch.empty(N, d, dtype=dtype), torch.empty(N, n, dtype=dtype)
+    g_h, g_phi = native.mhc_backward(h, alpha, t["g_xn"], g_mixed, t["g_p"], t["coef"], t["phi"],
+                                     depth=(t["beta"], t["y"], g_y, g_beta))
+    mix = alpha[..., 0:1] * t["g_xn"].unsqueeze(-2)
+    if with_mixed:
+        mix = mix + torch.einsum("tij,tjd->tid", alpha[..., 1:], g_mixed)
+    x = h.reshape(N, n * d)
+    ref = mix + (t["g_p"] @ t["phi"]).view(N, n, d) - t["coef"].view(N, 1, 1) * h
+    torch.testing.assert_close(g_h, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(g_phi, t["g_p"].T @ x, rtol=tol, atol=10 * tol)
+    torch.testing.assert_close(g_y, (t["beta"].unsqueeze(-1) * ref).sum(-2), rtol=tol, atol=tol)
+    torch.testing.assert_close(g_beta, (ref * t["y"].unsqueeze(-2)).sum(-1), rtol=tol, atol=10 * tol)
+    # the streams rebuilt per token (prev, alpha, beta, y: H = A_r^T prev + beta y)
+    src = (t["h"].flip(0), alpha.flip(0), t["beta"].flip(0), t["y"].flip(0))
+    rebuilt = native.hc_rebuild(*src, dtype)
+    g_h2, g_phi2 = native.mhc_backward(None, alpha, t["g_xn"], g_mixed, t["g_p"], t["coef"], t["phi"], src)
+    g_h3, g_phi3 = native.mhc_backward(rebuilt, alpha, t["g_xn"], g_mixed, t["g_p"], t["coef"], t["phi"])
+    torch.testing.assert_close(g_h2, g_h3, rtol=tol, atol=tol)  # (the compiler may contract the
+    torch.testing.assert_close(g_phi2, g_phi3, rtol=tol, atol=10 * tol)  # rebuild's FMAs otherwise)
+
+
+@needs_native
+def test_the_mhc_backward_kernel_gives_the_same_bits_at_any_thread_count():
+    """dL/dphi: partial sums over fixed blocks of tokens, added in block order (as
+    test_parameter_gradients_are_the_same_bits_at_any_thread_count)."""
+    t = _mhc_backward_inputs(700, 4, 32, 24, torch.float32)
+    args = (t["h"], t["alpha"], t["g_xn"], t["g_mixed"], t["g_p"], t["coef"], t["phi"])
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (4, 1, 2, 3):
+            torch.set_num_threads(count)
+            runs.append(native.mhc_backward(*args))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a, b)
+
+
+@needs_native
+def test_the_alpha_half_of_the_width_backward_matches_the_whole():
+    """hc_alpha_backward: dL/dalpha and the norm's gain gradient as hc_backward computes them, and
+    the branch input's dL/dx (before the norm) that hc_backward mixes into dL/dH."""
+    n, d = 4, 37
+    h, alpha = _hc_inputs(n, d, torch.float64, True)
+    g = torch.Generator().manual_seed(3)
+    norm_w = 1 + 0.3 * torch.randn(d, generator=g, dtype=torch.float64)
+    out, mixed, _, rstd = native.hc_forward(h, alpha, False, norm_w, 1e-5)
+    g_out, g_mixed = torch.randn(out.shape, generator=g, dtype=out.dtype), torch.randn(mixed.shape, generator=g, dtype=out.dtype)
+    norm = (rstd, norm_w, True)
+    g_h, g_alpha, _, g_w = native.hc_backward(h, alpha, g_out, g_mixed, None, None, None, None, None, 0.0, 0.0,
+                                              False, norm=norm)
+    g_alpha2, g_xn, g_w2 = native.hc_alpha_backward(h, alpha, g_out, g_mixed, norm)
+    assert torch.equal(g_alpha2, g_alpha) and torch.equal(g_w2, g_w)
+    # dL/dH with the mixing of g_xn (and of g_mixed) as hc_backward's without a norm
+    g_h_ref = native.hc_backward(h, alpha, g_xn, g_mixed, None, None, None, None, None, 0.0, 0.0, False)[0]
+    torch.testing.assert_close(g_h, g_h_ref, rtol=1e-12, atol=1e-12)

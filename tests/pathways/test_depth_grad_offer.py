@@ -31,7 +31,7 @@ def takes(monkeypatch):
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("kind", ["dhc", "shc"])
+@pytest.mark.parametrize("kind", ["dhc", "shc", "mhc"])
 def test_the_fused_depth_backward_changes_no_bit(kind, autocast, monkeypatch, connected_lm, takes, lm_backward):
     model = connected_lm(kind, n_layers=3)
     grads = lm_backward(model, autocast)[2]

@@ -332,10 +332,11 @@ typedef struct {
 /* The branch norm of a width connection, when the kernels apply it (n >= 2; see _hc_fused):
    forward, the branch input x (d) becomes x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps),
    rstd written per token; backward, dL/dx comes from dL/d(normed x) g_out and the saved rstd
-   (x recomputed from the streams), and dL/dw is accumulated. Pointers in the kernel's T. */
+   (x recomputed from the streams), and dL/dw is accumulated; dL/dx also written out per token
+   (N, d) when g_x is given. Pointers in the kernel's T. */
 typedef struct {
     const void *w, *g_out;
-    void *rstd, *g_w;
+    void *rstd, *g_w, *g_x;
     double eps;
 } hb_norm;
 
@@ -424,6 +425,9 @@ static inline hb_vf64 hb_tanh_vf64(hb_vf64 x) {  /* libm's, lane by lane (the fp
 #define HB_MAXN 16
 /* tokens per partial sum of a backward kernel's parameter gradients */
 #define HB_TOKBLK 64
+/* hb_mhc_backward: tokens per group sharing the loads of phi, and per partial sum of dL/dphi */
+#define MHC_GROUP 8
+#define MHC_TOKBLK 128
 
 
 #define DEFINE_HC(T, SUF, VT, HV, W, SQRT, TANH)                                                  \
@@ -658,6 +662,7 @@ HB_INLINE void hc_backward_token_##SUF(int n, const hb_streams *s, int64_t tok, 
             if (gnw) hb_st_##SUF(gnw + c, hb_ld_##SUF(gnw + c, m) + gov * xh, m);                 \
         );                                                                                        \
         gx = gxb;                                                                                 \
+        if (nm->g_x) memcpy((T *)nm->g_x + tok * d, gxb, sizeof(T) * d);                          \
     }                                                                                             \
     const T *ys[HB_MAXN + 3];                                                                     \
     ys[0] = gx;                                                                                   \
@@ -669,6 +674,7 @@ HB_INLINE void hc_backward_token_##SUF(int n, const hb_streams *s, int64_t tok, 
             for (int j = 1; j <= n; j++) ga[i * (n + 1) + j] = 0;                                 \
         }                                                                                         \
     }                                                                                             \
+    if (!gh) return;  /* dL/dalpha only (hb_mhc_backward writes dL/dH) */                         \
     T gp[HB_MAXN * (HB_MAXN + 2)], coef[HB_MAXN];                                                 \
     if (wt) { /* z = t (pre-tanh: P r); dL/dz, then dL/dP = dL/dz r */                            \
         const T *tt = t + tok * n * k2, *pt = p + tok * n * k2, *rt = r + tok * n;                \
@@ -723,7 +729,8 @@ HB_INLINE void hc_backward_token_##SUF(int n, const hb_streams *s, int64_t tok, 
 /* g_x (N, d): dL/dx after the norm; g_mixed (N, n, d) or NULL; dynamic (wt != NULL): g_beta      \
    (N, n) or NULL, t, r, p from the forward. Out: g_h (N, n, d), g_alpha (N, n, n+1) (dL/dalpha   \
    per token, before the dynamic chain), g_wt (n+2, d) when dynamic; dp: the depth backward of the \
-   connection before (hb_depth), or NULL. */                                                      \
+   connection before (hb_depth), or NULL. g_h NULL (not with wt or dp): dL/dalpha (and the norm's \
+   dL/dx, hb_norm.g_x) only, for hb_mhc_backward. */                                              \
 int hb_hc_backward_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const T *alpha,        \
                          int alpha_per_token, const T *g_x, const T *g_mixed, const T *g_beta,    \
                          const T *t, const T *r, const T *p, const T *wt, T s_alpha, T s_beta,    \
@@ -752,8 +759,8 @@ int hb_hc_backward_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const
                 HB_BY_N_##SUF(n, hc_backward_token_##SUF(                                         \
                     nn, s, tok, d, alpha + (alpha_per_token ? tok * n * (n + 1) : 0), g_x + tok * d, \
                     g_mixed ? g_mixed + tok * n * d : NULL, g_beta ? g_beta + tok * n : NULL, t, r, \
-                    p, wt, s_alpha, s_beta, use_tanh, g_h + tok * n * d, g_alpha + tok * n * (n + 1), \
-                    gw, nm, gnw, dp, buf));                                                       \
+                    p, wt, s_alpha, s_beta, use_tanh, g_h ? g_h + tok * n * d : NULL,             \
+                    g_alpha + tok * n * (n + 1), gw, nm, gnw, dp, buf));                          \
         }                                                                                         \
         free(buf);                                                                                \
     }                                                                                             \
@@ -798,6 +805,96 @@ HB_INLINE void hc_depth_backward_token_##SUF(int n, const T *gt, const T *bt, co
     );                                                                                            \
     if (gb)                                                                                       \
         for (int i = 0; i < n; i++) gb[i] = hb_hsum_##SUF(acc[i]);                                \
+}                                                                                                 \
+                                                                                                  \
+/* mHC's width backward after hb_hc_backward gave dL/dalpha and the map's reverse gave dL/dz       \
+   (pathways/_mhc_fused.py), for G tokens from t0 (G a constant after inlining): per token, with  \
+   H (n, d) flattened to x (n d), g_x (d) = dL/dx of the branch input, gm (n, d) = dL/d mixed or  \
+   NULL, gp (nr) = dL/dz r and coef = sum_k dL/dz_k z_k r^2 / (n d):                               \
+       dL/dH_i = a_i0 g_x + sum_j a_i,j+1 gm_j + sum_k gp_k phi_k,i - coef H_i   (phi_k,i: row k's  \
+       i-th d-block), and gphi_k,i += gp_k H_i;                                                   \
+   the G tokens share each load of phi and of gphi. Then the depth backward before (dp) on dL/dH. \
+   buf: G n d scratch. */                                                                         \
+HB_INLINE void mhc_backward_group_##SUF(int G, int n, const hb_streams *s, int64_t t0, int64_t d,  \
+                                        const T *alpha, const T *g_x, const T *g_mixed,           \
+                                        const T *gp, const T *coef, const T *phi, int nr, T *g_h, \
+                                        T *gphi, const hb_depth *dp, T *buf) {                    \
+    const T *ht[MHC_GROUP];                                                                       \
+    const int64_t nd = n * d;                                                                     \
+    for (int t = 0; t < G; t++) ht[t] = hc_streams_token_##SUF(n, s, t0 + t, d, buf + t * nd);    \
+    HB_COLUMNS(W, d,                                                                              \
+        for (int i = 0; i < n; i++) {                                                             \
+            VT o[MHC_GROUP], hv[MHC_GROUP];                                                       \
+            for (int t = 0; t < G; t++) {                                                         \
+                const int64_t tok = t0 + t;                                                       \
+                const T *a = alpha + (tok * n + i) * (n + 1);                                     \
+                hv[t] = hb_ld_##SUF(ht[t] + i * d + c, m);                                        \
+                VT v = a[0] * hb_ld_##SUF(g_x + tok * d + c, m) - coef[tok] * hv[t];              \
+                if (g_mixed)                                                                      \
+                    for (int j = 0; j < n; j++)                                                   \
+                        v += a[j + 1] * hb_ld_##SUF(g_mixed + (tok * n + j) * d + c, m);          \
+                o[t] = v;                                                                         \
+            }                                                                                     \
+            const T *pk = phi + i * d + c;                                                        \
+            T *gk = gphi + i * d + c;                                                             \
+            for (int k = 0; k < nr; k++, pk += nd, gk += nd) {                                    \
+                VT pv = hb_ld_##SUF(pk, m), acc[2] = {hb_ld_##SUF(gk, m), {0}};                   \
+                for (int t = 0; t < G; t++) {                                                     \
+                    T g = gp[(t0 + t) * nr + k];                                                  \
+                    o[t] += g * pv;                                                               \
+                    acc[t & 1] += g * hv[t];  /* two chains: half the latency */                  \
+                }                                                                                 \
+                hb_st_##SUF(gk, acc[0] + acc[1], m);                                              \
+            }                                                                                     \
+            for (int t = 0; t < G; t++) hb_st_##SUF(g_h + ((t0 + t) * n + i) * d + c, o[t], m);   \
+        }                                                                                         \
+    );                                                                                            \
+    if (dp)                                                                                       \
+        for (int64_t tok = t0; tok < t0 + G; tok++)                                               \
+            hc_depth_backward_token_##SUF(n, g_h + tok * nd,                                      \
+                                          (const T *)dp->beta + (dp->beta_per_token ? tok * n : 0), \
+                                          dp->y, dp->y_bf16, tok, d, (T *)dp->g_y + tok * d,      \
+                                          (T *)dp->g_beta + tok * n);                             \
+}                                                                                                 \
+                                                                                                  \
+/* streams (hb_streams); alpha (N, n, n+1); g_x (N, d); g_mixed (N, n, d) or NULL; gp (N, nr);   \
+   coef (N); phi (nr, n d). Out: g_h (N, n, d), g_phi (nr, n d); dp as for hb_hc_backward. The    \
+   g_phi partial sums: one per MHC_TOKBLK tokens, added in order (the same bits at any thread     \
+   count). */                                                                                     \
+int hb_mhc_backward_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const T *alpha,       \
+                          const T *g_x, const T *g_mixed, const T *gp, const T *coef,             \
+                          const T *phi, int nr, T *g_h, T *g_phi, const hb_depth *dp,             \
+                          int nthreads) {                                                         \
+    if (n < 1 || n > HB_MAXN) return 1;                                                           \
+    const int64_t nd = n * d, size = nr * nd, nblk = (N + MHC_TOKBLK - 1) / MHC_TOKBLK;           \
+    T *parts = calloc((size_t)(nblk * size), sizeof(T));                                          \
+    if (!parts) return 2;                                                                         \
+    int bad = 0;                                                                                  \
+    _Pragma("omp parallel num_threads(nthreads)")                                                 \
+    {                                                                                             \
+        T *buf = malloc(sizeof(T) * MHC_GROUP * nd);                                              \
+        if (!buf) { _Pragma("omp atomic write") bad = 1; }                                        \
+        _Pragma("omp for schedule(static)")                                                       \
+        for (int64_t blk = 0; blk < nblk; blk++) {                                                \
+            if (!buf) continue;  /* every thread reaches the loop's barrier */                    \
+            int64_t t0 = blk * MHC_TOKBLK, end = t0 + MHC_TOKBLK < N ? t0 + MHC_TOKBLK : N;       \
+            for (; t0 + MHC_GROUP <= end; t0 += MHC_GROUP)                                        \
+                HB_BY_N_##SUF(n, mhc_backward_group_##SUF(MHC_GROUP, nn, s, t0, d, alpha, g_x,    \
+                    g_mixed, gp, coef, phi, nr, g_h, parts + blk * size, dp, buf));               \
+            for (; t0 < end; t0++)                                                                \
+                HB_BY_N_##SUF(n, mhc_backward_group_##SUF(1, nn, s, t0, d, alpha, g_x, g_mixed,   \
+                    gp, coef, phi, nr, g_h, parts + blk * size, dp, buf));                        \
+        }                                                                                         \
+        free(buf);                                                                                \
+        _Pragma("omp for schedule(static)")                                                       \
+        for (int64_t c = 0; c < size; c++) {                                                      \
+            T acc = 0;                                                                            \
+            for (int64_t blk = 0; blk < nblk; blk++) acc += parts[blk * size + c];                \
+            g_phi[c] = acc;                                                                       \
+        }                                                                                         \
+    }                                                                                             \
+    free(parts);                                                                                  \
+    return bad ? 2 : 0;                                                                           \
 }                                                                                                 \
                                                                                                   \
 /* g (N, n, d); g_y (N, d) or NULL; g_beta (N, n) per token or NULL */                            \

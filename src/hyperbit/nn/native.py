@@ -94,6 +94,9 @@ def _build() -> ctypes.CDLL | None:
         hb = getattr(lib, f"hb_hc_backward_{suffix}")
         hb.argtypes = [st, i64, i, i64, p, i, p, p, p, p, p, p, p, ctype, ctype, i, p, p, p, nm,
                        ctypes.POINTER(_Depth), i]
+        hm = getattr(lib, f"hb_mhc_backward_{suffix}")
+        hm.argtypes = [st, i64, i, i64, p, p, p, p, p, p, i, p, p, ctypes.POINTER(_Depth), i]
+        hm.restype = ctypes.c_int
         hd = getattr(lib, f"hb_hc_forward_dynamic_{suffix}")
         hd.argtypes = [p, i64, i, i64, p, p, p, ctype, ctype, ctype, i, p, p, p, p, p, p, p, p, nm, i]
         hc.restype = hx.restype = hb.restype = hd.restype = ctypes.c_int
@@ -190,7 +193,7 @@ class _Norm(ctypes.Structure):
     """``hb_norm`` of native.c: the branch norm the kernels apply (forward) or differentiate."""
 
     _fields_ = [("w", ctypes.c_void_p), ("g_out", ctypes.c_void_p), ("rstd", ctypes.c_void_p),
-                ("g_w", ctypes.c_void_p), ("eps", ctypes.c_double)]
+                ("g_w", ctypes.c_void_p), ("g_x", ctypes.c_void_p), ("eps", ctypes.c_double)]
 
 
 def _norm_forward(norm_w: Tensor | None, eps: float, x: Tensor) -> tuple[Any, Tensor | None, list[Tensor]]:
@@ -327,37 +330,86 @@ def hc_backward(h: Tensor | None, alpha: Tensor, g_x: Tensor, g_mixed: Tensor | 
     g_beta)``: also the backward of the depth connection whose output H is (:func:`depth_backward`
     on dL/dH), written into ``g_y`` (B, T, d) and ``g_beta`` (B, T, n), contiguous, in the dtype of
     ``g_x``."""
+    g_h, g_alpha, g_wt, g_w, _ = _hc_backward(h, alpha, g_x, g_mixed, g_beta, t, r, p, wt, s_alpha, s_beta,
+                                              use_tanh, source, round_bf16, norm, depth, True)
+    return g_h, g_alpha, g_wt, g_w
+
+
+def hc_alpha_backward(h: Tensor | None, alpha: Tensor, g_out: Tensor, g_mixed: Tensor | None,
+                      norm: tuple[Tensor, Tensor, bool], source: tuple[Tensor, ...] | None = None,
+                      round_bf16: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The first half of mHC's width backward (the second: :func:`mhc_backward`): dL/dalpha per
+    token, dL/dx of the branch input before its norm (B, T, d) and dL/d(norm gain), as
+    :func:`hc_backward` computes them, without writing dL/dH."""
+    _, g_alpha, _, g_w, g_xn = _hc_backward(h, alpha, g_out, g_mixed, None, None, None, None, None, 0.0, 0.0,
+                                            False, source, round_bf16, norm, None, False)
+    return g_alpha, g_xn, g_w
+
+
+def _hc_backward(h, alpha, g_x, g_mixed, g_beta, t, r, p, wt, s_alpha, s_beta, use_tanh, source, round_bf16,
+                 norm, depth, want_g_h: bool):
     compute = g_x.dtype
     st, hold, lead, n, d = _streams(h, source, round_bf16)
-    g_w, nm = None, None
+    g_w, nm, g_xn = None, None, None
     if norm is not None:
         x_rstd, norm_w, need_g_w = norm
         x_rstd, norm_w, g_out = x_rstd.contiguous(), norm_w.contiguous(), g_x.contiguous()
         g_w = torch.empty(d, dtype=compute) if need_g_w else None
+        g_xn = None if want_g_h else torch.empty(*lead, d, dtype=compute)
         hold += [x_rstd, norm_w, g_out]
         nm = ctypes.byref(_Norm(w=norm_w.data_ptr(), g_out=g_out.data_ptr(), rstd=x_rstd.data_ptr(),
-                                g_w=_ptr(g_w)))
-    g_h = torch.empty(*lead, n, d, dtype=compute)
+                                g_w=_ptr(g_w), g_x=_ptr(g_xn)))
+    g_h = torch.empty(*lead, n, d, dtype=compute) if want_g_h else None
     g_alpha = torch.empty(*lead, n, n + 1, dtype=compute)
     g_wt = torch.empty(n + 2, d, dtype=compute) if wt is not None else None
     c = lambda x: None if x is None else x.contiguous()  # noqa: E731
     alpha, g_x, g_mixed, g_beta, t, r, p = c(alpha), c(g_x), c(g_mixed), c(g_beta), c(t), c(r), c(p)
-    dp = None
-    if depth is not None:
-        d_beta, d_y, d_g_y, d_g_beta = depth
-        d_beta, d_y = d_beta.contiguous(), d_y.contiguous()
-        hold += [d_beta, d_y]
-        dp = ctypes.byref(_Depth(beta=d_beta.data_ptr(), y=d_y.data_ptr(), g_y=d_g_y.data_ptr(),
-                                 g_beta=d_g_beta.data_ptr(), beta_per_token=int(d_beta.dim() > 1),
-                                 y_bf16=int(d_y.dtype == torch.bfloat16)))
+    dp = _depth(depth, hold)
     _check(_fn("hb_hc_backward", compute)(
         ctypes.byref(st), g_x[..., 0].numel(), n, d,
         alpha.data_ptr(), int(alpha.dim() > 2), g_x.data_ptr(),
         _ptr(g_mixed), _ptr(g_beta), _ptr(t), _ptr(r), _ptr(p), _ptr(wt), s_alpha, s_beta,
-        int(use_tanh), g_h.data_ptr(), g_alpha.data_ptr(), _ptr(g_wt), nm, dp, _threads()),
+        int(use_tanh), _ptr(g_h), g_alpha.data_ptr(), _ptr(g_wt), nm, dp, _threads()),
         "hc_backward")
     del hold
-    return g_h, g_alpha, g_wt, g_w
+    return g_h, g_alpha, g_wt, g_w, g_xn
+
+
+def _depth(depth: tuple[Tensor, Tensor, Tensor, Tensor] | None, hold: list[Tensor]):
+    """The ``hb_depth`` pointer for ``depth = (beta, y, g_y, g_beta)``, or None; the tensors it
+    points into are added to ``hold``."""
+    if depth is None:
+        return None
+    d_beta, d_y, d_g_y, d_g_beta = depth
+    d_beta, d_y = d_beta.contiguous(), d_y.contiguous()
+    hold += [d_beta, d_y]
+    return ctypes.byref(_Depth(beta=d_beta.data_ptr(), y=d_y.data_ptr(), g_y=d_g_y.data_ptr(),
+                               g_beta=d_g_beta.data_ptr(), beta_per_token=int(d_beta.dim() > 1),
+                               y_bf16=int(d_y.dtype == torch.bfloat16)))
+
+
+def mhc_backward(h: Tensor | None, alpha: Tensor, g_xn: Tensor, g_mixed: Tensor | None, g_p: Tensor,
+                 coef: Tensor, phi: Tensor, source: tuple[Tensor, ...] | None = None, round_bf16: bool = False,
+                 depth: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """The second half of mHC's width backward, one pass over the streams (``h`` or ``source``, as
+    for :func:`hc_backward`): dL/dH (B, T, n, d), through the mixing (per-token ``alpha``, the
+    branch input's dL/dx ``g_xn`` from :func:`hc_alpha_backward`, dL/d mixed ``g_mixed`` or None)
+    and through the projection ``z = (x phi^T) r`` of the flat streams x (``g_p`` = dL/dz r
+    (B, T, m), ``coef`` = sum_k dL/dz_k z_k r^2 / (n d) (B, T)), and dL/dphi (m, n d). ``depth``:
+    as for :func:`hc_backward`. All in the dtype of ``phi``."""
+    compute = phi.dtype
+    st, hold, lead, n, d = _streams(h, source, round_bf16)
+    c = lambda x: None if x is None else x.contiguous()  # noqa: E731
+    alpha, g_xn, g_mixed, g_p, coef, phi = c(alpha), c(g_xn), c(g_mixed), c(g_p), c(coef), c(phi)
+    g_h = torch.empty(*lead, n, d, dtype=compute)
+    g_phi = torch.empty_like(phi)
+    dp = _depth(depth, hold)
+    _check(_fn("hb_mhc_backward", compute)(
+        ctypes.byref(st), g_xn[..., 0].numel(), n, d, alpha.data_ptr(), g_xn.data_ptr(), _ptr(g_mixed),
+        g_p.data_ptr(), coef.data_ptr(), phi.data_ptr(), phi.shape[0], g_h.data_ptr(), g_phi.data_ptr(),
+        dp, _threads()), "mhc_backward")
+    del hold
+    return g_h, g_phi
 
 
 def depth_forward(mixed: Tensor, beta: Tensor, y: Tensor) -> Tensor:

@@ -23,6 +23,13 @@ and gates; then, with ``g_z = dL/dz``::
 
     dL/dphi = (g_z r)^T x        dL/dx += (g_z r) phi - x r^2/(nd) * sum_k g_z[k] z[k]
 
+With the C kernels (CPU, n >= 2) backward makes two passes over the streams, each token's
+streams read or rebuilt once per pass: the first gives dL/dalpha (and the branch input's dL/dx),
+the kept graph then gives ``g_z``, and the second writes dL/dH whole (the mixing and both
+projection terms) and dL/dphi, and runs the backward of the depth node before (whose output
+these streams are, as HC's width kernel does). Elsewhere the mixing's reverse comes first and the
+projection's terms are added over chunks of tokens (:func:`projection_backward`).
+
 Every value and gradient is checked against the plain autograd path in the tests.
 """
 
@@ -33,7 +40,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..nn import native_ops
+from ..nn import native, native_ops
 from ..nn.norm import rms_rstd
 from ._hc_fused import (_native_ok, _project, backward_streams, branch_norm, kept_outputs, kernel_mix_backward, placeholder,
                         mix_backward,
@@ -52,6 +59,11 @@ def alpha_of(pre: Tensor, res: Tensor) -> Tensor:
 #: tokens per chunk of the flat streams in backward (n*d each: 2 MiB in fp32 at n*d = 1024;
 #: measured 16% faster than one full-size widened copy and product at 2,048 tokens)
 _CHUNK = 512
+#: with the C kernels and n >= 2, backward in two passes over the streams (the second writes dL/dH
+#: and dL/dphi together, and runs the depth backward before); False: one kernel pass for the
+#: mixing, then the projection's backward in PyTorch ops (:func:`projection_backward`), the
+#: depth node's backward in its own kernel. The gradients agree to round-off.
+TWO_PASS_BACKWARD = True
 
 
 def _flat_streams(h: Tensor | None, source: tuple[Tensor, ...] | None, lo: int, hi: int,
@@ -94,10 +106,11 @@ class ManifoldWidth(torch.autograd.Function):
     def forward(ctx, h: Tensor, phi: Tensor, stream_eps: float, weights: WeightsFn,
                 b_pre: Tensor, b_post: Tensor, b_res: Tensor, a_pre: Tensor, a_post: Tensor,
                 a_res: Tensor, norm_w: Tensor, norm_eps: float, save_dtype: torch.dtype,
-                source: tuple[Tensor, ...] | None = None, keep: bool = False, lazy: bool = False):
-        # source / keep / lazy: as for _hc_fused.WidthConnection (the streams rebuilt in backward
-        # from what the previous connection's nodes keep, instead of a copy; the mixing left to
-        # the depth node)
+                source: tuple[Tensor, ...] | None = None, keep: bool = False, lazy: bool = False,
+                depth_grad=None):
+        # source / keep / lazy / depth_grad: as for _hc_fused.WidthConnection (the streams rebuilt
+        # in backward from what the previous connection's nodes keep, instead of a copy; the
+        # mixing left to the depth node; the depth node's backward run in this node's kernel)
         # phi, the biases, gates and norm gain come in the compute dtype (fp32, or fp64)
         ctx.h_dtype, streams = h.dtype, h
         h = h.to(phi.dtype).contiguous()  # expand_streams' broadcast view would slow the products
@@ -116,6 +129,9 @@ class ManifoldWidth(torch.autograd.Function):
         ctx.native = _native_ok(h, phi.dtype, save_dtype)
         # the branch norm in the kernels too, except with one stream (then PyTorch's, as Pre-Norm's)
         ctx.kernel_norm = ctx.native and h.shape[-2] >= 2
+        # backward in two kernel passes (hc_alpha_backward, the map's reverse, mhc_backward), which
+        # also run the depth node's backward before (its offer, taken with streams in fp32)
+        ctx.depth_grad = depth_grad if ctx.kernel_norm and ctx.h_dtype == phi.dtype else None
         if ctx.native:  # the mixing and the bf16 copy of H in one pass per token (C)
             out, mixed, saved, x_rstd = native_ops.hc_forward(
                 h, alpha, save_dtype != h.dtype and streams.dtype != save_dtype and source is None,
@@ -150,6 +166,8 @@ class ManifoldWidth(torch.autograd.Function):
         # the kernels read the saved copy as it is (bf16 under autocast) or rebuild each token's
         # streams themselves; the flat products below widen a chunk at a time
         h, src = backward_streams(saved, source, compute, ctx.h_dtype, ctx.native)
+        if ctx.kernel_norm and TWO_PASS_BACKWARD:
+            return ManifoldWidth._kernel_backward(ctx, h, src, g_out, g_mixed, g_post)
         if ctx.native:
             g_h, g_alpha, _, g_norm_w = kernel_mix_backward(
                 h, src, alpha, g_out, g_mixed, norm_w, x_rstd, ctx.kernel_norm, ctx.needs_input_grad[10],
@@ -166,7 +184,39 @@ class ManifoldWidth(torch.autograd.Function):
         # backward with retain_graph=True may run this node again)
         g_z, *g_small = torch.autograd.grad(outputs, ctx.inputs, grads, allow_unused=True, retain_graph=True)
         _, g_phi = projection_backward(g_z, z, r, phi, h, src, ctx.h_dtype, g_h.view(-1, n * d))
-        return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None, None, None, None)
+        return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None, None, None, None, None)
+
+    @staticmethod
+    def _kernel_backward(ctx, h, src, g_out, g_mixed, g_post):
+        """The C kernels' backward: dL/dalpha per token (and the branch input's dL/dx) in one pass
+        over the streams, the per-token map's reverse (its kept graph) to dL/dz, then dL/dH and
+        dL/dphi in a second pass, with the depth backward before when offered."""
+        saved, phi, norm_w, r, x_rstd, z, *_ = ctx.saved_tensors
+        compute = phi.dtype
+        alpha = ctx.alpha.detach()
+        n, d = alpha.shape[-2], g_out.shape[-1]
+        round_bf16 = ctx.h_dtype != compute
+        g_mixed = None if g_mixed is None else g_mixed.to(compute)
+        g_alpha, g_xn, g_norm_w = native.hc_alpha_backward(
+            h, alpha, g_out.to(compute), g_mixed, (x_rstd, norm_w, ctx.needs_input_grad[10]), src, round_bf16)
+        outputs, grads = [ctx.alpha], [g_alpha]
+        if g_post is not None:
+            outputs.append(ctx.post)
+            grads.append(g_post.to(ctx.post.dtype))
+        g_z, *g_small = torch.autograd.grad(outputs, ctx.inputs, grads, allow_unused=True, retain_graph=True)
+        g_z = g_z.to(compute)
+        g_p = g_z * r  # dL/d(x phi^T)
+        coef = (g_z * z).sum(-1) * r.squeeze(-1).square() / (n * d)
+        offer = ctx.depth_grad
+        inputs = offer.inputs(compute) if offer is not None else None
+        depth = None
+        if inputs is not None:
+            lead = g_out.shape[:-1]
+            depth = (*inputs, g_out.new_empty(*lead, d, dtype=compute), g_out.new_empty(*lead, n, dtype=compute))
+        g_h, g_phi = native.mhc_backward(h, alpha, g_xn, g_mixed, g_p, coef, phi, src, round_bf16, depth)
+        if depth is not None:
+            offer.fill(g_h, *depth[2:])  # g_h is the gradient returned for h (h_dtype == compute)
+        return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None, None, None, None, None)
 
 
 class ProjectStreams(torch.autograd.Function):

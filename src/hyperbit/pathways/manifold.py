@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from ..nn.norm import RMSNorm, rms_rstd
 from ._hc_fused import WidthConnection, _bmm, _project, kept_for_rebuild, mixes_in_depth
 from .base import Branch, Pathway, check_streams, expand_streams, reduce_streams
-from .hyper import DepthContext, _take_rebuild, depth_streams, fused_depth
+from .hyper import DepthContext, _take_depth_grad, _take_rebuild, depth_streams, fused_depth
 from ._mhc_fused import ManifoldWidth, ProjectStreams, alpha_of
 from .sinkhorn import birkhoff, permutation_matrices, sinkhorn
 
@@ -187,7 +187,8 @@ class ManifoldHyperConnection(Pathway):
             source, lazy = _take_rebuild(h), mixes_in_depth(h, compute, save_dtype)
             x, mixed, post, saved, alpha = ManifoldWidth.apply(
                 h, self.phi.to(compute), self.stream_eps, self._map, *self._small(compute),
-                self.norm.weight.to(compute), self.norm.eps, save_dtype, source, source is None, lazy)
+                self.norm.weight.to(compute), self.norm.eps, save_dtype, source, source is None, lazy,
+                _take_depth_grad(h))
         kept = None if source is not None else kept_for_rebuild(saved, alpha, h)
         return x, DepthContext(mixed, post, h.dtype, kept, depth_streams(lazy, h, alpha, alpha))
 
