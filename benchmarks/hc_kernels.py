@@ -16,6 +16,8 @@ process, the order alternating by round:
     one-pass-mhc   mHC's width backward as one mixing kernel, then the projection's backward in
                    PyTorch ops (``_mhc_fused.TWO_PASS_BACKWARD`` off; its time is not kernel time:
                    compare the steps)
+    pytorch-map    mHC's per-token map in PyTorch ops under autograd (``_mhc_fused.MAP_KERNEL``
+                   off) instead of one C call each way (``mhc_map``)
     source=PATH    the kernels built from another ``native.c`` with the same entry points
                    (e.g. one from ``git show REV:src/hyperbit/nn/native.c``)
 
@@ -48,8 +50,8 @@ from hyperbit.nn import native  # noqa: E402
 from hyperbit.pathways import _mhc_fused, hyper  # noqa: E402
 
 KERNELS = ("hc_forward", "hc_forward_dynamic", "hc_rebuild", "hc_branch_input", "hc_backward",
-           "hc_alpha_backward", "mhc_backward", "depth_forward", "depth_backward", "sinkhorn",
-           "sinkhorn_backward")
+           "hc_alpha_backward", "mhc_backward", "mhc_map", "mhc_map_backward", "depth_forward",
+           "depth_backward", "sinkhorn", "sinkhorn_backward")
 SHAPE = dict(vocab_size=256, dim=256, n_layers=6, n_heads=4, seq_len=256, batch=8)
 SHAPE_QUICK = dict(vocab_size=64, dim=32, n_layers=2, n_heads=2, seq_len=16, batch=2)
 
@@ -90,6 +92,8 @@ def _variant(spec: str):
         return lambda: _patched(hyper, {"REBUILD_STREAMS": False})
     if spec == "one-pass-mhc":
         return lambda: _patched(_mhc_fused, {"TWO_PASS_BACKWARD": False})
+    if spec == "pytorch-map":
+        return lambda: _patched(_mhc_fused, {"MAP_KERNEL": False})
     if spec.startswith("source="):
         path = Path(spec.split("=", 1)[1])
         if not path.is_file():
@@ -97,7 +101,7 @@ def _variant(spec: str):
         lib = _library(path)
         return lambda: _patched(native._state, {"lib": lib})
     raise SystemExit(f"hc_kernels: unknown variant {spec!r} (base, unfused-depth, no-rebuild, one-pass-mhc, "
-                     "source=PATH)")
+                     "pytorch-map, source=PATH)")
 
 
 def _library(path: Path):

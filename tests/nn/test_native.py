@@ -427,3 +427,42 @@ def test_the_alpha_half_of_the_width_backward_matches_the_whole():
     # dL/dH with the mixing of g_xn (and of g_mixed) as hc_backward's without a norm
     g_h_ref = native.hc_backward(h, alpha, g_xn, g_mixed, None, None, None, None, None, 0.0, 0.0, False)[0]
     torch.testing.assert_close(g_h, g_h_ref, rtol=1e-12, atol=1e-12)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("with_post", [True, False])
+def test_the_mhc_map_kernels_match_the_map(n, with_post, dtype, tol):
+    """hb_mhc_map and its backward against ManifoldHyperConnection._map under autograd: alpha =
+    [pre | res^T], post, dL/dz and the biases' and gates' gradients, over several blocks of tokens
+    and with logits far out (the Sinkhorn's floor)."""
+    from hyperbit.pathways import ManifoldHyperConnection, sinkhorn as sk_mod
+    from hyperbit.pathways._mhc_fused import alpha_of
+
+    mhc = ManifoldHyperConnection(8, n, 1).to(dtype)
+    g = torch.Generator().manual_seed(2)
+    m = 2 * n + n * n
+    z = torch.randn(3, 200, m, generator=g, dtype=dtype)
+    z[0, :5] *= 1e4  # extreme logits: finite, floored
+    small = [p.detach() + 0.3 * torch.randn(p.shape, generator=g, dtype=dtype) for p in mhc._small(dtype)]
+    leaves = [t.clone().requires_grad_(True) for t in (z, *small)]
+    pre, post, res = mhc._map(*leaves)
+    alpha_ref = alpha_of(pre, res)
+    b, a = torch.cat(small[:3]), torch.cat(small[3:])
+    logits, alpha, post_k = native.mhc_map(z, b, a, mhc.sinkhorn_iters, sk_mod.LOGIT_RANGE, sk_mod._DEFICIT_FLOOR)
+    torch.testing.assert_close(alpha, alpha_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(post_k, post, rtol=tol, atol=tol)
+    g_alpha = torch.randn(alpha.shape, generator=g, dtype=dtype)
+    g_post = torch.randn(post.shape, generator=g, dtype=dtype) if with_post else None
+    outs, grads = [alpha_ref], [g_alpha]
+    if with_post:
+        outs.append(post)
+        grads.append(g_post)
+    ref = torch.autograd.grad(outs, leaves, grads, allow_unused=True)
+    g_z, g_par = native.mhc_map_backward(z, logits, alpha, post_k, g_alpha, g_post, a, mhc.sinkhorn_iters,
+                                         sk_mod.LOGIT_RANGE, sk_mod._DEFICIT_FLOOR)
+    assert torch.isfinite(g_z).all()
+    torch.testing.assert_close(g_z, ref[0], rtol=tol, atol=tol)
+    ref_par = torch.cat([r if r is not None else torch.zeros_like(p) for r, p in zip(ref[1:], small)])
+    torch.testing.assert_close(g_par, ref_par, rtol=tol, atol=50 * tol)

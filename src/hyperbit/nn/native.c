@@ -290,6 +290,93 @@ int hb_sinkhorn_backward_##SUF(const T *z, const T *g, T *gz, int64_t N, int n, 
 DEFINE_SINKHORN(float, f32, expf)
 DEFINE_SINKHORN(double, f64, exp)
 
+/* mHC's per-token map (pathways/manifold.py: ManifoldHyperConnection._map, res="sinkhorn") from
+   the projections z (N, m), m = 2n + n^2, rows [pre | post | res logits]:
+       pre = sigmoid(a_pre z_pre + b_pre), post = 2 sigmoid(a_post z_post + b_post),
+       res = the Sinkhorn above of the logits a_res z_res + b_res,
+   written as alpha (N, n, n+1) = [pre | res^T] and post (N, n), with the logits (N, n, n) kept
+   for backward. b = [b_pre (n) | b_post (n) | b_res (n n)], a = [a_pre, a_post, a_res]. One call
+   each way instead of ~12 tensor ops forward and ~25 autograd nodes backward. */
+#define MHC_MAP_BLOCK 256  /* tokens per partial sum of the parameter gradients */
+#define DEFINE_MHC_MAP(T, SUF, EXP)                                                               \
+HB_INLINE T mhc_sigmoid_##SUF(T x) { return 1 / (1 + EXP(-x)); }                                  \
+                                                                                                  \
+int hb_mhc_map_##SUF(const T *z, int64_t N, int n, const T *b, const T *a, int iters, T range,    \
+                     T floor_, T *logits, T *alpha, T *post, int nthreads) {                      \
+    if (n < 1 || n > SK_MAXN) return 1;                                                           \
+    const int m = 2 * n + n * n, nn = n * n;                                                      \
+    T *res = malloc(sizeof(T) * (size_t)(N > 0 ? N * nn : 1));                                   \
+    if (!res) return 2;                                                                           \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
+    for (int64_t t = 0; t < N; t++)                                                               \
+        for (int k = 0; k < nn; k++) logits[t * nn + k] = a[2] * z[t * m + 2 * n + k] + b[2 * n + k]; \
+    int bad = sk_run_##SUF(logits, NULL, res, N, n, iters, range, floor_, nthreads);              \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
+    for (int64_t t = 0; t < N; t++)                                                               \
+        for (int i = 0; i < n; i++) {                                                             \
+            T *at = alpha + (t * n + i) * (n + 1);                                                \
+            at[0] = mhc_sigmoid_##SUF(a[0] * z[t * m + i] + b[i]);                                \
+            post[t * n + i] = 2 * mhc_sigmoid_##SUF(a[1] * z[t * m + n + i] + b[n + i]);          \
+            for (int j = 0; j < n; j++) at[1 + j] = res[t * nn + j * n + i];                      \
+        }                                                                                         \
+    free(res);                                                                                    \
+    return bad;                                                                                   \
+}                                                                                                 \
+                                                                                                  \
+/* g_alpha (N, n, n+1), g_post (N, n) or NULL -> g_z (N, m) and g_par (2n + n^2 + 3) in b's then \
+   a's order; the parameter gradients summed over fixed blocks of tokens, in order (the same bits \
+   at any thread count). */                                                                       \
+int hb_mhc_map_backward_##SUF(const T *z, const T *logits, const T *alpha, const T *post,         \
+                              const T *g_alpha, const T *g_post, int64_t N, int n, const T *a,    \
+                              int iters, T range, T floor_, T *g_z, T *g_par, int nthreads) {     \
+    if (n < 1 || n > SK_MAXN) return 1;                                                           \
+    const int m = 2 * n + n * n, nn = n * n, np = m + 3;                                          \
+    const int64_t nblk = (N + MHC_MAP_BLOCK - 1) / MHC_MAP_BLOCK;                                 \
+    T *g_res = malloc(sizeof(T) * (size_t)(N > 0 ? 2 * N * nn : 1)), *g_l = g_res + N * nn;       \
+    T *parts = calloc((size_t)(nblk > 0 ? nblk * np : 1), sizeof(T));                             \
+    if (!g_res || !parts) { free(g_res); free(parts); return 2; }                                 \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
+    for (int64_t t = 0; t < N; t++)  /* dL/dres[j, i] = dL/dalpha[i, 1 + j] */                    \
+        for (int i = 0; i < n; i++)                                                               \
+            for (int j = 0; j < n; j++) g_res[t * nn + j * n + i] = g_alpha[(t * n + i) * (n + 1) + 1 + j]; \
+    int bad = sk_run_##SUF(logits, g_res, g_l, N, n, iters, range, floor_, nthreads);             \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
+    for (int64_t blk = 0; blk < nblk; blk++) {                                                    \
+        T *pb = parts + blk * np;                                                                 \
+        int64_t end = (blk + 1) * MHC_MAP_BLOCK < N ? (blk + 1) * MHC_MAP_BLOCK : N;              \
+        for (int64_t t = blk * MHC_MAP_BLOCK; t < end; t++) {                                     \
+            const T *zt = z + t * m;                                                              \
+            T *gt = g_z + t * m;                                                                  \
+            for (int i = 0; i < n; i++) {                                                         \
+                T pre = alpha[(t * n + i) * (n + 1)];                                             \
+                T sp = g_alpha[(t * n + i) * (n + 1)] * pre * (1 - pre);                          \
+                gt[i] = a[0] * sp;                                                                \
+                pb[i] += sp;                                                                      \
+                pb[m] += sp * zt[i];                                                              \
+                T po = post[t * n + i], su = g_post ? g_post[t * n + i] * po * (1 - po / 2) : 0;  \
+                gt[n + i] = a[1] * su;                                                            \
+                pb[n + i] += su;                                                                  \
+                pb[m + 1] += su * zt[n + i];                                                      \
+            }                                                                                     \
+            for (int k = 0; k < nn; k++) {                                                        \
+                T gl = g_l[t * nn + k];                                                           \
+                gt[2 * n + k] = a[2] * gl;                                                        \
+                pb[2 * n + k] += gl;                                                              \
+                pb[m + 2] += gl * zt[2 * n + k];                                                  \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+    for (int k = 0; k < np; k++) g_par[k] = 0;                                                    \
+    for (int64_t blk = 0; blk < nblk; blk++)                                                      \
+        for (int k = 0; k < np; k++) g_par[k] += parts[blk * np + k];                             \
+    free(g_res);                                                                                  \
+    free(parts);                                                                                  \
+    return bad;                                                                                   \
+}
+
+DEFINE_MHC_MAP(float, f32, expf)
+DEFINE_MHC_MAP(double, f64, exp)
+
 /* Hyper-connection width connection (pathways/_hc_fused.py), one token at a time, everything of
    a token in L1: H (n, d) per token; alpha (n, n+1) static or per token. Forward writes the
    branch input x = A_m^T H, RMS-normed when given the norm (hb_norm; the callers keep one-stream

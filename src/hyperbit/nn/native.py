@@ -94,6 +94,11 @@ def _build() -> ctypes.CDLL | None:
         hb = getattr(lib, f"hb_hc_backward_{suffix}")
         hb.argtypes = [st, i64, i, i64, p, i, p, p, p, p, p, p, p, ctype, ctype, i, p, p, p, nm,
                        ctypes.POINTER(_Depth), i]
+        mm = getattr(lib, f"hb_mhc_map_{suffix}")
+        mm.argtypes = [p, i64, i, p, p, i, ctype, ctype, p, p, p, i]
+        mb = getattr(lib, f"hb_mhc_map_backward_{suffix}")
+        mb.argtypes = [p, p, p, p, p, p, i64, i, p, i, ctype, ctype, p, p, i]
+        mm.restype = mb.restype = ctypes.c_int
         hm = getattr(lib, f"hb_mhc_backward_{suffix}")
         hm.argtypes = [st, i64, i, i64, p, p, p, p, p, p, i, p, p, ctypes.POINTER(_Depth), i]
         hm.restype = ctypes.c_int
@@ -183,6 +188,38 @@ def sinkhorn_backward(z: Tensor, grad: Tensor, iters: int, logit_range: float,
 
 #: the largest n of the hyper-connection kernels
 HC_MAX_N = 16
+
+
+def mhc_map(z: Tensor, b: Tensor, a: Tensor, iters: int, logit_range: float, deficit_floor: float
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """mHC's per-token map with ``res`` from Sinkhorn (``pathways.manifold``): projections ``z``
+    (B, T, 2n + n^2), ``b`` = [b_pre | b_post | b_res] (2n + n^2,), ``a`` = [a_pre, a_post, a_res]
+    (3,), all in one dtype -> the res logits (B, T, n, n) (kept for :func:`mhc_map_backward`),
+    alpha = [pre | res^T] (B, T, n, n+1) and post (B, T, n)."""
+    lead, m = z.shape[:-1], z.shape[-1]
+    n = int(round((m + 1) ** 0.5)) - 1  # m = (n + 1)^2 - 1
+    z, b, a = z.contiguous(), b.contiguous(), a.contiguous()
+    logits = z.new_empty(*lead, n, n)
+    alpha, post = z.new_empty(*lead, n, n + 1), z.new_empty(*lead, n)
+    _check(_fn("hb_mhc_map", z.dtype)(z.data_ptr(), z[..., 0].numel(), n, b.data_ptr(), a.data_ptr(), iters,
+                                      logit_range, deficit_floor, logits.data_ptr(), alpha.data_ptr(),
+                                      post.data_ptr(), _threads()), "mhc_map")
+    return logits, alpha, post
+
+
+def mhc_map_backward(z: Tensor, logits: Tensor, alpha: Tensor, post: Tensor, g_alpha: Tensor,
+                     g_post: Tensor | None, a: Tensor, iters: int, logit_range: float, deficit_floor: float
+                     ) -> tuple[Tensor, Tensor]:
+    """The reverse of :func:`mhc_map`: dL/dz (B, T, m) and the gradients of [b | a] (m + 3,)."""
+    n, m = alpha.shape[-2], z.shape[-1]
+    c = lambda x: None if x is None else x.contiguous()  # noqa: E731
+    z, logits, alpha, post, g_alpha, g_post, a = (c(t) for t in (z, logits, alpha, post, g_alpha, g_post, a))
+    g_z, g_par = torch.empty_like(z), z.new_empty(m + 3)
+    _check(_fn("hb_mhc_map_backward", z.dtype)(
+        z.data_ptr(), logits.data_ptr(), alpha.data_ptr(), post.data_ptr(), g_alpha.data_ptr(), _ptr(g_post),
+        z[..., 0].numel(), n, a.data_ptr(), iters, logit_range, deficit_floor, g_z.data_ptr(), g_par.data_ptr(),
+        _threads()), "mhc_map_backward")
+    return g_z, g_par
 
 
 def _ptr(t: Tensor | None) -> int | None:

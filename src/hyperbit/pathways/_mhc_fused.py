@@ -42,6 +42,7 @@ from torch import Tensor
 
 from ..nn import native, native_ops
 from ..nn.norm import rms_rstd
+from .sinkhorn import _DEFICIT_FLOOR, LOGIT_RANGE
 from ._hc_fused import (_native_ok, _project, backward_streams, branch_norm, kept_outputs, kernel_mix_backward, placeholder,
                         mix_backward,
                         mix_forward, rebuild_streams)
@@ -64,6 +65,9 @@ _CHUNK = 512
 #: mixing, then the projection's backward in PyTorch ops (:func:`projection_backward`), the
 #: depth node's backward in its own kernel. The gradients agree to round-off.
 TWO_PASS_BACKWARD = True
+#: with the C kernels, the per-token map (res from Sinkhorn) as one C call each way
+#: (``nn.native.mhc_map``); False: the map in PyTorch ops under autograd, its graph kept
+MAP_KERNEL = True
 
 
 def _flat_streams(h: Tensor | None, source: tuple[Tensor, ...] | None, lo: int, hi: int,
@@ -107,7 +111,7 @@ class ManifoldWidth(torch.autograd.Function):
                 b_pre: Tensor, b_post: Tensor, b_res: Tensor, a_pre: Tensor, a_post: Tensor,
                 a_res: Tensor, norm_w: Tensor, norm_eps: float, save_dtype: torch.dtype,
                 source: tuple[Tensor, ...] | None = None, keep: bool = False, lazy: bool = False,
-                depth_grad=None):
+                depth_grad=None, map_iters: int | None = None):
         # source / keep / lazy / depth_grad: as for _hc_fused.WidthConnection (the streams rebuilt
         # in backward from what the previous connection's nodes keep, instead of a copy; the
         # mixing left to the depth node; the depth node's backward run in this node's kernel)
@@ -117,16 +121,23 @@ class ManifoldWidth(torch.autograd.Function):
         x = h.flatten(-2)  # (B, T, nd)
         r = rms_rstd(x, stream_eps)  # (B, T, 1)
         z = _project(x, phi) * r  # (B, T, m)
-        # The per-token map under autograd, its small graph kept for backward (O(m) numbers per
-        # token: the Sinkhorn op keeps only its logits), so backward does not re-run it.
-        ctx.inputs = [z.detach().requires_grad_(True)] + [
-            p.detach().requires_grad_(True) for p in (b_pre, b_post, b_res, a_pre, a_post, a_res)]
-        with torch.enable_grad():
-            pre, post, res = weights(*ctx.inputs)
-            ctx.alpha = alpha_of(pre, res)  # (B, T, n, n+1)
-        ctx.post = post
-        alpha = ctx.alpha.detach()
         ctx.native = _native_ok(h, phi.dtype, save_dtype)
+        ctx.map_iters = map_iters if ctx.native and MAP_KERNEL else None
+        if ctx.map_iters is not None:
+            # the map with res from Sinkhorn as one C call each way (nn.native.mhc_map)
+            ctx.map_a = torch.cat([a_pre, a_post, a_res])
+            ctx.map_logits, ctx.alpha, ctx.post = native.mhc_map(
+                z, torch.cat([b_pre, b_post, b_res]), ctx.map_a, map_iters, LOGIT_RANGE, _DEFICIT_FLOOR)
+        else:
+            # The per-token map under autograd, its small graph kept for backward (O(m) numbers
+            # per token: the Sinkhorn op keeps only its logits), so backward does not re-run it.
+            ctx.inputs = [z.detach().requires_grad_(True)] + [
+                p.detach().requires_grad_(True) for p in (b_pre, b_post, b_res, a_pre, a_post, a_res)]
+            with torch.enable_grad():
+                pre, ctx.post, res = weights(*ctx.inputs)
+                ctx.alpha = alpha_of(pre, res)  # (B, T, n, n+1)
+        post = ctx.post
+        alpha = ctx.alpha.detach()
         # the branch norm in the kernels too, except with one stream (then PyTorch's, as Pre-Norm's)
         ctx.kernel_norm = ctx.native and h.shape[-2] >= 2
         # backward in two kernel passes (hc_alpha_backward, the map's reverse, mhc_backward), which
@@ -167,7 +178,7 @@ class ManifoldWidth(torch.autograd.Function):
         # streams themselves; the flat products below widen a chunk at a time
         h, src = backward_streams(saved, source, compute, ctx.h_dtype, ctx.native)
         if ctx.kernel_norm and TWO_PASS_BACKWARD:
-            return ManifoldWidth._kernel_backward(ctx, h, src, g_out, g_mixed, g_post)
+            return ManifoldWidth._kernel_backward(ctx, h, src, g_out, g_mixed, g_post, phi, norm_w, r, x_rstd, z)
         if ctx.native:
             g_h, g_alpha, _, g_norm_w = kernel_mix_backward(
                 h, src, alpha, g_out, g_mixed, norm_w, x_rstd, ctx.kernel_norm, ctx.needs_input_grad[10],
@@ -176,22 +187,36 @@ class ManifoldWidth(torch.autograd.Function):
             h = h.to(compute)
             g_h, g_alpha, g_norm_w = mix_backward(h, alpha, norm_w, x_rstd, g_out, g_mixed,
                                                   ctx.needs_input_grad[10])
+        g_z, g_small = ManifoldWidth._map_backward(ctx, z, g_alpha, g_post)
+        _, g_phi = projection_backward(g_z, z, r, phi, h, src, ctx.h_dtype, g_h.view(-1, n * d))
+        return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None, None, None, None, None, None)
+
+    @staticmethod
+    def _map_backward(ctx, z: Tensor, g_alpha: Tensor, g_post: Tensor | None) -> tuple[Tensor, list[Tensor | None]]:
+        """dL/dz and the gradients of the biases and gates (b_pre, b_post, b_res, a_pre, a_post,
+        a_res) from dL/dalpha and dL/dpost: the C kernel's reverse, or the kept graph's."""
+        if g_post is not None:
+            g_post = g_post.to(ctx.post.dtype)
+        if ctx.map_iters is not None:
+            g_z, g_par = native.mhc_map_backward(
+                z, ctx.map_logits, ctx.alpha, ctx.post, g_alpha, g_post, ctx.map_a,
+                ctx.map_iters, LOGIT_RANGE, _DEFICIT_FLOOR)
+            n = ctx.alpha.shape[-2]
+            return g_z, list(g_par.split([n, n, g_par.numel() - 2 * n - 3, 1, 1, 1]))
         outputs, grads = [ctx.alpha], [g_alpha]
         if g_post is not None:
             outputs.append(ctx.post)
-            grads.append(g_post.to(ctx.post.dtype))
+            grads.append(g_post)
         # retain_graph: the small graph is freed with this node, not by its first backward (a
         # backward with retain_graph=True may run this node again)
         g_z, *g_small = torch.autograd.grad(outputs, ctx.inputs, grads, allow_unused=True, retain_graph=True)
-        _, g_phi = projection_backward(g_z, z, r, phi, h, src, ctx.h_dtype, g_h.view(-1, n * d))
-        return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None, None, None, None, None)
+        return g_z, g_small
 
     @staticmethod
-    def _kernel_backward(ctx, h, src, g_out, g_mixed, g_post):
+    def _kernel_backward(ctx, h, src, g_out, g_mixed, g_post, phi, norm_w, r, x_rstd, z):
         """The C kernels' backward: dL/dalpha per token (and the branch input's dL/dx) in one pass
         over the streams, the per-token map's reverse (its kept graph) to dL/dz, then dL/dH and
         dL/dphi in a second pass, with the depth backward before when offered."""
-        saved, phi, norm_w, r, x_rstd, z, *_ = ctx.saved_tensors
         compute = phi.dtype
         alpha = ctx.alpha.detach()
         n, d = alpha.shape[-2], g_out.shape[-1]
@@ -199,11 +224,7 @@ class ManifoldWidth(torch.autograd.Function):
         g_mixed = None if g_mixed is None else g_mixed.to(compute)
         g_alpha, g_xn, g_norm_w = native.hc_alpha_backward(
             h, alpha, g_out.to(compute), g_mixed, (x_rstd, norm_w, ctx.needs_input_grad[10]), src, round_bf16)
-        outputs, grads = [ctx.alpha], [g_alpha]
-        if g_post is not None:
-            outputs.append(ctx.post)
-            grads.append(g_post.to(ctx.post.dtype))
-        g_z, *g_small = torch.autograd.grad(outputs, ctx.inputs, grads, allow_unused=True, retain_graph=True)
+        g_z, g_small = ManifoldWidth._map_backward(ctx, z, g_alpha, g_post)
         g_z = g_z.to(compute)
         g_p = g_z * r  # dL/d(x phi^T)
         coef = (g_z * z).sum(-1) * r.squeeze(-1).square() / (n * d)
@@ -216,7 +237,7 @@ class ManifoldWidth(torch.autograd.Function):
         g_h, g_phi = native.mhc_backward(h, alpha, g_xn, g_mixed, g_p, coef, phi, src, round_bf16, depth)
         if depth is not None:
             offer.fill(g_h, *depth[2:])  # g_h is the gradient returned for h (h_dtype == compute)
-        return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None, None, None, None, None)
+        return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None, None, None, None, None, None)
 
 
 class ProjectStreams(torch.autograd.Function):

@@ -188,7 +188,7 @@ class ManifoldHyperConnection(Pathway):
             x, mixed, post, saved, alpha = ManifoldWidth.apply(
                 h, self.phi.to(compute), self.stream_eps, self._map, *self._small(compute),
                 self.norm.weight.to(compute), self.norm.eps, save_dtype, source, source is None, lazy,
-                _take_depth_grad(h))
+                _take_depth_grad(h), self.sinkhorn_iters if self.res == "sinkhorn" else None)
         kept = None if source is not None else kept_for_rebuild(saved, alpha, h)
         return x, DepthContext(mixed, post, h.dtype, kept, depth_streams(lazy, h, alpha, alpha))
 
