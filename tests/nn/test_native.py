@@ -466,3 +466,20 @@ def test_the_mhc_map_kernels_match_the_map(n, with_post, dtype, tol):
     torch.testing.assert_close(g_z, ref[0], rtol=tol, atol=tol)
     ref_par = torch.cat([r if r is not None else torch.zeros_like(p) for r, p in zip(ref[1:], small)])
     torch.testing.assert_close(g_par, ref_par, rtol=tol, atol=50 * tol)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("N,K,m", [(37, 20, 8), (16, 128, 24), (3, 5, 1)])
+def test_the_mhc_projection_kernel_matches_the_formula(N, K, m, dtype, tol):
+    """z = (x phi^T) rsqrt(mean(x^2) + eps) and the rstd, for groups of tokens and their tail, rows
+    of phi beyond the last whole slice, and rows that are not a whole number of vectors."""
+    from hyperbit.nn.norm import rms_rstd
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(N, K, generator=g, dtype=dtype)
+    phi = torch.randn(m, K, generator=g, dtype=dtype)
+    z, r = native.mhc_project(x, phi, 1e-6)
+    r_ref = rms_rstd(x, 1e-6)
+    torch.testing.assert_close(r, r_ref, rtol=tol, atol=0)
+    torch.testing.assert_close(z, (x @ phi.T) * r_ref, rtol=tol, atol=tol)

@@ -515,6 +515,15 @@ static inline hb_vf64 hb_tanh_vf64(hb_vf64 x) {  /* libm's, lane by lane (the fp
 /* hb_mhc_backward: tokens per group sharing the loads of phi, and per partial sum of dL/dphi */
 #define MHC_GROUP 8
 #define MHC_TOKBLK 128
+/* hb_mhc_project: tokens x rows of phi whose dot products accumulate in registers together (all
+   of a group's tokens stay in L1 while it runs over phi, MHC_PROJ_ROWS rows at a time) */
+#if HB_VB == 64
+#define MHC_PROJ_TOKENS 8
+#define MHC_PROJ_ROWS 3
+#else
+#define MHC_PROJ_TOKENS 4
+#define MHC_PROJ_ROWS 2
+#endif
 
 
 #define DEFINE_HC(T, SUF, VT, HV, W, SQRT, TANH)                                                  \
@@ -892,6 +901,54 @@ HB_INLINE void hc_depth_backward_token_##SUF(int n, const T *gt, const T *bt, co
     );                                                                                            \
     if (gb)                                                                                       \
         for (int i = 0; i < n; i++) gb[i] = hb_hsum_##SUF(acc[i]);                                \
+}                                                                                                 \
+                                                                                                  \
+/* mHC's projection of the flat streams (pathways/_mhc_fused.py), G tokens from x (G a constant   \
+   after inlining): per token r = 1 / sqrt(mean(x^2) + eps) and z = (x phi^T) r over K = n d;      \
+   phi (rows, K) with rows a whole number of MHC_PROJ_ROWS (zero rows at the end), z (G, nr). */  \
+HB_INLINE void mhc_project_group_##SUF(int G, const T *x, int64_t K, const T *phi, int rows, int nr, \
+                                       T eps, T *z, T *r) {                                       \
+    for (int t = 0; t < G; t++) {                                                                 \
+        VT ss = {0};                                                                              \
+        HB_COLUMNS(W, K, VT v = hb_ld_##SUF(x + t * K + c, m); ss += v * v;);                     \
+        r[t] = 1 / SQRT(hb_hsum_##SUF(ss) / (T)K + eps);                                          \
+    }                                                                                             \
+    for (int k0 = 0; k0 < rows; k0 += MHC_PROJ_ROWS) {                                            \
+        VT acc[MHC_PROJ_ROWS][MHC_PROJ_TOKENS];                                                   \
+        for (int j = 0; j < MHC_PROJ_ROWS; j++)                                                   \
+            for (int t = 0; t < G; t++) acc[j][t] = (VT){0};                                      \
+        HB_COLUMNS(W, K,                                                                          \
+            VT pv[MHC_PROJ_ROWS];                                                                 \
+            for (int j = 0; j < MHC_PROJ_ROWS; j++) pv[j] = hb_ld_##SUF(phi + (k0 + j) * K + c, m); \
+            for (int t = 0; t < G; t++) {                                                         \
+                VT xv = hb_ld_##SUF(x + t * K + c, m);                                            \
+                for (int j = 0; j < MHC_PROJ_ROWS; j++) acc[j][t] += pv[j] * xv;                  \
+            }                                                                                     \
+        );                                                                                        \
+        for (int j = 0; j < MHC_PROJ_ROWS && k0 + j < nr; j++)                                    \
+            for (int t = 0; t < G; t++) z[t * nr + k0 + j] = hb_hsum_##SUF(acc[j][t]) * r[t];     \
+    }                                                                                             \
+}                                                                                                 \
+                                                                                                  \
+/* x (N, K), phi (nr, K) -> z (N, nr), r (N) */                                                   \
+int hb_mhc_project_##SUF(const T *x, int64_t N, int64_t K, const T *phi, int nr, T eps, T *z,     \
+                         T *r, int nthreads) {                                                    \
+    const int rows = (nr + MHC_PROJ_ROWS - 1) / MHC_PROJ_ROWS * MHC_PROJ_ROWS;                    \
+    T *php = calloc((size_t)(rows * K > 0 ? rows * K : 1), sizeof(T));  /* phi, whole slices */   \
+    if (!php) return 2;                                                                           \
+    memcpy(php, phi, sizeof(T) * nr * K);                                                         \
+    const int64_t groups = (N + MHC_PROJ_TOKENS - 1) / MHC_PROJ_TOKENS;                           \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
+    for (int64_t gi = 0; gi < groups; gi++) {                                                     \
+        int64_t t0 = gi * MHC_PROJ_TOKENS;                                                        \
+        if (t0 + MHC_PROJ_TOKENS <= N)                                                            \
+            mhc_project_group_##SUF(MHC_PROJ_TOKENS, x + t0 * K, K, php, rows, nr, eps, z + t0 * nr, r + t0); \
+        else                                                                                      \
+            for (; t0 < N; t0++)                                                                  \
+                mhc_project_group_##SUF(1, x + t0 * K, K, php, rows, nr, eps, z + t0 * nr, r + t0); \
+    }                                                                                             \
+    free(php);                                                                                    \
+    return 0;                                                                                     \
 }                                                                                                 \
                                                                                                   \
 /* mHC's width backward after hb_hc_backward gave dL/dalpha and the map's reverse gave dL/dz       \

@@ -99,6 +99,9 @@ def _build() -> ctypes.CDLL | None:
         mb = getattr(lib, f"hb_mhc_map_backward_{suffix}")
         mb.argtypes = [p, p, p, p, p, p, i64, i, p, i, ctype, ctype, p, p, i]
         mm.restype = mb.restype = ctypes.c_int
+        mp = getattr(lib, f"hb_mhc_project_{suffix}")
+        mp.argtypes = [p, i64, i64, p, i, ctype, p, p, i]
+        mp.restype = ctypes.c_int
         hm = getattr(lib, f"hb_mhc_backward_{suffix}")
         hm.argtypes = [st, i64, i, i64, p, p, p, p, p, p, i, p, p, ctypes.POINTER(_Depth), i]
         hm.restype = ctypes.c_int
@@ -188,6 +191,17 @@ def sinkhorn_backward(z: Tensor, grad: Tensor, iters: int, logit_range: float,
 
 #: the largest n of the hyper-connection kernels
 HC_MAX_N = 16
+
+
+def mhc_project(x: Tensor, phi: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """mHC's projection of the flat streams ``x`` (B, T, K): ``z = (x phi^T) r`` (B, T, m) and
+    ``r = rsqrt(mean(x^2) + eps)`` (B, T, 1), in one pass over ``x`` (``phi`` (m, K), same dtype)."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    x, phi = x.contiguous(), phi.contiguous()
+    z, r = x.new_empty(*lead, phi.shape[0]), x.new_empty(*lead, 1)
+    _check(_fn("hb_mhc_project", x.dtype)(x.data_ptr(), x[..., 0].numel(), K, phi.data_ptr(), phi.shape[0], eps,
+                                          z.data_ptr(), r.data_ptr(), _threads()), "mhc_project")
+    return z, r
 
 
 def mhc_map(z: Tensor, b: Tensor, a: Tensor, iters: int, logit_range: float, deficit_floor: float

@@ -119,9 +119,12 @@ class ManifoldWidth(torch.autograd.Function):
         ctx.h_dtype, streams = h.dtype, h
         h = h.to(phi.dtype).contiguous()  # expand_streams' broadcast view would slow the products
         x = h.flatten(-2)  # (B, T, nd)
-        r = rms_rstd(x, stream_eps)  # (B, T, 1)
-        z = _project(x, phi) * r  # (B, T, m)
         ctx.native = _native_ok(h, phi.dtype, save_dtype)
+        if ctx.native:  # the norm's rstd and the projection in one pass (C)
+            z, r = native.mhc_project(x, phi, stream_eps)
+        else:
+            r = rms_rstd(x, stream_eps)  # (B, T, 1)
+            z = _project(x, phi) * r  # (B, T, m)
         ctx.map_iters = map_iters if ctx.native and MAP_KERNEL else None
         if ctx.map_iters is not None:
             # the map with res from Sinkhorn as one C call each way (nn.native.mhc_map)
