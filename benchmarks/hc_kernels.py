@@ -13,8 +13,8 @@ process, the order alternating by round:
     base           the package's defaults
     unfused-depth  FUSE_DEPTH_BACKWARD off: each depth node runs its own backward kernel
     no-rebuild     REBUILD_STREAMS off: every width node keeps its own copy of the streams
-    one-pass-mhc   mHC's width backward as one mixing kernel, then the projection's backward in
-                   PyTorch ops (``_mhc_fused.TWO_PASS_BACKWARD`` off; its time is not kernel time:
+    pytorch-projection  mHC's width backward as one mixing kernel, then the projection's backward
+                   in PyTorch ops (``_mhc_fused.KERNEL_BACKWARD`` off; its time is not kernel time:
                    compare the steps)
     pytorch-map    mHC's per-token map in PyTorch ops under autograd (``_mhc_fused.MAP_KERNEL``
                    off) instead of one C call each way (``mhc_map``)
@@ -50,7 +50,8 @@ from hyperbit.nn import native  # noqa: E402
 from hyperbit.pathways import _mhc_fused, hyper  # noqa: E402
 
 KERNELS = ("hc_forward", "hc_forward_dynamic", "hc_rebuild", "hc_branch_input", "hc_backward",
-           "hc_alpha_backward", "mhc_backward", "mhc_map", "mhc_map_backward", "depth_forward",
+           "hc_alpha_backward", "mhc_backward", "mhc_backward_fused", "mhc_project", "mhc_map",
+           "mhc_map_backward", "depth_forward",
            "depth_backward", "sinkhorn", "sinkhorn_backward")
 SHAPE = dict(vocab_size=256, dim=256, n_layers=6, n_heads=4, seq_len=256, batch=8)
 SHAPE_QUICK = dict(vocab_size=64, dim=32, n_layers=2, n_heads=2, seq_len=16, batch=2)
@@ -90,8 +91,8 @@ def _variant(spec: str):
         return lambda: _patched(hyper, {"FUSE_DEPTH_BACKWARD": False})
     if spec == "no-rebuild":
         return lambda: _patched(hyper, {"REBUILD_STREAMS": False})
-    if spec == "one-pass-mhc":
-        return lambda: _patched(_mhc_fused, {"TWO_PASS_BACKWARD": False})
+    if spec == "pytorch-projection":
+        return lambda: _patched(_mhc_fused, {"KERNEL_BACKWARD": False})
     if spec == "pytorch-map":
         return lambda: _patched(_mhc_fused, {"MAP_KERNEL": False})
     if spec.startswith("source="):
@@ -100,7 +101,7 @@ def _variant(spec: str):
             raise SystemExit(f"hc_kernels: no such file: {path}")
         lib = _library(path)
         return lambda: _patched(native._state, {"lib": lib})
-    raise SystemExit(f"hc_kernels: unknown variant {spec!r} (base, unfused-depth, no-rebuild, one-pass-mhc, "
+    raise SystemExit(f"hc_kernels: unknown variant {spec!r} (base, unfused-depth, no-rebuild, pytorch-projection, "
                      "pytorch-map, source=PATH)")
 
 

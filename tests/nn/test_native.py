@@ -483,3 +483,70 @@ def test_the_mhc_projection_kernel_matches_the_formula(N, K, m, dtype, tol):
     r_ref = rms_rstd(x, 1e-6)
     torch.testing.assert_close(r, r_ref, rtol=tol, atol=0)
     torch.testing.assert_close(z, (x @ phi.T) * r_ref, rtol=tol, atol=tol)
+
+
+def _mhc_width_case(N, n, d, dtype, seed=11):
+    """Everything mHC's width backward reads, from a forward of the kernels on random streams."""
+    from hyperbit.pathways import sinkhorn as sk_mod
+
+    g = torch.Generator().manual_seed(seed)
+    r_ = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    m = 2 * n + n * n
+    h, phi = r_(N, n, d), 0.1 * r_(m, n * d)
+    b, a = r_(m), torch.tensor([0.5, 0.7, 0.9], dtype=dtype)
+    z, r = native.mhc_project(h.reshape(N, n * d), phi, 1e-6)
+    logits, alpha, post = native.mhc_map(z, b, a, 20, sk_mod.LOGIT_RANGE, sk_mod._DEFICIT_FLOOR)
+    norm_w = 1 + 0.3 * r_(d)
+    _, _, _, rstd = native.hc_forward(h, alpha, False, norm_w, 1e-5)
+    grads = dict(g_out=r_(N, d), g_mixed=r_(N, n, d), g_post=r_(N, n))
+    return dict(h=h, phi=phi, a=a, z=z, r=r, logits=logits, alpha=alpha, post=post, norm=(rstd, norm_w, True),
+                beta=r_(N, n), y=r_(N, d), **grads)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("n,d,N", [(4, 20, 300), (2, 64, 37)])
+@pytest.mark.parametrize("with_mixed", [True, False])
+def test_the_one_pass_mhc_backward_matches_its_three_parts(n, d, N, with_mixed, dtype, tol):
+    """mhc_backward_fused against hc_alpha_backward, then mhc_map_backward, then mhc_backward (each
+    tested against its formula above), over several blocks of tokens and a tail, with the depth
+    backward before and dL/dpost."""
+    from hyperbit.pathways import sinkhorn as sk_mod
+
+    t = _mhc_width_case(N, n, d, dtype)
+    g_mixed = t["g_mixed"] if with_mixed else None
+    sk_args = (20, sk_mod.LOGIT_RANGE, sk_mod._DEFICIT_FLOOR)
+    depth = (t["beta"], t["y"], torch.empty(N, d, dtype=dtype), torch.empty(N, n, dtype=dtype))
+    g_h, g_phi, g_par, g_w = native.mhc_backward_fused(
+        t["h"], t["alpha"], t["g_out"], g_mixed, t["norm"], t["z"], t["r"], t["logits"], t["post"], t["g_post"],
+        t["a"], *sk_args, t["phi"], depth=depth)
+    g_alpha, g_xn, g_w_ref = native.hc_alpha_backward(t["h"], t["alpha"], t["g_out"], g_mixed, t["norm"])
+    g_z, g_par_ref = native.mhc_map_backward(t["z"], t["logits"], t["alpha"], t["post"], g_alpha, t["g_post"],
+                                             t["a"], *sk_args)
+    coef = (g_z * t["z"]).sum(-1) * t["r"].squeeze(-1).square() / (n * d)
+    depth_ref = (t["beta"], t["y"], torch.empty(N, d, dtype=dtype), torch.empty(N, n, dtype=dtype))
+    g_h_ref, g_phi_ref = native.mhc_backward(t["h"], t["alpha"], g_xn, g_mixed, g_z * t["r"], coef, t["phi"],
+                                             depth=depth_ref)
+    for got, want in [(g_h, g_h_ref), (g_phi, g_phi_ref), (g_par, g_par_ref), (g_w, g_w_ref),
+                      (depth[2], depth_ref[2]), (depth[3], depth_ref[3])]:
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@needs_native
+def test_the_one_pass_mhc_backward_gives_the_same_bits_at_any_thread_count():
+    from hyperbit.pathways import sinkhorn as sk_mod
+
+    t = _mhc_width_case(400, 4, 32, torch.float32)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (4, 1, 2, 3):
+            torch.set_num_threads(count)
+            runs.append(native.mhc_backward_fused(
+                t["h"], t["alpha"], t["g_out"], t["g_mixed"], t["norm"], t["z"], t["r"], t["logits"], t["post"],
+                t["g_post"], t["a"], 20, sk_mod.LOGIT_RANGE, sk_mod._DEFICIT_FLOOR, t["phi"]))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a, b)

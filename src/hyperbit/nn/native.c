@@ -729,18 +729,14 @@ HB_INLINE void hc_depth_column_##SUF(int n, const T *bt, const VT *gv, const voi
     }                                                                                             \
 }                                                                                                 \
                                                                                                   \
-/* one token of hb_hc_backward: gx (d), gm (n, d) or NULL, gb (n) or NULL; writes gh (n, d), ga   \
-   (n, n+1), adds to gw ((n+2, d), DHC) and gnw (d, the norm's gain), and runs the backward of the \
-   depth connection before (dp, or NULL) on gh; buf: n d + 2 d scratch */                         \
-HB_INLINE void hc_backward_token_##SUF(int n, const hb_streams *s, int64_t tok, int64_t d,        \
-                                       const T *a, const T *gx, const T *gm, const T *gb,         \
-                                       const T *t, const T *r, const T *p, const T *wt,           \
-                                       T s_alpha, T s_beta, int use_tanh, T *gh, T *ga, T *gw,    \
-                                       const hb_norm *nm, T *gnw, const hb_depth *dp, T *buf) {   \
-    int k2 = n + 2;                                                                               \
-    const T *ht = hc_streams_token_##SUF(n, s, tok, d, buf);                                      \
+/* the first half of a token's width backward: the branch norm's backward (nm, or NULL: gx is dL/dx \
+   already; x recomputed from the streams ht into scr, 2 d scratch) and dL/dalpha ga (n, n+1) from  \
+   dL/dx and gm (n, d, or NULL); adds to gnw (the norm's gain). Returns dL/dx (in scr with nm). */ \
+HB_INLINE const T *hc_alpha_token_##SUF(int n, const T *ht, int64_t tok, int64_t d, const T *a,   \
+                                        const T *gx, const T *gm, const hb_norm *nm, T *gnw,      \
+                                        T *scr, T *ga) {                                          \
     if (nm) { /* the branch norm's backward: x (recomputed) -> dL/dx */                           \
-        T *xb = buf + n * d, *gxb = xb + d;                                                       \
+        T *xb = scr, *gxb = xb + d;                                                               \
         const T *w = (const T *)nm->w, *go = (const T *)nm->g_out + tok * d;                      \
         T rs = ((const T *)nm->rstd)[tok];                                                        \
         VT dot = {0};                                                                             \
@@ -758,7 +754,6 @@ HB_INLINE void hc_backward_token_##SUF(int n, const hb_streams *s, int64_t tok, 
             if (gnw) hb_st_##SUF(gnw + c, hb_ld_##SUF(gnw + c, m) + gov * xh, m);                 \
         );                                                                                        \
         gx = gxb;                                                                                 \
-        if (nm->g_x) memcpy((T *)nm->g_x + tok * d, gxb, sizeof(T) * d);                          \
     }                                                                                             \
     const T *ys[HB_MAXN + 3];                                                                     \
     ys[0] = gx;                                                                                   \
@@ -770,6 +765,21 @@ HB_INLINE void hc_backward_token_##SUF(int n, const hb_streams *s, int64_t tok, 
             for (int j = 1; j <= n; j++) ga[i * (n + 1) + j] = 0;                                 \
         }                                                                                         \
     }                                                                                             \
+    return gx;                                                                                    \
+}                                                                                                 \
+                                                                                                  \
+/* one token of hb_hc_backward: gx (d), gm (n, d) or NULL, gb (n) or NULL; writes gh (n, d), ga   \
+   (n, n+1), adds to gw ((n+2, d), DHC) and gnw (d, the norm's gain), and runs the backward of the \
+   depth connection before (dp, or NULL) on gh; buf: n d + 2 d scratch */                         \
+HB_INLINE void hc_backward_token_##SUF(int n, const hb_streams *s, int64_t tok, int64_t d,        \
+                                       const T *a, const T *gx, const T *gm, const T *gb,         \
+                                       const T *t, const T *r, const T *p, const T *wt,           \
+                                       T s_alpha, T s_beta, int use_tanh, T *gh, T *ga, T *gw,    \
+                                       const hb_norm *nm, T *gnw, const hb_depth *dp, T *buf) {   \
+    int k2 = n + 2;                                                                               \
+    const T *ht = hc_streams_token_##SUF(n, s, tok, d, buf);                                      \
+    gx = hc_alpha_token_##SUF(n, ht, tok, d, a, gx, gm, nm, gnw, buf + n * d, ga);                \
+    if (nm && nm->g_x) memcpy((T *)nm->g_x + tok * d, gx, sizeof(T) * d);                         \
     if (!gh) return;  /* dL/dalpha only (hb_mhc_backward writes dL/dH) */                         \
     T gp[HB_MAXN * (HB_MAXN + 2)], coef[HB_MAXN];                                                 \
     if (wt) { /* z = t (pre-tanh: P r); dL/dz, then dL/dP = dL/dz r */                            \
@@ -951,21 +961,18 @@ int hb_mhc_project_##SUF(const T *x, int64_t N, int64_t K, const T *phi, int nr,
     return 0;                                                                                     \
 }                                                                                                 \
                                                                                                   \
-/* mHC's width backward after hb_hc_backward gave dL/dalpha and the map's reverse gave dL/dz       \
-   (pathways/_mhc_fused.py), for G tokens from t0 (G a constant after inlining): per token, with  \
-   H (n, d) flattened to x (n d), g_x (d) = dL/dx of the branch input, gm (n, d) = dL/d mixed or  \
-   NULL, gp (nr) = dL/dz r and coef = sum_k dL/dz_k z_k r^2 / (n d):                               \
-       dL/dH_i = a_i0 g_x + sum_j a_i,j+1 gm_j + sum_k gp_k phi_k,i - coef H_i   (phi_k,i: row k's  \
+/* The second half of mHC's width backward (pathways/_mhc_fused.py), for G tokens from t0 (G a     \
+   constant after inlining) whose streams are ht: per token, with H (n, d) flattened to x (n d),  \
+   gx (d) = dL/dx of the branch input, gm (n, d) = dL/d mixed or NULL, gp (nr) = dL/dz r and coef \
+   = sum_k dL/dz_k z_k r^2 / (n d):                                                               \
+       dL/dH_i = a_i0 gx + sum_j a_i,j+1 gm_j + sum_k gp_k phi_k,i - coef H_i   (phi_k,i: row k's   \
        i-th d-block), and gphi_k,i += gp_k H_i;                                                   \
-   the G tokens share each load of phi and of gphi. Then the depth backward before (dp) on dL/dH. \
-   buf: G n d scratch. */                                                                         \
-HB_INLINE void mhc_backward_group_##SUF(int G, int n, const hb_streams *s, int64_t t0, int64_t d,  \
-                                        const T *alpha, const T *g_x, const T *g_mixed,           \
-                                        const T *gp, const T *coef, const T *phi, int nr, T *g_h, \
-                                        T *gphi, const hb_depth *dp, T *buf) {                    \
-    const T *ht[MHC_GROUP];                                                                       \
+   the G tokens share each load of phi and of gphi. gx, gp and coef: rows from the group's first   \
+   token; alpha, g_mixed and g_h: rows of all tokens. */                                          \
+HB_INLINE void mhc_group_##SUF(int G, int n, const T *const *ht, int64_t t0, int64_t d,            \
+                               const T *alpha, const T *gx, const T *g_mixed, const T *gp,        \
+                               const T *coef, const T *phi, int nr, T *g_h, T *gphi) {            \
     const int64_t nd = n * d;                                                                     \
-    for (int t = 0; t < G; t++) ht[t] = hc_streams_token_##SUF(n, s, t0 + t, d, buf + t * nd);    \
     HB_COLUMNS(W, d,                                                                              \
         for (int i = 0; i < n; i++) {                                                             \
             VT o[MHC_GROUP], hv[MHC_GROUP];                                                       \
@@ -973,7 +980,7 @@ HB_INLINE void mhc_backward_group_##SUF(int G, int n, const hb_streams *s, int64
                 const int64_t tok = t0 + t;                                                       \
                 const T *a = alpha + (tok * n + i) * (n + 1);                                     \
                 hv[t] = hb_ld_##SUF(ht[t] + i * d + c, m);                                        \
-                VT v = a[0] * hb_ld_##SUF(g_x + tok * d + c, m) - coef[tok] * hv[t];              \
+                VT v = a[0] * hb_ld_##SUF(gx + t * d + c, m) - coef[t] * hv[t];                   \
                 if (g_mixed)                                                                      \
                     for (int j = 0; j < n; j++)                                                   \
                         v += a[j + 1] * hb_ld_##SUF(g_mixed + (tok * n + j) * d + c, m);          \
@@ -984,7 +991,7 @@ HB_INLINE void mhc_backward_group_##SUF(int G, int n, const hb_streams *s, int64
             for (int k = 0; k < nr; k++, pk += nd, gk += nd) {                                    \
                 VT pv = hb_ld_##SUF(pk, m), acc[2] = {hb_ld_##SUF(gk, m), {0}};                   \
                 for (int t = 0; t < G; t++) {                                                     \
-                    T g = gp[(t0 + t) * nr + k];                                                  \
+                    T g = gp[t * nr + k];                                                         \
                     o[t] += g * pv;                                                               \
                     acc[t & 1] += g * hv[t];  /* two chains: half the latency */                  \
                 }                                                                                 \
@@ -993,18 +1000,43 @@ HB_INLINE void mhc_backward_group_##SUF(int G, int n, const hb_streams *s, int64
             for (int t = 0; t < G; t++) hb_st_##SUF(g_h + ((t0 + t) * n + i) * d + c, o[t], m);   \
         }                                                                                         \
     );                                                                                            \
+}                                                                                                 \
+                                                                                                  \
+/* mhc_group over nt tokens from t0 (in groups of MHC_GROUP, then one by one), then the depth     \
+   backward before (dp, or NULL) on their dL/dH */                                                \
+HB_INLINE void mhc_tokens_##SUF(int n, const T *const *ht, int64_t t0, int64_t nt, int64_t d,      \
+                                const T *alpha, const T *gx, const T *g_mixed, const T *gp,       \
+                                const T *coef, const T *phi, int nr, T *g_h, T *gphi,             \
+                                const hb_depth *dp) {                                             \
+    int64_t t = 0;                                                                                \
+    for (; t + MHC_GROUP <= nt; t += MHC_GROUP)                                                   \
+        mhc_group_##SUF(MHC_GROUP, n, ht + t, t0 + t, d, alpha, gx + t * d, g_mixed, gp + t * nr, \
+                        coef + t, phi, nr, g_h, gphi);                                            \
+    for (; t < nt; t++)                                                                           \
+        mhc_group_##SUF(1, n, ht + t, t0 + t, d, alpha, gx + t * d, g_mixed, gp + t * nr, coef + t, \
+                        phi, nr, g_h, gphi);                                                      \
     if (dp)                                                                                       \
-        for (int64_t tok = t0; tok < t0 + G; tok++)                                               \
-            hc_depth_backward_token_##SUF(n, g_h + tok * nd,                                      \
+        for (int64_t tok = t0; tok < t0 + nt; tok++)                                              \
+            hc_depth_backward_token_##SUF(n, g_h + tok * n * d,                                   \
                                           (const T *)dp->beta + (dp->beta_per_token ? tok * n : 0), \
                                           dp->y, dp->y_bf16, tok, d, (T *)dp->g_y + tok * d,      \
                                           (T *)dp->g_beta + tok * n);                             \
 }                                                                                                 \
                                                                                                   \
-/* streams (hb_streams); alpha (N, n, n+1); g_x (N, d); g_mixed (N, n, d) or NULL; gp (N, nr);   \
-   coef (N); phi (nr, n d). Out: g_h (N, n, d), g_phi (nr, n d); dp as for hb_hc_backward. The    \
-   g_phi partial sums: one per MHC_TOKBLK tokens, added in order (the same bits at any thread     \
-   count). */                                                                                     \
+/* out[c] = sum over blocks of parts[blk * stride + c], c < size, blocks in order */               \
+HB_INLINE void mhc_sum_parts_##SUF(const T *parts, int64_t nblk, int64_t stride, int64_t size, T *out) { \
+    _Pragma("omp for schedule(static)")                                                           \
+    for (int64_t c = 0; c < size; c++) {                                                          \
+        T acc = 0;                                                                                \
+        for (int64_t blk = 0; blk < nblk; blk++) acc += parts[blk * stride + c];                  \
+        out[c] = acc;                                                                             \
+    }                                                                                             \
+}                                                                                                 \
+                                                                                                  \
+/* Two-pass form (the map's reverse in PyTorch between the passes): streams (hb_streams); alpha  \
+   (N, n, n+1); g_x (N, d); g_mixed (N, n, d) or NULL; gp (N, nr); coef (N); phi (nr, n d). Out:  \
+   g_h (N, n, d), g_phi (nr, n d); dp as for hb_hc_backward. The g_phi partial sums: one per      \
+   MHC_TOKBLK tokens, added in order (the same bits at any thread count). */                      \
 int hb_mhc_backward_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const T *alpha,       \
                           const T *g_x, const T *g_mixed, const T *gp, const T *coef,             \
                           const T *phi, int nr, T *g_h, T *g_phi, const hb_depth *dp,             \
@@ -1021,24 +1053,120 @@ int hb_mhc_backward_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, cons
         _Pragma("omp for schedule(static)")                                                       \
         for (int64_t blk = 0; blk < nblk; blk++) {                                                \
             if (!buf) continue;  /* every thread reaches the loop's barrier */                    \
-            int64_t t0 = blk * MHC_TOKBLK, end = t0 + MHC_TOKBLK < N ? t0 + MHC_TOKBLK : N;       \
-            for (; t0 + MHC_GROUP <= end; t0 += MHC_GROUP)                                        \
-                HB_BY_N_##SUF(n, mhc_backward_group_##SUF(MHC_GROUP, nn, s, t0, d, alpha, g_x,    \
-                    g_mixed, gp, coef, phi, nr, g_h, parts + blk * size, dp, buf));               \
-            for (; t0 < end; t0++)                                                                \
-                HB_BY_N_##SUF(n, mhc_backward_group_##SUF(1, nn, s, t0, d, alpha, g_x, g_mixed,   \
-                    gp, coef, phi, nr, g_h, parts + blk * size, dp, buf));                        \
+            int64_t end = (blk + 1) * MHC_TOKBLK < N ? (blk + 1) * MHC_TOKBLK : N;                \
+            for (int64_t t0 = blk * MHC_TOKBLK; t0 < end; t0 += MHC_GROUP) {                      \
+                int64_t nt = end - t0 < MHC_GROUP ? end - t0 : MHC_GROUP;                         \
+                const T *ht[MHC_GROUP];                                                           \
+                for (int64_t t = 0; t < nt; t++)                                                  \
+                    HB_BY_N_##SUF(n, ht[t] = hc_streams_token_##SUF(nn, s, t0 + t, d, buf + t * nd)); \
+                HB_BY_N_##SUF(n, mhc_tokens_##SUF(nn, ht, t0, nt, d, alpha, g_x + t0 * d, g_mixed, \
+                    gp + t0 * nr, coef + t0, phi, nr, g_h, parts + blk * size, dp));              \
+            }                                                                                     \
         }                                                                                         \
         free(buf);                                                                                \
-        _Pragma("omp for schedule(static)")                                                       \
-        for (int64_t c = 0; c < size; c++) {                                                      \
-            T acc = 0;                                                                            \
-            for (int64_t blk = 0; blk < nblk; blk++) acc += parts[blk * size + c];                \
-            g_phi[c] = acc;                                                                       \
-        }                                                                                         \
+        mhc_sum_parts_##SUF(parts, nblk, size, size, g_phi);                                      \
     }                                                                                             \
     free(parts);                                                                                  \
     return bad ? 2 : 0;                                                                           \
+}                                                                                                 \
+                                                                                                  \
+/* One-pass form, with the map (res from Sinkhorn, see hb_mhc_map) reversed in the kernel: per    \
+   block of SK_BLOCK tokens, (1) the streams rebuilt (or read), the norm's backward and dL/dalpha  \
+   (hc_alpha_token), (2) the map's reverse (sigmoids, gates and the Sinkhorn's block backward) to \
+   dL/dz, with gp = dL/dz r and coef, and (3) mhc_tokens, the block's streams still in cache. In: \
+   g_out (N, d) = dL/d(the normed branch input), g_mixed or NULL, nm (the norm; its g_w, or NULL), \
+   z (N, nr), r (N), logits (N, n, n), alpha and post as the map wrote them, g_post (N, n) or     \
+   NULL, a = the three gates, phi (nr, n d). Out: g_h, g_phi, g_par (nr + 3: the biases' and      \
+   gates' gradients, as hb_mhc_map_backward), the gain's gradient into nm->g_w. Parameter         \
+   gradients: partial sums per MHC_TOKBLK tokens, added in order. */                              \
+int hb_mhc_backward_fused_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const T *alpha, \
+                                const T *g_mixed, const hb_norm *nm, const T *z, const T *r,      \
+                                const T *logits, const T *post, const T *g_post, const T *a,      \
+                                int iters, T range, T floor_, const T *phi, int nr, T *g_h,       \
+                                T *g_phi, T *g_par, const hb_depth *dp, int nthreads) {           \
+    if (n < 1 || n > SK_MAXN || nr != 2 * n + n * n || !nm) return 1;                             \
+    const int64_t nd = n * d, nblk = (N + MHC_TOKBLK - 1) / MHC_TOKBLK;                           \
+    const int64_t stride = nr * nd + d + nr + 3;  /* per block: g_phi | g_w | g_par */            \
+    const int nn2 = n * n;                                                                        \
+    T *parts = calloc((size_t)(nblk * stride), sizeof(T));                                        \
+    if (!parts) return 2;                                                                         \
+    int bad = 0;                                                                                  \
+    _Pragma("omp parallel num_threads(nthreads)")                                                 \
+    {                                                                                             \
+        /* streams, dL/dx, dL/dalpha, gp, coef of a block; norm scratch; the Sinkhorn's rounds */ \
+        const int64_t scratch = SK_BLOCK * (nd + d + n * (n + 1) + nr + 1) + 2 * d;               \
+        T *buf = malloc(sizeof(T) * scratch);                                                     \
+        sk_vec_##SUF *u = malloc(sizeof(sk_vec_##SUF) * (size_t)iters);                           \
+        sk_vec_##SUF *v = malloc(sizeof(sk_vec_##SUF) * (size_t)(iters + 1));                     \
+        sk_state_##SUF *st = malloc(sizeof(sk_state_##SUF));                                      \
+        int ok = buf && u && v && st;                                                             \
+        if (!ok) { _Pragma("omp atomic write") bad = 2; }                                         \
+        T *hb = buf, *gxb = hb + SK_BLOCK * nd, *gab = gxb + SK_BLOCK * d;                        \
+        T *gpb = gab + SK_BLOCK * n * (n + 1), *cb = gpb + SK_BLOCK * nr, *scr = cb + SK_BLOCK;   \
+        _Pragma("omp for schedule(static)")                                                       \
+        for (int64_t blk = 0; blk < nblk; blk++) {                                                \
+            if (!ok) continue;  /* every thread reaches the loop's barrier */                     \
+            T *pphi = parts + blk * stride, *pw = pphi + nr * nd, *ppar = pw + d;                 \
+            int64_t end = (blk + 1) * MHC_TOKBLK < N ? (blk + 1) * MHC_TOKBLK : N;                \
+            for (int64_t t0 = blk * MHC_TOKBLK; t0 < end; t0 += SK_BLOCK) {                       \
+                const int nb = end - t0 < SK_BLOCK ? (int)(end - t0) : SK_BLOCK;                  \
+                const T *ht[SK_BLOCK];                                                            \
+                for (int b = 0; b < nb; b++) {  /* (1) */                                         \
+                    const int64_t tok = t0 + b;                                                   \
+                    T *ga = gab + b * n * (n + 1);                                                \
+                    const T *gx;                                                                  \
+                    HB_BY_N_##SUF(n,                                                              \
+                        ht[b] = hc_streams_token_##SUF(nn, s, tok, d, hb + b * nd);               \
+                        gx = hc_alpha_token_##SUF(nn, ht[b], tok, d, alpha + tok * n * (n + 1),   \
+                                                  NULL, g_mixed ? g_mixed + tok * nd : NULL, nm,  \
+                                                  nm->g_w ? pw : NULL, scr, ga));                 \
+                    memcpy(gxb + b * d, gx, sizeof(T) * d);                                       \
+                }                                                                                 \
+                /* (2) dL/dres[j, i] = dL/dalpha[i, 1 + j] -> dL/dlogits (tokens last) */         \
+                sk_mat_##SUF zt, gt, gl;                                                          \
+                sk_gather_##SUF(logits, n, t0, nb, zt);                                           \
+                for (int i = 0; i < n; i++)                                                       \
+                    for (int j = 0; j < n; j++)                                                   \
+                        for (int b = 0; b < SK_BLOCK; b++)                                        \
+                            gt[j * n + i][b] = b < nb ? gab[(b * n + i) * (n + 1) + 1 + j] : 0;   \
+                sk_backward_block_##SUF(n, iters, range, floor_, zt, gt, u, v, st, gl);           \
+                for (int b = 0; b < nb; b++) {                                                    \
+                    const int64_t tok = t0 + b;                                                   \
+                    const T *zk = z + tok * nr;                                                   \
+                    T *gz = gpb + b * nr;  /* dL/dz here, then scaled to gp */                    \
+                    for (int i = 0; i < n; i++) {                                                 \
+                        T pre = alpha[(tok * n + i) * (n + 1)];                                   \
+                        T sp = gab[(b * n + i) * (n + 1)] * pre * (1 - pre);                      \
+                        T po = post[tok * n + i], su = g_post ? g_post[tok * n + i] * po * (1 - po / 2) : 0; \
+                        gz[i] = a[0] * sp;                                                        \
+                        gz[n + i] = a[1] * su;                                                    \
+                        ppar[i] += sp;                                                            \
+                        ppar[n + i] += su;                                                        \
+                        ppar[nr] += sp * zk[i];                                                   \
+                        ppar[nr + 1] += su * zk[n + i];                                           \
+                    }                                                                             \
+                    for (int k = 0; k < nn2; k++) {                                               \
+                        T g = gl[k][b];                                                           \
+                        gz[2 * n + k] = a[2] * g;                                                 \
+                        ppar[2 * n + k] += g;                                                     \
+                        ppar[nr + 2] += g * zk[2 * n + k];                                        \
+                    }                                                                             \
+                    T cs = 0, rt = r[tok];                                                        \
+                    for (int k = 0; k < nr; k++) cs += gz[k] * zk[k];                             \
+                    cb[b] = cs * rt * rt / (T)nd;                                                 \
+                    for (int k = 0; k < nr; k++) gz[k] *= rt;                                     \
+                }                                                                                 \
+                HB_BY_N_##SUF(n, mhc_tokens_##SUF(nn, ht, t0, nb, d, alpha, gxb, g_mixed, gpb, cb, \
+                                                  phi, nr, g_h, pphi, dp));  /* (3) */            \
+            }                                                                                     \
+        }                                                                                         \
+        free(buf); free(u); free(v); free(st);                                                    \
+        mhc_sum_parts_##SUF(parts, nblk, stride, nr * nd, g_phi);                                 \
+        if (nm->g_w) mhc_sum_parts_##SUF(parts + nr * nd, nblk, stride, d, (T *)nm->g_w);          \
+        mhc_sum_parts_##SUF(parts + nr * nd + d, nblk, stride, nr + 3, g_par);                    \
+    }                                                                                             \
+    free(parts);                                                                                  \
+    return bad;                                                                                   \
 }                                                                                                 \
                                                                                                   \
 /* g (N, n, d); g_y (N, d) or NULL; g_beta (N, n) per token or NULL */                            \

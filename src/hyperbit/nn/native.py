@@ -102,6 +102,10 @@ def _build() -> ctypes.CDLL | None:
         mp = getattr(lib, f"hb_mhc_project_{suffix}")
         mp.argtypes = [p, i64, i64, p, i, ctype, p, p, i]
         mp.restype = ctypes.c_int
+        hf = getattr(lib, f"hb_mhc_backward_fused_{suffix}")
+        hf.argtypes = [st, i64, i, i64, p, p, nm, p, p, p, p, p, p, i, ctype, ctype, p, i, p, p, p,
+                       ctypes.POINTER(_Depth), i]
+        hf.restype = ctypes.c_int
         hm = getattr(lib, f"hb_mhc_backward_{suffix}")
         hm.argtypes = [st, i64, i, i64, p, p, p, p, p, p, i, p, p, ctypes.POINTER(_Depth), i]
         hm.restype = ctypes.c_int
@@ -191,6 +195,40 @@ def sinkhorn_backward(z: Tensor, grad: Tensor, iters: int, logit_range: float,
 
 #: the largest n of the hyper-connection kernels
 HC_MAX_N = 16
+
+
+def mhc_backward_fused(h: Tensor | None, alpha: Tensor, g_out: Tensor, g_mixed: Tensor | None,
+                       norm: tuple[Tensor, Tensor, bool], z: Tensor, r: Tensor, logits: Tensor, post: Tensor,
+                       g_post: Tensor | None, a: Tensor, iters: int, logit_range: float, deficit_floor: float,
+                       phi: Tensor, source: tuple[Tensor, ...] | None = None, round_bf16: bool = False,
+                       depth: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """mHC's whole width backward in one pass over the streams (``h`` or ``source``, as for
+    :func:`hc_backward`), with the map of :func:`mhc_map` (``logits``, ``alpha``, ``post`` as it
+    wrote them, the gates ``a``) and the projection of :func:`mhc_project` (``z``, ``r``)
+    reversed per block of tokens: dL/dH (B, T, n, d), dL/dphi, the gradients of [b | a] (as
+    :func:`mhc_map_backward`) and of the norm's gain (``norm = (x_rstd, norm_w, need)``, else
+    None). ``g_out``: dL/d(the normed branch input); ``depth``: as for :func:`hc_backward`."""
+    compute = phi.dtype
+    st, hold, lead, n, d = _streams(h, source, round_bf16)
+    c = lambda x: None if x is None else x.contiguous()  # noqa: E731
+    x_rstd, norm_w, need_g_w = norm
+    x_rstd, norm_w, g_out = c(x_rstd), c(norm_w), c(g_out)
+    g_w = torch.empty(d, dtype=compute) if need_g_w else None
+    nm = ctypes.byref(_Norm(w=norm_w.data_ptr(), g_out=g_out.data_ptr(), rstd=x_rstd.data_ptr(), g_w=_ptr(g_w)))
+    alpha, g_mixed, z, r, logits, post, g_post, a, phi = (c(t) for t in (alpha, g_mixed, z, r, logits, post,
+                                                                          g_post, a, phi))
+    hold += [x_rstd, norm_w, g_out]
+    g_h = torch.empty(*lead, n, d, dtype=compute)
+    g_phi, g_par = torch.empty_like(phi), phi.new_empty(phi.shape[0] + 3)
+    dp = _depth(depth, hold)
+    _check(_fn("hb_mhc_backward_fused", compute)(
+        ctypes.byref(st), g_out[..., 0].numel(), n, d, alpha.data_ptr(), _ptr(g_mixed), nm, z.data_ptr(),
+        r.data_ptr(), logits.data_ptr(), post.data_ptr(), _ptr(g_post), a.data_ptr(), iters, logit_range,
+        deficit_floor, phi.data_ptr(), phi.shape[0], g_h.data_ptr(), g_phi.data_ptr(), g_par.data_ptr(), dp,
+        _threads()), "mhc_backward_fused")
+    del hold
+    return g_h, g_phi, g_par, g_w
 
 
 def mhc_project(x: Tensor, phi: Tensor, eps: float) -> tuple[Tensor, Tensor]:

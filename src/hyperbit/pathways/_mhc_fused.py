@@ -60,11 +60,13 @@ def alpha_of(pre: Tensor, res: Tensor) -> Tensor:
 #: tokens per chunk of the flat streams in backward (n*d each: 2 MiB in fp32 at n*d = 1024;
 #: measured 16% faster than one full-size widened copy and product at 2,048 tokens)
 _CHUNK = 512
-#: with the C kernels and n >= 2, backward in two passes over the streams (the second writes dL/dH
-#: and dL/dphi together, and runs the depth backward before); False: one kernel pass for the
-#: mixing, then the projection's backward in PyTorch ops (:func:`projection_backward`), the
-#: depth node's backward in its own kernel. The gradients agree to round-off.
-TWO_PASS_BACKWARD = True
+#: with the C kernels and n >= 2, the whole backward in kernels: one pass over the streams when the
+#: map runs in C too (:data:`MAP_KERNEL`, res from Sinkhorn), else two around the map's reverse
+#: (the second writes dL/dH and dL/dphi together); both run the depth backward before. False: one
+#: kernel pass for the mixing, then the projection's backward in PyTorch ops
+#: (:func:`projection_backward`), the depth node's backward in its own kernel. The gradients agree
+#: to round-off.
+KERNEL_BACKWARD = True
 #: with the C kernels, the per-token map (res from Sinkhorn) as one C call each way
 #: (``nn.native.mhc_map``); False: the map in PyTorch ops under autograd, its graph kept
 MAP_KERNEL = True
@@ -180,7 +182,10 @@ class ManifoldWidth(torch.autograd.Function):
         # the kernels read the saved copy as it is (bf16 under autocast) or rebuild each token's
         # streams themselves; the flat products below widen a chunk at a time
         h, src = backward_streams(saved, source, compute, ctx.h_dtype, ctx.native)
-        if ctx.kernel_norm and TWO_PASS_BACKWARD:
+        if ctx.kernel_norm and KERNEL_BACKWARD:
+            if ctx.map_iters is not None:
+                return ManifoldWidth._one_pass_backward(ctx, h, src, g_out, g_mixed, g_post, phi, norm_w, r,
+                                                        x_rstd, z)
             return ManifoldWidth._kernel_backward(ctx, h, src, g_out, g_mixed, g_post, phi, norm_w, r, x_rstd, z)
         if ctx.native:
             g_h, g_alpha, _, g_norm_w = kernel_mix_backward(
@@ -216,6 +221,33 @@ class ManifoldWidth(torch.autograd.Function):
         return g_z, g_small
 
     @staticmethod
+    def _depth_offer(ctx, g_out: Tensor, n: int, d: int, compute: torch.dtype):
+        """``(offer, depth)``: the depth node's offer and the kernels' ``depth`` argument, or Nones."""
+        offer = ctx.depth_grad
+        inputs = offer.inputs(compute) if offer is not None else None
+        if inputs is None:
+            return None, None
+        lead = g_out.shape[:-1]
+        return offer, (*inputs, g_out.new_empty(*lead, d, dtype=compute), g_out.new_empty(*lead, n, dtype=compute))
+
+    @staticmethod
+    def _one_pass_backward(ctx, h, src, g_out, g_mixed, g_post, phi, norm_w, r, x_rstd, z):
+        """The C kernel's backward with the map in C too: one pass over the streams
+        (``nn.native.mhc_backward_fused``), with the depth backward before when offered."""
+        compute = phi.dtype
+        n, d = ctx.alpha.shape[-2], g_out.shape[-1]
+        offer, depth = ManifoldWidth._depth_offer(ctx, g_out, n, d, compute)
+        g_h, g_phi, g_par, g_norm_w = native.mhc_backward_fused(
+            h, ctx.alpha, g_out.to(compute), None if g_mixed is None else g_mixed.to(compute),
+            (x_rstd, norm_w, ctx.needs_input_grad[10]), z, r, ctx.map_logits, ctx.post,
+            None if g_post is None else g_post.to(compute), ctx.map_a, ctx.map_iters, LOGIT_RANGE, _DEFICIT_FLOOR,
+            phi, src, ctx.h_dtype != compute, depth)
+        if depth is not None:
+            offer.fill(g_h, *depth[2:])  # g_h is the gradient returned for h (h_dtype == compute)
+        g_small = g_par.split([n, n, g_par.numel() - 2 * n - 3, 1, 1, 1])
+        return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None, None, None, None, None, None)
+
+    @staticmethod
     def _kernel_backward(ctx, h, src, g_out, g_mixed, g_post, phi, norm_w, r, x_rstd, z):
         """The C kernels' backward: dL/dalpha per token (and the branch input's dL/dx) in one pass
         over the streams, the per-token map's reverse (its kept graph) to dL/dz, then dL/dH and
@@ -231,12 +263,7 @@ class ManifoldWidth(torch.autograd.Function):
         g_z = g_z.to(compute)
         g_p = g_z * r  # dL/d(x phi^T)
         coef = (g_z * z).sum(-1) * r.squeeze(-1).square() / (n * d)
-        offer = ctx.depth_grad
-        inputs = offer.inputs(compute) if offer is not None else None
-        depth = None
-        if inputs is not None:
-            lead = g_out.shape[:-1]
-            depth = (*inputs, g_out.new_empty(*lead, d, dtype=compute), g_out.new_empty(*lead, n, dtype=compute))
+        offer, depth = ManifoldWidth._depth_offer(ctx, g_out, n, d, compute)
         g_h, g_phi = native.mhc_backward(h, alpha, g_xn, g_mixed, g_p, coef, phi, src, round_bf16, depth)
         if depth is not None:
             offer.fill(g_h, *depth[2:])  # g_h is the gradient returned for h (h_dtype == compute)
