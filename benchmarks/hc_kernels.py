@@ -13,11 +13,9 @@ process, the order alternating by round:
     base           the package's defaults
     unfused-depth  FUSE_DEPTH_BACKWARD off: each depth node runs its own backward kernel
     no-rebuild     REBUILD_STREAMS off: every width node keeps its own copy of the streams
-    pytorch-projection  mHC's width backward as one mixing kernel, then the projection's backward
-                   in PyTorch ops (``_mhc_fused.KERNEL_BACKWARD`` off; its time is not kernel time:
-                   compare the steps)
-    pytorch-map    mHC's per-token map in PyTorch ops under autograd (``_mhc_fused.MAP_KERNEL``
-                   off) instead of one C call each way (``mhc_map``)
+    pytorch-mhc    mHC's projection, per-token map and width backward in PyTorch ops around the
+                   mixing kernels HC shares (``_mhc_fused.MHC_KERNELS`` off); their time is not
+                   kernel time: compare the steps
     source=PATH    the kernels built from another ``native.c`` with the same entry points
                    (e.g. one from ``git show REV:src/hyperbit/nn/native.c``)
 
@@ -46,26 +44,26 @@ C.setup_paths()
 
 import torch  # noqa: E402
 
-from hyperbit.nn import native  # noqa: E402
+from hyperbit.nn import native, native_mhc  # noqa: E402
 from hyperbit.pathways import _mhc_fused, hyper  # noqa: E402
 
 KERNELS = ("hc_forward", "hc_forward_dynamic", "hc_rebuild", "hc_branch_input", "hc_backward",
            "hc_alpha_backward", "mhc_backward", "mhc_backward_fused", "mhc_project", "mhc_map",
-           "mhc_map_backward", "depth_forward",
-           "depth_backward", "sinkhorn", "sinkhorn_backward")
+           "mhc_map_backward", "depth_forward", "depth_backward", "sinkhorn", "sinkhorn_backward")
 SHAPE = dict(vocab_size=256, dim=256, n_layers=6, n_heads=4, seq_len=256, batch=8)
 SHAPE_QUICK = dict(vocab_size=64, dim=32, n_layers=2, n_heads=2, seq_len=16, batch=2)
 
 
 class KernelClock:
-    """Wraps the kernels of :mod:`hyperbit.nn.native` with a timer: seconds and calls per kernel
-    since the last :meth:`reset`."""
+    """Wraps the kernels of :mod:`hyperbit.nn.native` and :mod:`hyperbit.nn.native_mhc` with a
+    timer: seconds and calls per kernel since the last :meth:`reset`."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         for name in KERNELS:
-            setattr(native, name, self._timed(name, getattr(native, name)))
+            module = native_mhc if hasattr(native_mhc, name) else native
+            setattr(module, name, self._timed(name, getattr(module, name)))
 
     def _timed(self, name, fn):
         def run(*args, **kwargs):
@@ -91,18 +89,16 @@ def _variant(spec: str):
         return lambda: _patched(hyper, {"FUSE_DEPTH_BACKWARD": False})
     if spec == "no-rebuild":
         return lambda: _patched(hyper, {"REBUILD_STREAMS": False})
-    if spec == "pytorch-projection":
-        return lambda: _patched(_mhc_fused, {"KERNEL_BACKWARD": False})
-    if spec == "pytorch-map":
-        return lambda: _patched(_mhc_fused, {"MAP_KERNEL": False})
+    if spec == "pytorch-mhc":
+        return lambda: _patched(_mhc_fused, {"MHC_KERNELS": False})
     if spec.startswith("source="):
         path = Path(spec.split("=", 1)[1])
         if not path.is_file():
             raise SystemExit(f"hc_kernels: no such file: {path}")
         lib = _library(path)
         return lambda: _patched(native._state, {"lib": lib})
-    raise SystemExit(f"hc_kernels: unknown variant {spec!r} (base, unfused-depth, no-rebuild, pytorch-projection, "
-                     "pytorch-map, source=PATH)")
+    raise SystemExit(f"hc_kernels: unknown variant {spec!r} (base, unfused-depth, no-rebuild, "
+                     "pytorch-mhc, source=PATH)")
 
 
 def _library(path: Path):

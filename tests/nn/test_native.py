@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyperbit.nn import native
+from hyperbit.nn import native, native_mhc
 from hyperbit.pathways import sinkhorn as sk
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler: the PyTorch path runs")
@@ -370,7 +370,7 @@ def test_the_mhc_backward_kernel_matches_its_formula(n, d, N, with_mixed, dtype,
     t = _mhc_backward_inputs(N, n, d, m, dtype)
     h, alpha, g_mixed = t["h"], t["alpha"], t["g_mixed"] if with_mixed else None
     g_y, g_beta = torch.empty(N, d, dtype=dtype), torch.empty(N, n, dtype=dtype)
-    g_h, g_phi = native.mhc_backward(h, alpha, t["g_xn"], g_mixed, t["g_p"], t["coef"], t["phi"],
+    g_h, g_phi = native_mhc.mhc_backward(h, alpha, t["g_xn"], g_mixed, t["g_p"], t["coef"], t["phi"],
                                      depth=(t["beta"], t["y"], g_y, g_beta))
     mix = alpha[..., 0:1] * t["g_xn"].unsqueeze(-2)
     if with_mixed:
@@ -384,8 +384,8 @@ def test_the_mhc_backward_kernel_matches_its_formula(n, d, N, with_mixed, dtype,
     # the streams rebuilt per token (prev, alpha, beta, y: H = A_r^T prev + beta y)
     src = (t["h"].flip(0), alpha.flip(0), t["beta"].flip(0), t["y"].flip(0))
     rebuilt = native.hc_rebuild(*src, dtype)
-    g_h2, g_phi2 = native.mhc_backward(None, alpha, t["g_xn"], g_mixed, t["g_p"], t["coef"], t["phi"], src)
-    g_h3, g_phi3 = native.mhc_backward(rebuilt, alpha, t["g_xn"], g_mixed, t["g_p"], t["coef"], t["phi"])
+    g_h2, g_phi2 = native_mhc.mhc_backward(None, alpha, t["g_xn"], g_mixed, t["g_p"], t["coef"], t["phi"], src)
+    g_h3, g_phi3 = native_mhc.mhc_backward(rebuilt, alpha, t["g_xn"], g_mixed, t["g_p"], t["coef"], t["phi"])
     torch.testing.assert_close(g_h2, g_h3, rtol=tol, atol=tol)  # (the compiler may contract the
     torch.testing.assert_close(g_phi2, g_phi3, rtol=tol, atol=10 * tol)  # rebuild's FMAs otherwise)
 
@@ -401,7 +401,7 @@ def test_the_mhc_backward_kernel_gives_the_same_bits_at_any_thread_count():
     try:
         for count in (4, 1, 2, 3):
             torch.set_num_threads(count)
-            runs.append(native.mhc_backward(*args))
+            runs.append(native_mhc.mhc_backward(*args))
     finally:
         torch.set_num_threads(threads)
     for run in runs[1:]:
@@ -422,7 +422,7 @@ def test_the_alpha_half_of_the_width_backward_matches_the_whole():
     norm = (rstd, norm_w, True)
     g_h, g_alpha, _, g_w = native.hc_backward(h, alpha, g_out, g_mixed, None, None, None, None, None, 0.0, 0.0,
                                               False, norm=norm)
-    g_alpha2, g_xn, g_w2 = native.hc_alpha_backward(h, alpha, g_out, g_mixed, norm)
+    g_alpha2, g_xn, g_w2 = native_mhc.hc_alpha_backward(h, alpha, g_out, g_mixed, norm)
     assert torch.equal(g_alpha2, g_alpha) and torch.equal(g_w2, g_w)
     # dL/dH with the mixing of g_xn (and of g_mixed) as hc_backward's without a norm
     g_h_ref = native.hc_backward(h, alpha, g_xn, g_mixed, None, None, None, None, None, 0.0, 0.0, False)[0]
@@ -450,7 +450,7 @@ def test_the_mhc_map_kernels_match_the_map(n, with_post, dtype, tol):
     pre, post, res = mhc._map(*leaves)
     alpha_ref = alpha_of(pre, res)
     b, a = torch.cat(small[:3]), torch.cat(small[3:])
-    logits, alpha, post_k = native.mhc_map(z, b, a, mhc.sinkhorn_iters, sk_mod.LOGIT_RANGE, sk_mod._DEFICIT_FLOOR)
+    logits, alpha, post_k = native_mhc.mhc_map(z, b, a, mhc.sinkhorn_iters, sk_mod.LOGIT_RANGE, sk_mod._DEFICIT_FLOOR)
     torch.testing.assert_close(alpha, alpha_ref, rtol=tol, atol=tol)
     torch.testing.assert_close(post_k, post, rtol=tol, atol=tol)
     g_alpha = torch.randn(alpha.shape, generator=g, dtype=dtype)
@@ -460,7 +460,7 @@ def test_the_mhc_map_kernels_match_the_map(n, with_post, dtype, tol):
         outs.append(post)
         grads.append(g_post)
     ref = torch.autograd.grad(outs, leaves, grads, allow_unused=True)
-    g_z, g_par = native.mhc_map_backward(z, logits, alpha, post_k, g_alpha, g_post, a, mhc.sinkhorn_iters,
+    g_z, g_par = native_mhc.mhc_map_backward(z, logits, alpha, post_k, g_alpha, g_post, a, mhc.sinkhorn_iters,
                                          sk_mod.LOGIT_RANGE, sk_mod._DEFICIT_FLOOR)
     assert torch.isfinite(g_z).all()
     torch.testing.assert_close(g_z, ref[0], rtol=tol, atol=tol)
@@ -479,7 +479,7 @@ def test_the_mhc_projection_kernel_matches_the_formula(N, K, m, dtype, tol):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(N, K, generator=g, dtype=dtype)
     phi = torch.randn(m, K, generator=g, dtype=dtype)
-    z, r = native.mhc_project(x, phi, 1e-6)
+    z, r = native_mhc.mhc_project(x, phi, 1e-6)
     r_ref = rms_rstd(x, 1e-6)
     torch.testing.assert_close(r, r_ref, rtol=tol, atol=0)
     torch.testing.assert_close(z, (x @ phi.T) * r_ref, rtol=tol, atol=tol)
@@ -494,8 +494,8 @@ def _mhc_width_case(N, n, d, dtype, seed=11):
     m = 2 * n + n * n
     h, phi = r_(N, n, d), 0.1 * r_(m, n * d)
     b, a = r_(m), torch.tensor([0.5, 0.7, 0.9], dtype=dtype)
-    z, r = native.mhc_project(h.reshape(N, n * d), phi, 1e-6)
-    logits, alpha, post = native.mhc_map(z, b, a, 20, sk_mod.LOGIT_RANGE, sk_mod._DEFICIT_FLOOR)
+    z, r = native_mhc.mhc_project(h.reshape(N, n * d), phi, 1e-6)
+    logits, alpha, post = native_mhc.mhc_map(z, b, a, 20, sk_mod.LOGIT_RANGE, sk_mod._DEFICIT_FLOOR)
     norm_w = 1 + 0.3 * r_(d)
     _, _, _, rstd = native.hc_forward(h, alpha, False, norm_w, 1e-5)
     grads = dict(g_out=r_(N, d), g_mixed=r_(N, n, d), g_post=r_(N, n))
@@ -517,15 +517,15 @@ def test_the_one_pass_mhc_backward_matches_its_three_parts(n, d, N, with_mixed, 
     g_mixed = t["g_mixed"] if with_mixed else None
     sk_args = (20, sk_mod.LOGIT_RANGE, sk_mod._DEFICIT_FLOOR)
     depth = (t["beta"], t["y"], torch.empty(N, d, dtype=dtype), torch.empty(N, n, dtype=dtype))
-    g_h, g_phi, g_par, g_w = native.mhc_backward_fused(
+    g_h, g_phi, g_par, g_w = native_mhc.mhc_backward_fused(
         t["h"], t["alpha"], t["g_out"], g_mixed, t["norm"], t["z"], t["r"], t["logits"], t["post"], t["g_post"],
         t["a"], *sk_args, t["phi"], depth=depth)
-    g_alpha, g_xn, g_w_ref = native.hc_alpha_backward(t["h"], t["alpha"], t["g_out"], g_mixed, t["norm"])
-    g_z, g_par_ref = native.mhc_map_backward(t["z"], t["logits"], t["alpha"], t["post"], g_alpha, t["g_post"],
+    g_alpha, g_xn, g_w_ref = native_mhc.hc_alpha_backward(t["h"], t["alpha"], t["g_out"], g_mixed, t["norm"])
+    g_z, g_par_ref = native_mhc.mhc_map_backward(t["z"], t["logits"], t["alpha"], t["post"], g_alpha, t["g_post"],
                                              t["a"], *sk_args)
     coef = (g_z * t["z"]).sum(-1) * t["r"].squeeze(-1).square() / (n * d)
     depth_ref = (t["beta"], t["y"], torch.empty(N, d, dtype=dtype), torch.empty(N, n, dtype=dtype))
-    g_h_ref, g_phi_ref = native.mhc_backward(t["h"], t["alpha"], g_xn, g_mixed, g_z * t["r"], coef, t["phi"],
+    g_h_ref, g_phi_ref = native_mhc.mhc_backward(t["h"], t["alpha"], g_xn, g_mixed, g_z * t["r"], coef, t["phi"],
                                              depth=depth_ref)
     for got, want in [(g_h, g_h_ref), (g_phi, g_phi_ref), (g_par, g_par_ref), (g_w, g_w_ref),
                       (depth[2], depth_ref[2]), (depth[3], depth_ref[3])]:
@@ -542,7 +542,7 @@ def test_the_one_pass_mhc_backward_gives_the_same_bits_at_any_thread_count():
     try:
         for count in (4, 1, 2, 3):
             torch.set_num_threads(count)
-            runs.append(native.mhc_backward_fused(
+            runs.append(native_mhc.mhc_backward_fused(
                 t["h"], t["alpha"], t["g_out"], t["g_mixed"], t["norm"], t["z"], t["r"], t["logits"], t["post"],
                 t["g_post"], t["a"], 20, sk_mod.LOGIT_RANGE, sk_mod._DEFICIT_FLOOR, t["phi"]))
     finally:

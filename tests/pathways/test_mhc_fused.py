@@ -5,7 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyperbit.pathways import ManifoldHyperConnection, expand_streams
+from hyperbit.nn import native
+from hyperbit.pathways import ManifoldHyperConnection, _mhc_fused, expand_streams
+
+
+@pytest.fixture(params=["native", "native-shared", "pytorch"])
+def kernels(request, monkeypatch):
+    """The three implementations of mHC's fused node: the C kernels, mHC's own kernels off (its
+    projection, map and backward in PyTorch ops around the mixing kernels HC shares), and the
+    PyTorch ops throughout (the path on CUDA, and without a C compiler)."""
+    if request.param == "pytorch":
+        monkeypatch.setenv("HYPERBIT_NATIVE", "0")
+        return request.param
+    if native.library() is None:
+        pytest.skip("no C compiler: only the PyTorch path runs here")
+    if request.param == "native-shared":
+        monkeypatch.setattr(_mhc_fused, "MHC_KERNELS", False)
+    return request.param
 
 
 def _random_mhc(n, d, res, init, dtype=torch.float64, seed=0):

@@ -7,7 +7,7 @@ the calling module stays the reference and the fallback: it runs when no compile
 build fails, the tensors are not on the CPU, or when ``HYPERBIT_NATIVE=0``. The tests compare
 both, forward and backward. Inside ``torch.compile`` the kernels run as ``torch.library``
 operators (the Sinkhorn's in ``pathways/sinkhorn.py``, the hyper-connections' in
-``native_ops.py``): a ``ctypes`` call itself cannot be traced.
+``native_ops.py``): a ``ctypes`` call cannot be traced. mHC's own kernels: ``native_mhc.py``.
 
 The shared library is cached under ``$HYPERBIT_CACHE`` (default ``~/.cache/hyperbit``), named by
 a hash of the source, the compiler command and this CPU's flags (it is built for the CPU it runs
@@ -56,6 +56,26 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("HYPERBIT_CACHE") or Path.home() / ".cache" / "hyperbit")
 
 
+#: every entry point's arguments (ctypes would pass undeclared ones as C ints): p a pointer, i an
+#: int, l an int64, f the kernel's float (float or double), nm / st / dp pointers to the hb_norm /
+#: hb_streams / hb_depth structures below. Each returns an int (0, or an error code).
+_SIGNATURES = {
+    "hb_sinkhorn": "p p l i i f f i",
+    "hb_sinkhorn_backward": "p p p l i i f f i",
+    "hb_hc_forward": "p l i l p i p p p nm i",
+    "hb_hc_streams": "st l i l p i p p i",
+    "hb_hc_backward": "st l i l p i p p p p p p p f f i p p p nm dp i",
+    "hb_hc_forward_dynamic": "p l i l p p p f f f i p p p p p p p p nm i",
+    "hb_depth_forward": "p p i p i l i l p i",
+    "hb_depth_backward": "p p i p i l i l p p i",
+    "hb_mhc_project": "p l l p i f p p i",
+    "hb_mhc_map": "p l i p p i f f p p p i",
+    "hb_mhc_map_backward": "p p p p p p l i p i f f p p i",
+    "hb_mhc_backward": "st l i l p p p p p p i p p dp i",
+    "hb_mhc_backward_fused": "st l i l p p nm p p p p p p i f f p i p p p dp i",
+}
+
+
 def _build() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None or not SOURCE.exists():
@@ -76,47 +96,13 @@ def _build() -> ctypes.CDLL | None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
+    structs = {"nm": ctypes.POINTER(_Norm), "st": ctypes.POINTER(_Streams), "dp": ctypes.POINTER(_Depth)}
     for suffix, ctype in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
-        fwd = getattr(lib, f"hb_sinkhorn_{suffix}")
-        fwd.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
-                        ctype, ctype, ctypes.c_int]
-        bwd = getattr(lib, f"hb_sinkhorn_backward_{suffix}")
-        bwd.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                        ctypes.c_int, ctypes.c_int, ctype, ctype, ctypes.c_int]
-        fwd.restype = bwd.restype = ctypes.c_int
-        p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        nm = ctypes.POINTER(_Norm)
-        hc = getattr(lib, f"hb_hc_forward_{suffix}")
-        hc.argtypes = [p, i64, i, i64, p, i, p, p, p, nm, i]
-        st = ctypes.POINTER(_Streams)
-        hx = getattr(lib, f"hb_hc_streams_{suffix}")
-        hx.argtypes = [st, i64, i, i64, p, i, p, p, i]
-        hb = getattr(lib, f"hb_hc_backward_{suffix}")
-        hb.argtypes = [st, i64, i, i64, p, i, p, p, p, p, p, p, p, ctype, ctype, i, p, p, p, nm,
-                       ctypes.POINTER(_Depth), i]
-        mm = getattr(lib, f"hb_mhc_map_{suffix}")
-        mm.argtypes = [p, i64, i, p, p, i, ctype, ctype, p, p, p, i]
-        mb = getattr(lib, f"hb_mhc_map_backward_{suffix}")
-        mb.argtypes = [p, p, p, p, p, p, i64, i, p, i, ctype, ctype, p, p, i]
-        mm.restype = mb.restype = ctypes.c_int
-        mp = getattr(lib, f"hb_mhc_project_{suffix}")
-        mp.argtypes = [p, i64, i64, p, i, ctype, p, p, i]
-        mp.restype = ctypes.c_int
-        hf = getattr(lib, f"hb_mhc_backward_fused_{suffix}")
-        hf.argtypes = [st, i64, i, i64, p, p, nm, p, p, p, p, p, p, i, ctype, ctype, p, i, p, p, p,
-                       ctypes.POINTER(_Depth), i]
-        hf.restype = ctypes.c_int
-        hm = getattr(lib, f"hb_mhc_backward_{suffix}")
-        hm.argtypes = [st, i64, i, i64, p, p, p, p, p, p, i, p, p, ctypes.POINTER(_Depth), i]
-        hm.restype = ctypes.c_int
-        hd = getattr(lib, f"hb_hc_forward_dynamic_{suffix}")
-        hd.argtypes = [p, i64, i, i64, p, p, p, ctype, ctype, ctype, i, p, p, p, p, p, p, p, p, nm, i]
-        hc.restype = hx.restype = hb.restype = hd.restype = ctypes.c_int
-        df = getattr(lib, f"hb_depth_forward_{suffix}")
-        df.argtypes = [p, p, i, p, i, i64, i, i64, p, i]
-        db = getattr(lib, f"hb_depth_backward_{suffix}")
-        db.argtypes = [p, p, i, p, i, i64, i, i64, p, p, i]
-        df.restype = db.restype = ctypes.c_int
+        types = {"p": ctypes.c_void_p, "i": ctypes.c_int, "l": ctypes.c_int64, "f": ctype, **structs}
+        for name, args in _SIGNATURES.items():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes = [types[a] for a in args.split()]
+            fn.restype = ctypes.c_int
     return lib
 
 
@@ -195,83 +181,6 @@ def sinkhorn_backward(z: Tensor, grad: Tensor, iters: int, logit_range: float,
 
 #: the largest n of the hyper-connection kernels
 HC_MAX_N = 16
-
-
-def mhc_backward_fused(h: Tensor | None, alpha: Tensor, g_out: Tensor, g_mixed: Tensor | None,
-                       norm: tuple[Tensor, Tensor, bool], z: Tensor, r: Tensor, logits: Tensor, post: Tensor,
-                       g_post: Tensor | None, a: Tensor, iters: int, logit_range: float, deficit_floor: float,
-                       phi: Tensor, source: tuple[Tensor, ...] | None = None, round_bf16: bool = False,
-                       depth: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """mHC's whole width backward in one pass over the streams (``h`` or ``source``, as for
-    :func:`hc_backward`), with the map of :func:`mhc_map` (``logits``, ``alpha``, ``post`` as it
-    wrote them, the gates ``a``) and the projection of :func:`mhc_project` (``z``, ``r``)
-    reversed per block of tokens: dL/dH (B, T, n, d), dL/dphi, the gradients of [b | a] (as
-    :func:`mhc_map_backward`) and of the norm's gain (``norm = (x_rstd, norm_w, need)``, else
-    None). ``g_out``: dL/d(the normed branch input); ``depth``: as for :func:`hc_backward`."""
-    compute = phi.dtype
-    st, hold, lead, n, d = _streams(h, source, round_bf16)
-    c = lambda x: None if x is None else x.contiguous()  # noqa: E731
-    x_rstd, norm_w, need_g_w = norm
-    x_rstd, norm_w, g_out = c(x_rstd), c(norm_w), c(g_out)
-    g_w = torch.empty(d, dtype=compute) if need_g_w else None
-    nm = ctypes.byref(_Norm(w=norm_w.data_ptr(), g_out=g_out.data_ptr(), rstd=x_rstd.data_ptr(), g_w=_ptr(g_w)))
-    alpha, g_mixed, z, r, logits, post, g_post, a, phi = (c(t) for t in (alpha, g_mixed, z, r, logits, post,
-                                                                          g_post, a, phi))
-    hold += [x_rstd, norm_w, g_out]
-    g_h = torch.empty(*lead, n, d, dtype=compute)
-    g_phi, g_par = torch.empty_like(phi), phi.new_empty(phi.shape[0] + 3)
-    dp = _depth(depth, hold)
-    _check(_fn("hb_mhc_backward_fused", compute)(
-        ctypes.byref(st), g_out[..., 0].numel(), n, d, alpha.data_ptr(), _ptr(g_mixed), nm, z.data_ptr(),
-        r.data_ptr(), logits.data_ptr(), post.data_ptr(), _ptr(g_post), a.data_ptr(), iters, logit_range,
-        deficit_floor, phi.data_ptr(), phi.shape[0], g_h.data_ptr(), g_phi.data_ptr(), g_par.data_ptr(), dp,
-        _threads()), "mhc_backward_fused")
-    del hold
-    return g_h, g_phi, g_par, g_w
-
-
-def mhc_project(x: Tensor, phi: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """mHC's projection of the flat streams ``x`` (B, T, K): ``z = (x phi^T) r`` (B, T, m) and
-    ``r = rsqrt(mean(x^2) + eps)`` (B, T, 1), in one pass over ``x`` (``phi`` (m, K), same dtype)."""
-    lead, K = x.shape[:-1], x.shape[-1]
-    x, phi = x.contiguous(), phi.contiguous()
-    z, r = x.new_empty(*lead, phi.shape[0]), x.new_empty(*lead, 1)
-    _check(_fn("hb_mhc_project", x.dtype)(x.data_ptr(), x[..., 0].numel(), K, phi.data_ptr(), phi.shape[0], eps,
-                                          z.data_ptr(), r.data_ptr(), _threads()), "mhc_project")
-    return z, r
-
-
-def mhc_map(z: Tensor, b: Tensor, a: Tensor, iters: int, logit_range: float, deficit_floor: float
-            ) -> tuple[Tensor, Tensor, Tensor]:
-    """mHC's per-token map with ``res`` from Sinkhorn (``pathways.manifold``): projections ``z``
-    (B, T, 2n + n^2), ``b`` = [b_pre | b_post | b_res] (2n + n^2,), ``a`` = [a_pre, a_post, a_res]
-    (3,), all in one dtype -> the res logits (B, T, n, n) (kept for :func:`mhc_map_backward`),
-    alpha = [pre | res^T] (B, T, n, n+1) and post (B, T, n)."""
-    lead, m = z.shape[:-1], z.shape[-1]
-    n = int(round((m + 1) ** 0.5)) - 1  # m = (n + 1)^2 - 1
-    z, b, a = z.contiguous(), b.contiguous(), a.contiguous()
-    logits = z.new_empty(*lead, n, n)
-    alpha, post = z.new_empty(*lead, n, n + 1), z.new_empty(*lead, n)
-    _check(_fn("hb_mhc_map", z.dtype)(z.data_ptr(), z[..., 0].numel(), n, b.data_ptr(), a.data_ptr(), iters,
-                                      logit_range, deficit_floor, logits.data_ptr(), alpha.data_ptr(),
-                                      post.data_ptr(), _threads()), "mhc_map")
-    return logits, alpha, post
-
-
-def mhc_map_backward(z: Tensor, logits: Tensor, alpha: Tensor, post: Tensor, g_alpha: Tensor,
-                     g_post: Tensor | None, a: Tensor, iters: int, logit_range: float, deficit_floor: float
-                     ) -> tuple[Tensor, Tensor]:
-    """The reverse of :func:`mhc_map`: dL/dz (B, T, m) and the gradients of [b | a] (m + 3,)."""
-    n, m = alpha.shape[-2], z.shape[-1]
-    c = lambda x: None if x is None else x.contiguous()  # noqa: E731
-    z, logits, alpha, post, g_alpha, g_post, a = (c(t) for t in (z, logits, alpha, post, g_alpha, g_post, a))
-    g_z, g_par = torch.empty_like(z), z.new_empty(m + 3)
-    _check(_fn("hb_mhc_map_backward", z.dtype)(
-        z.data_ptr(), logits.data_ptr(), alpha.data_ptr(), post.data_ptr(), g_alpha.data_ptr(), _ptr(g_post),
-        z[..., 0].numel(), n, a.data_ptr(), iters, logit_range, deficit_floor, g_z.data_ptr(), g_par.data_ptr(),
-        _threads()), "mhc_map_backward")
-    return g_z, g_par
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -424,17 +333,6 @@ def hc_backward(h: Tensor | None, alpha: Tensor, g_x: Tensor, g_mixed: Tensor | 
     return g_h, g_alpha, g_wt, g_w
 
 
-def hc_alpha_backward(h: Tensor | None, alpha: Tensor, g_out: Tensor, g_mixed: Tensor | None,
-                      norm: tuple[Tensor, Tensor, bool], source: tuple[Tensor, ...] | None = None,
-                      round_bf16: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The first half of mHC's width backward (the second: :func:`mhc_backward`): dL/dalpha per
-    token, dL/dx of the branch input before its norm (B, T, d) and dL/d(norm gain), as
-    :func:`hc_backward` computes them, without writing dL/dH."""
-    _, g_alpha, _, g_w, g_xn = _hc_backward(h, alpha, g_out, g_mixed, None, None, None, None, None, 0.0, 0.0,
-                                            False, source, round_bf16, norm, None, False)
-    return g_alpha, g_xn, g_w
-
-
 def _hc_backward(h, alpha, g_x, g_mixed, g_beta, t, r, p, wt, s_alpha, s_beta, use_tanh, source, round_bf16,
                  norm, depth, want_g_h: bool):
     compute = g_x.dtype
@@ -475,30 +373,6 @@ def _depth(depth: tuple[Tensor, Tensor, Tensor, Tensor] | None, hold: list[Tenso
     return ctypes.byref(_Depth(beta=d_beta.data_ptr(), y=d_y.data_ptr(), g_y=d_g_y.data_ptr(),
                                g_beta=d_g_beta.data_ptr(), beta_per_token=int(d_beta.dim() > 1),
                                y_bf16=int(d_y.dtype == torch.bfloat16)))
-
-
-def mhc_backward(h: Tensor | None, alpha: Tensor, g_xn: Tensor, g_mixed: Tensor | None, g_p: Tensor,
-                 coef: Tensor, phi: Tensor, source: tuple[Tensor, ...] | None = None, round_bf16: bool = False,
-                 depth: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """The second half of mHC's width backward, one pass over the streams (``h`` or ``source``, as
-    for :func:`hc_backward`): dL/dH (B, T, n, d), through the mixing (per-token ``alpha``, the
-    branch input's dL/dx ``g_xn`` from :func:`hc_alpha_backward`, dL/d mixed ``g_mixed`` or None)
-    and through the projection ``z = (x phi^T) r`` of the flat streams x (``g_p`` = dL/dz r
-    (B, T, m), ``coef`` = sum_k dL/dz_k z_k r^2 / (n d) (B, T)), and dL/dphi (m, n d). ``depth``:
-    as for :func:`hc_backward`. All in the dtype of ``phi``."""
-    compute = phi.dtype
-    st, hold, lead, n, d = _streams(h, source, round_bf16)
-    c = lambda x: None if x is None else x.contiguous()  # noqa: E731
-    alpha, g_xn, g_mixed, g_p, coef, phi = c(alpha), c(g_xn), c(g_mixed), c(g_p), c(coef), c(phi)
-    g_h = torch.empty(*lead, n, d, dtype=compute)
-    g_phi = torch.empty_like(phi)
-    dp = _depth(depth, hold)
-    _check(_fn("hb_mhc_backward", compute)(
-        ctypes.byref(st), g_xn[..., 0].numel(), n, d, alpha.data_ptr(), g_xn.data_ptr(), _ptr(g_mixed),
-        g_p.data_ptr(), coef.data_ptr(), phi.data_ptr(), phi.shape[0], g_h.data_ptr(), g_phi.data_ptr(),
-        dp, _threads()), "mhc_backward")
-    del hold
-    return g_h, g_phi
 
 
 def depth_forward(mixed: Tensor, beta: Tensor, y: Tensor) -> Tensor:

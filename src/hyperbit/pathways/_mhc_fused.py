@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..nn import native, native_ops
+from ..nn import native_mhc, native_ops
 from ..nn.norm import rms_rstd
 from .sinkhorn import _DEFICIT_FLOOR, LOGIT_RANGE
 from ._hc_fused import (_native_ok, _project, backward_streams, branch_norm, kept_outputs, kernel_mix_backward, placeholder,
@@ -60,16 +60,14 @@ def alpha_of(pre: Tensor, res: Tensor) -> Tensor:
 #: tokens per chunk of the flat streams in backward (n*d each: 2 MiB in fp32 at n*d = 1024;
 #: measured 16% faster than one full-size widened copy and product at 2,048 tokens)
 _CHUNK = 512
-#: with the C kernels and n >= 2, the whole backward in kernels: one pass over the streams when the
-#: map runs in C too (:data:`MAP_KERNEL`, res from Sinkhorn), else two around the map's reverse
-#: (the second writes dL/dH and dL/dphi together); both run the depth backward before. False: one
-#: kernel pass for the mixing, then the projection's backward in PyTorch ops
-#: (:func:`projection_backward`), the depth node's backward in its own kernel. The gradients agree
-#: to round-off.
-KERNEL_BACKWARD = True
-#: with the C kernels, the per-token map (res from Sinkhorn) as one C call each way
-#: (``nn.native.mhc_map``); False: the map in PyTorch ops under autograd, its graph kept
-MAP_KERNEL = True
+#: with the C kernels, mHC's own kernels: the projection and its rstd (``nn.native_mhc.mhc_project``),
+#: the per-token map when res comes from Sinkhorn (``mhc_map``), and for n >= 2 the whole width
+#: backward (``mhc_backward_fused``: one pass over the streams; two passes around the map's reverse
+#: in PyTorch for res="permutations"), the depth backward before included. False: those parts in
+#: PyTorch ops around the mixing kernels HC shares (a vector norm and a GEMM forward; the map under
+#: autograd; the projection's backward over chunks of tokens, :func:`projection_backward`), which
+#: is also the path with one stream. The gradients agree to round-off.
+MHC_KERNELS = True
 
 
 def _flat_streams(h: Tensor | None, source: tuple[Tensor, ...] | None, lo: int, hi: int,
@@ -122,16 +120,17 @@ class ManifoldWidth(torch.autograd.Function):
         h = h.to(phi.dtype).contiguous()  # expand_streams' broadcast view would slow the products
         x = h.flatten(-2)  # (B, T, nd)
         ctx.native = _native_ok(h, phi.dtype, save_dtype)
-        if ctx.native:  # the norm's rstd and the projection in one pass (C)
-            z, r = native.mhc_project(x, phi, stream_eps)
+        ctx.own_kernels = ctx.native and MHC_KERNELS
+        if ctx.own_kernels:  # the norm's rstd and the projection in one pass (C)
+            z, r = native_mhc.mhc_project(x, phi, stream_eps)
         else:
             r = rms_rstd(x, stream_eps)  # (B, T, 1)
             z = _project(x, phi) * r  # (B, T, m)
-        ctx.map_iters = map_iters if ctx.native and MAP_KERNEL else None
+        ctx.map_iters = map_iters if ctx.own_kernels else None
         if ctx.map_iters is not None:
-            # the map with res from Sinkhorn as one C call each way (nn.native.mhc_map)
+            # the map with res from Sinkhorn as one C call each way (nn.native_mhc.mhc_map)
             ctx.map_a = torch.cat([a_pre, a_post, a_res])
-            ctx.map_logits, ctx.alpha, ctx.post = native.mhc_map(
+            ctx.map_logits, ctx.alpha, ctx.post = native_mhc.mhc_map(
                 z, torch.cat([b_pre, b_post, b_res]), ctx.map_a, map_iters, LOGIT_RANGE, _DEFICIT_FLOOR)
         else:
             # The per-token map under autograd, its small graph kept for backward (O(m) numbers
@@ -145,9 +144,9 @@ class ManifoldWidth(torch.autograd.Function):
         alpha = ctx.alpha.detach()
         # the branch norm in the kernels too, except with one stream (then PyTorch's, as Pre-Norm's)
         ctx.kernel_norm = ctx.native and h.shape[-2] >= 2
-        # backward in two kernel passes (hc_alpha_backward, the map's reverse, mhc_backward), which
-        # also run the depth node's backward before (its offer, taken with streams in fp32)
-        ctx.depth_grad = depth_grad if ctx.kernel_norm and ctx.h_dtype == phi.dtype else None
+        # mHC's backward kernels also run the depth node's backward before (its offer, taken with
+        # streams in fp32)
+        ctx.depth_grad = depth_grad if ctx.kernel_norm and ctx.own_kernels and ctx.h_dtype == phi.dtype else None
         if ctx.native:  # the mixing and the bf16 copy of H in one pass per token (C)
             out, mixed, saved, x_rstd = native_ops.hc_forward(
                 h, alpha, save_dtype != h.dtype and streams.dtype != save_dtype and source is None,
@@ -182,7 +181,7 @@ class ManifoldWidth(torch.autograd.Function):
         # the kernels read the saved copy as it is (bf16 under autocast) or rebuild each token's
         # streams themselves; the flat products below widen a chunk at a time
         h, src = backward_streams(saved, source, compute, ctx.h_dtype, ctx.native)
-        if ctx.kernel_norm and KERNEL_BACKWARD:
+        if ctx.kernel_norm and ctx.own_kernels:
             if ctx.map_iters is not None:
                 return ManifoldWidth._one_pass_backward(ctx, h, src, g_out, g_mixed, g_post, phi, norm_w, r,
                                                         x_rstd, z)
@@ -206,7 +205,7 @@ class ManifoldWidth(torch.autograd.Function):
         if g_post is not None:
             g_post = g_post.to(ctx.post.dtype)
         if ctx.map_iters is not None:
-            g_z, g_par = native.mhc_map_backward(
+            g_z, g_par = native_mhc.mhc_map_backward(
                 z, ctx.map_logits, ctx.alpha, ctx.post, g_alpha, g_post, ctx.map_a,
                 ctx.map_iters, LOGIT_RANGE, _DEFICIT_FLOOR)
             n = ctx.alpha.shape[-2]
@@ -233,11 +232,11 @@ class ManifoldWidth(torch.autograd.Function):
     @staticmethod
     def _one_pass_backward(ctx, h, src, g_out, g_mixed, g_post, phi, norm_w, r, x_rstd, z):
         """The C kernel's backward with the map in C too: one pass over the streams
-        (``nn.native.mhc_backward_fused``), with the depth backward before when offered."""
+        (``nn.native_mhc.mhc_backward_fused``), with the depth backward before when offered."""
         compute = phi.dtype
         n, d = ctx.alpha.shape[-2], g_out.shape[-1]
         offer, depth = ManifoldWidth._depth_offer(ctx, g_out, n, d, compute)
-        g_h, g_phi, g_par, g_norm_w = native.mhc_backward_fused(
+        g_h, g_phi, g_par, g_norm_w = native_mhc.mhc_backward_fused(
             h, ctx.alpha, g_out.to(compute), None if g_mixed is None else g_mixed.to(compute),
             (x_rstd, norm_w, ctx.needs_input_grad[10]), z, r, ctx.map_logits, ctx.post,
             None if g_post is None else g_post.to(compute), ctx.map_a, ctx.map_iters, LOGIT_RANGE, _DEFICIT_FLOOR,
@@ -257,14 +256,14 @@ class ManifoldWidth(torch.autograd.Function):
         n, d = alpha.shape[-2], g_out.shape[-1]
         round_bf16 = ctx.h_dtype != compute
         g_mixed = None if g_mixed is None else g_mixed.to(compute)
-        g_alpha, g_xn, g_norm_w = native.hc_alpha_backward(
+        g_alpha, g_xn, g_norm_w = native_mhc.hc_alpha_backward(
             h, alpha, g_out.to(compute), g_mixed, (x_rstd, norm_w, ctx.needs_input_grad[10]), src, round_bf16)
         g_z, g_small = ManifoldWidth._map_backward(ctx, z, g_alpha, g_post)
         g_z = g_z.to(compute)
         g_p = g_z * r  # dL/d(x phi^T)
         coef = (g_z * z).sum(-1) * r.squeeze(-1).square() / (n * d)
         offer, depth = ManifoldWidth._depth_offer(ctx, g_out, n, d, compute)
-        g_h, g_phi = native.mhc_backward(h, alpha, g_xn, g_mixed, g_p, coef, phi, src, round_bf16, depth)
+        g_h, g_phi = native_mhc.mhc_backward(h, alpha, g_xn, g_mixed, g_p, coef, phi, src, round_bf16, depth)
         if depth is not None:
             offer.fill(g_h, *depth[2:])  # g_h is the gradient returned for h (h_dtype == compute)
         return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None, None, None, None, None, None)
