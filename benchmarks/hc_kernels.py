@@ -246,8 +246,12 @@ def main(argv=None) -> int:
     print(C.format_table(["kernel", "calls A", "calls B", "A ms/step", "B ms/step", "B - A ms"], rows))
     print(f"step B / A, paired by round: median {C.fmt(C.median(paired), '.3f')} "
           f"(IQR {C.fmt(C._quantile(paired, 0.25), '.3f')}-{C.fmt(C._quantile(paired, 0.75), '.3f')})")
-    target = {"description": f"kernel time per step, B ({b}) <= A ({a})", "ratio": C.ratio(med[b]["all kernels"], med[a]["all kernels"]),
-              "threshold": 1.0}
+    if "pytorch-mhc" in names:  # part of one variant's work is not kernel time: compare the steps
+        target = {"description": f"step, B ({b}) <= A ({a}), paired by round", "ratio": C.median(paired),
+                  "threshold": 1.0}
+    else:
+        target = {"description": f"kernel time per step, B ({b}) <= A ({a})",
+                  "ratio": C.ratio(med[b]["all kernels"], med[a]["all kernels"]), "threshold": 1.0}
     target["passed"] = target["ratio"] is not None and target["ratio"] <= 1.0
     out = args.out or C.RESULTS_DIR / ("hc_kernels_quick.json" if args.quick else "hc_kernels.json")
     C.finish("hc_kernels", info, [target], out, quick=args.quick, source_changed=False,

@@ -550,3 +550,32 @@ def test_the_one_pass_mhc_backward_gives_the_same_bits_at_any_thread_count():
     for run in runs[1:]:
         for a, b in zip(run, runs[0]):
             assert torch.equal(a, b)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("n,d,N", [(4, 20, 300), (2, 64, 37), (3, 16, 5)])
+@pytest.mark.parametrize("mixed,save_bf16", [(True, True), (False, False)])
+def test_the_one_pass_mhc_forward_matches_its_three_parts(n, d, N, mixed, save_bf16, dtype, tol):
+    """mhc_forward against mhc_project, mhc_map and hc_forward (each tested against its reference
+    above), over several blocks of tokens and a tail, with and without the mixed streams and the
+    bf16 copy."""
+    from hyperbit.pathways import sinkhorn as sk_mod
+
+    g = torch.Generator().manual_seed(6)
+    m = 2 * n + n * n
+    h = torch.randn(N, n, d, generator=g, dtype=dtype)
+    phi, b = 0.1 * torch.randn(m, n * d, generator=g, dtype=dtype), torch.randn(m, generator=g, dtype=dtype)
+    a, norm_w = torch.tensor([0.5, 0.7, 0.9], dtype=dtype), 1 + 0.3 * torch.randn(d, generator=g, dtype=dtype)
+    sk_args = (20, sk_mod.LOGIT_RANGE, sk_mod._DEFICIT_FLOOR)
+    (x, mix, saved, rstd), (z, r, logits, alpha, post) = native_mhc.mhc_forward(
+        h, phi, 1e-6, b, a, *sk_args, save_bf16, norm_w, 1e-5, mixed)
+    z_ref, r_ref = native_mhc.mhc_project(h.reshape(N, n * d), phi, 1e-6)
+    logits_ref, alpha_ref, post_ref = native_mhc.mhc_map(z_ref, b, a, *sk_args)
+    x_ref, mix_ref, saved_ref, rstd_ref = native.hc_forward(h, alpha_ref, save_bf16, norm_w, 1e-5, mixed)
+    for got, want in [(z, z_ref), (r, r_ref), (logits, logits_ref), (alpha, alpha_ref), (post, post_ref),
+                      (x, x_ref), (rstd, rstd_ref)] + ([(mix, mix_ref)] if mixed else []):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert (mix is None) == (not mixed) and (saved is None) == (not save_bf16)
+    if save_bf16:
+        assert torch.equal(saved, h.to(torch.bfloat16))

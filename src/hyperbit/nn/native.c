@@ -301,25 +301,55 @@ DEFINE_SINKHORN(double, f64, exp)
 #define DEFINE_MHC_MAP(T, SUF, EXP)                                                               \
 HB_INLINE T mhc_sigmoid_##SUF(T x) { return 1 / (1 + EXP(-x)); }                                  \
                                                                                                   \
-int hb_mhc_map_##SUF(const T *z, int64_t N, int n, const T *b, const T *a, int iters, T range,    \
-                     T floor_, T *logits, T *alpha, T *post, int nthreads) {                      \
-    if (n < 1 || n > SK_MAXN) return 1;                                                           \
+/* the map for the tokens t0 .. t0 + nb - 1 (nb <= SK_BLOCK): one block of the Sinkhorn */        \
+HB_INLINE void mhc_map_block_##SUF(int n, int64_t t0, int nb, const T *z, const T *b, const T *a, \
+                                   int iters, T range, T floor_, sk_vec_##SUF *u, sk_vec_##SUF *v,\
+                                   sk_state_##SUF *st, T *logits, T *alpha, T *post) {            \
     const int m = 2 * n + n * n, nn = n * n;                                                      \
-    T *res = malloc(sizeof(T) * (size_t)(N > 0 ? N * nn : 1));                                   \
-    if (!res) return 2;                                                                           \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
-    for (int64_t t = 0; t < N; t++)                                                               \
-        for (int k = 0; k < nn; k++) logits[t * nn + k] = a[2] * z[t * m + 2 * n + k] + b[2 * n + k]; \
-    int bad = sk_run_##SUF(logits, NULL, res, N, n, iters, range, floor_, nthreads);              \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
-    for (int64_t t = 0; t < N; t++)                                                               \
+    for (int64_t t = t0; t < t0 + nb; t++)                                                        \
+        for (int k = 0; k < nn; k++) logits[t * nn + k] = a[2] * z[t * m + 2 * n + k] + b[2 * n + k];\
+    sk_mat_##SUF zt, res;                                                                         \
+    sk_gather_##SUF(logits, n, t0, nb, zt);                                                       \
+    sk_forward_block_##SUF(n, iters, range, floor_, zt, u, v, st, res);                           \
+    for (int bb = 0; bb < nb; bb++) {                                                             \
+        const int64_t t = t0 + bb;                                                                \
         for (int i = 0; i < n; i++) {                                                             \
             T *at = alpha + (t * n + i) * (n + 1);                                                \
             at[0] = mhc_sigmoid_##SUF(a[0] * z[t * m + i] + b[i]);                                \
             post[t * n + i] = 2 * mhc_sigmoid_##SUF(a[1] * z[t * m + n + i] + b[n + i]);          \
-            for (int j = 0; j < n; j++) at[1 + j] = res[t * nn + j * n + i];                      \
+            for (int j = 0; j < n; j++) at[1 + j] = res[j * n + i][bb];  /* res^T */              \
         }                                                                                         \
-    free(res);                                                                                    \
+    }                                                                                             \
+}                                                                                                 \
+                                                                                                  \
+/* per-thread scratch of the Sinkhorn's rounds; 0 when out of memory */                           \
+HB_INLINE int mhc_sk_alloc_##SUF(int iters, sk_vec_##SUF **u, sk_vec_##SUF **v, sk_state_##SUF **st) {\
+    *u = malloc(sizeof(sk_vec_##SUF) * (size_t)iters);                                            \
+    *v = malloc(sizeof(sk_vec_##SUF) * (size_t)(iters + 1));                                      \
+    *st = malloc(sizeof(sk_state_##SUF));                                                         \
+    return *u && *v && *st;                                                                       \
+}                                                                                                 \
+                                                                                                  \
+int hb_mhc_map_##SUF(const T *z, int64_t N, int n, const T *b, const T *a, int iters, T range,    \
+                     T floor_, T *logits, T *alpha, T *post, int nthreads) {                      \
+    if (n < 1 || n > SK_MAXN || iters < 1) return 1;                                              \
+    const int64_t blocks = (N + SK_BLOCK - 1) / SK_BLOCK;                                         \
+    int bad = 0;                                                                                  \
+    _Pragma("omp parallel num_threads(nthreads)")                                                 \
+    {                                                                                             \
+        sk_vec_##SUF *u, *v;                                                                      \
+        sk_state_##SUF *st;                                                                       \
+        int ok = mhc_sk_alloc_##SUF(iters, &u, &v, &st);                                          \
+        if (!ok) { _Pragma("omp atomic write") bad = 2; }                                         \
+        _Pragma("omp for schedule(static)")                                                       \
+        for (int64_t blk = 0; blk < blocks; blk++) {                                              \
+            if (!ok) continue;  /* every thread reaches the loop's barrier */                     \
+            int64_t t0 = blk * SK_BLOCK;                                                          \
+            mhc_map_block_##SUF(n, t0, N - t0 < SK_BLOCK ? (int)(N - t0) : SK_BLOCK, z, b, a, iters,\
+                                range, floor_, u, v, st, logits, alpha, post);                    \
+        }                                                                                         \
+        free(u); free(v); free(st);                                                               \
+    }                                                                                             \
     return bad;                                                                                   \
 }                                                                                                 \
                                                                                                   \
@@ -961,6 +991,54 @@ int hb_mhc_project_##SUF(const T *x, int64_t N, int64_t K, const T *phi, int nr,
     return 0;                                                                                     \
 }                                                                                                 \
                                                                                                   \
+/* mHC's width forward in one pass over the streams h (N, n, d): per block of SK_BLOCK tokens the \
+   projection z and rstd r (mhc_project_group), the map (mhc_map_block: logits, alpha, post), then\
+   the mixing of hb_hc_forward (x, mixed if given, the bf16 copy if given, the branch norm nm if  \
+   given), the block's streams still in cache. phi (nr, n d), b (nr), a (3) as hb_mhc_project /   \
+   hb_mhc_map. */                                                                                 \
+int hb_mhc_forward_##SUF(const T *h, int64_t N, int n, int64_t d, const T *phi, int nr, T eps,    \
+                         const T *b, const T *a, int iters, T range, T floor_, T *z, T *r,        \
+                         T *logits, T *alpha, T *post, T *x, T *mixed, uint16_t *saved,           \
+                         const hb_norm *nm, int nthreads) {                                       \
+    if (n < 1 || n > SK_MAXN || nr != 2 * n + n * n || iters < 1) return 1;                       \
+    const int64_t nd = n * d, blocks = (N + SK_BLOCK - 1) / SK_BLOCK;                             \
+    const int rows = (nr + MHC_PROJ_ROWS - 1) / MHC_PROJ_ROWS * MHC_PROJ_ROWS;                    \
+    T *php = calloc((size_t)(rows * nd), sizeof(T));  /* phi, whole slices of rows */             \
+    if (!php) return 2;                                                                           \
+    memcpy(php, phi, sizeof(T) * nr * nd);                                                        \
+    int bad = 0;                                                                                  \
+    _Pragma("omp parallel num_threads(nthreads)")                                                 \
+    {                                                                                             \
+        sk_vec_##SUF *u, *v;                                                                      \
+        sk_state_##SUF *st;                                                                       \
+        int ok = mhc_sk_alloc_##SUF(iters, &u, &v, &st);                                          \
+        if (!ok) { _Pragma("omp atomic write") bad = 2; }                                         \
+        _Pragma("omp for schedule(static)")                                                       \
+        for (int64_t blk = 0; blk < blocks; blk++) {                                              \
+            if (!ok) continue;  /* every thread reaches the loop's barrier */                     \
+            const int64_t t0 = blk * SK_BLOCK;                                                    \
+            const int nb = N - t0 < SK_BLOCK ? (int)(N - t0) : SK_BLOCK;                          \
+            int t = 0;                                                                            \
+            for (; t + MHC_PROJ_TOKENS <= nb; t += MHC_PROJ_TOKENS)                               \
+                mhc_project_group_##SUF(MHC_PROJ_TOKENS, h + (t0 + t) * nd, nd, php, rows, nr, eps,\
+                                        z + (t0 + t) * nr, r + t0 + t);                           \
+            for (; t < nb; t++)                                                                   \
+                mhc_project_group_##SUF(1, h + (t0 + t) * nd, nd, php, rows, nr, eps,             \
+                                        z + (t0 + t) * nr, r + t0 + t);                           \
+            mhc_map_block_##SUF(n, t0, nb, z, b, a, iters, range, floor_, u, v, st, logits, alpha, post);\
+            for (int64_t tok = t0; tok < t0 + nb; tok++) {                                        \
+                HB_BY_N_##SUF(n, hc_mix_token_##SUF(nn, h + tok * nd, d, alpha + tok * n * (n + 1),\
+                                              x + tok * d, mixed ? mixed + tok * nd : NULL,       \
+                                              saved ? saved + tok * nd : NULL));                  \
+                if (nm) hc_norm_token_##SUF(x + tok * d, d, nm, tok);                             \
+            }                                                                                     \
+        }                                                                                         \
+        free(u); free(v); free(st);                                                               \
+    }                                                                                             \
+    free(php);                                                                                    \
+    return bad;                                                                                   \
+}                                                                                                 \
+                                                                                                  \
 /* The second half of mHC's width backward (pathways/_mhc_fused.py), for G tokens from t0 (G a     \
    constant after inlining) whose streams are ht: per token, with H (n, d) flattened to x (n d),  \
    gx (d) = dL/dx of the branch input, gm (n, d) = dL/d mixed or NULL, gp (nr) = dL/dz r and coef \
@@ -1096,10 +1174,9 @@ int hb_mhc_backward_fused_##SUF(const hb_streams *s, int64_t N, int n, int64_t d
         /* streams, dL/dx, dL/dalpha, gp, coef of a block; norm scratch; the Sinkhorn's rounds */ \
         const int64_t scratch = SK_BLOCK * (nd + d + n * (n + 1) + nr + 1) + 2 * d;               \
         T *buf = malloc(sizeof(T) * scratch);                                                     \
-        sk_vec_##SUF *u = malloc(sizeof(sk_vec_##SUF) * (size_t)iters);                           \
-        sk_vec_##SUF *v = malloc(sizeof(sk_vec_##SUF) * (size_t)(iters + 1));                     \
-        sk_state_##SUF *st = malloc(sizeof(sk_state_##SUF));                                      \
-        int ok = buf && u && v && st;                                                             \
+        sk_vec_##SUF *u, *v;                                                                      \
+        sk_state_##SUF *st;                                                                       \
+        int ok = mhc_sk_alloc_##SUF(iters, &u, &v, &st) && buf;                                   \
         if (!ok) { _Pragma("omp atomic write") bad = 2; }                                         \
         T *hb = buf, *gxb = hb + SK_BLOCK * nd, *gab = gxb + SK_BLOCK * d;                        \
         T *gpb = gab + SK_BLOCK * n * (n + 1), *cb = gpb + SK_BLOCK * nr, *scr = cb + SK_BLOCK;   \

@@ -56,9 +56,8 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("HYPERBIT_CACHE") or Path.home() / ".cache" / "hyperbit")
 
 
-#: every entry point's arguments (ctypes would pass undeclared ones as C ints): p a pointer, i an
-#: int, l an int64, f the kernel's float (float or double), nm / st / dp pointers to the hb_norm /
-#: hb_streams / hb_depth structures below. Each returns an int (0, or an error code).
+#: every entry point's arguments (ctypes would pass undeclared ones as C ints): p pointer, i int, l
+#: int64, f float or double, nm / st / dp hb_norm / hb_streams / hb_depth pointers; all return int.
 _SIGNATURES = {
     "hb_sinkhorn": "p p l i i f f i",
     "hb_sinkhorn_backward": "p p p l i i f f i",
@@ -69,6 +68,7 @@ _SIGNATURES = {
     "hb_depth_forward": "p p i p i l i l p i",
     "hb_depth_backward": "p p i p i l i l p p i",
     "hb_mhc_project": "p l l p i f p p i",
+    "hb_mhc_forward": "p l i l p i f p p i f f p p p p p p p p nm i",
     "hb_mhc_map": "p l i p p i f f p p p i",
     "hb_mhc_map_backward": "p p p p p p l i p i f f p p i",
     "hb_mhc_backward": "st l i l p p p p p p i p p dp i",

@@ -9,7 +9,7 @@ import ctypes
 import torch
 from torch import Tensor
 
-from .native import _Norm, _check, _depth, _fn, _hc_backward, _ptr, _streams, _threads
+from .native import _Norm, _check, _depth, _fn, _hc_backward, _norm_forward, _ptr, _streams, _threads
 
 
 def hc_alpha_backward(h: Tensor | None, alpha: Tensor, g_out: Tensor, g_mixed: Tensor | None,
@@ -56,6 +56,29 @@ def mhc_backward_fused(h: Tensor | None, alpha: Tensor, g_out: Tensor, g_mixed: 
         _threads()), "mhc_backward_fused")
     del hold
     return g_h, g_phi, g_par, g_w
+
+
+def mhc_forward(h: Tensor, phi: Tensor, eps: float, b: Tensor, a: Tensor, iters: int, logit_range: float,
+                deficit_floor: float, save_bf16: bool, norm_w: Tensor | None, norm_eps: float, mixed: bool
+                ) -> tuple[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None], tuple[Tensor, ...]]:
+    """mHC's width forward in one pass over the streams ``h`` (B, T, n, d): :func:`mhc_project`,
+    :func:`mhc_map` and the mixing of :func:`.native.hc_forward`, per block of tokens. Returns
+    ``(x, mixed, saved, x_rstd)`` as :func:`.native.hc_forward` and ``(z, r, logits, alpha,
+    post)`` as the other two."""
+    lead, (n, d) = h.shape[:-2], h.shape[-2:]
+    h, phi, b, a = h.contiguous(), phi.contiguous(), b.contiguous(), a.contiguous()
+    m = phi.shape[0]
+    z, r, logits = h.new_empty(*lead, m), h.new_empty(*lead, 1), h.new_empty(*lead, n, n)
+    alpha, post = h.new_empty(*lead, n, n + 1), h.new_empty(*lead, n)
+    x, mix = h.new_empty(*lead, d), h.new_empty(*lead, n, d) if mixed else None
+    saved = torch.empty(h.shape, dtype=torch.bfloat16) if save_bf16 else None
+    nm, rstd, hold = _norm_forward(norm_w, norm_eps, x)
+    _check(_fn("hb_mhc_forward", h.dtype)(
+        h.data_ptr(), x[..., 0].numel(), n, d, phi.data_ptr(), m, eps, b.data_ptr(), a.data_ptr(), iters,
+        logit_range, deficit_floor, z.data_ptr(), r.data_ptr(), logits.data_ptr(), alpha.data_ptr(),
+        post.data_ptr(), x.data_ptr(), _ptr(mix), _ptr(saved), nm, _threads()), "mhc_forward")
+    del hold
+    return (x, mix, saved, rstd), (z, r, logits, alpha, post)
 
 
 def mhc_project(x: Tensor, phi: Tensor, eps: float) -> tuple[Tensor, Tensor]:

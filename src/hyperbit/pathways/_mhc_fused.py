@@ -118,21 +118,29 @@ class ManifoldWidth(torch.autograd.Function):
         # phi, the biases, gates and norm gain come in the compute dtype (fp32, or fp64)
         ctx.h_dtype, streams = h.dtype, h
         h = h.to(phi.dtype).contiguous()  # expand_streams' broadcast view would slow the products
-        x = h.flatten(-2)  # (B, T, nd)
         ctx.native = _native_ok(h, phi.dtype, save_dtype)
         ctx.own_kernels = ctx.native and MHC_KERNELS
-        if ctx.own_kernels:  # the norm's rstd and the projection in one pass (C)
-            z, r = native_mhc.mhc_project(x, phi, stream_eps)
-        else:
-            r = rms_rstd(x, stream_eps)  # (B, T, 1)
-            z = _project(x, phi) * r  # (B, T, m)
         ctx.map_iters = map_iters if ctx.own_kernels else None
-        if ctx.map_iters is not None:
-            # the map with res from Sinkhorn as one C call each way (nn.native_mhc.mhc_map)
+        # the branch norm in the kernels too, except with one stream (then PyTorch's, as Pre-Norm's)
+        ctx.kernel_norm = ctx.native and h.shape[-2] >= 2
+        # mHC's backward kernels also run the depth node's backward before (its offer, taken with
+        # streams in fp32)
+        ctx.depth_grad = depth_grad if ctx.kernel_norm and ctx.own_kernels and ctx.h_dtype == phi.dtype else None
+        save_bf16 = save_dtype != h.dtype and streams.dtype != save_dtype and source is None
+        kernel_norm_w = norm_w if ctx.kernel_norm else None
+        if ctx.map_iters is not None:  # projection, map and mixing in one pass per block of tokens (C)
             ctx.map_a = torch.cat([a_pre, a_post, a_res])
-            ctx.map_logits, ctx.alpha, ctx.post = native_mhc.mhc_map(
-                z, torch.cat([b_pre, b_post, b_res]), ctx.map_a, map_iters, LOGIT_RANGE, _DEFICIT_FLOOR)
+            (out, mixed, saved, x_rstd), (z, r, ctx.map_logits, ctx.alpha, ctx.post) = native_mhc.mhc_forward(
+                h, phi, stream_eps, torch.cat([b_pre, b_post, b_res]), ctx.map_a, map_iters, LOGIT_RANGE,
+                _DEFICIT_FLOOR, save_bf16, kernel_norm_w, norm_eps, not lazy)
+            alpha = ctx.alpha
         else:
+            x = h.flatten(-2)  # (B, T, nd)
+            if ctx.own_kernels:  # the norm's rstd and the projection in one pass (C)
+                z, r = native_mhc.mhc_project(x, phi, stream_eps)
+            else:
+                r = rms_rstd(x, stream_eps)  # (B, T, 1)
+                z = _project(x, phi) * r  # (B, T, m)
             # The per-token map under autograd, its small graph kept for backward (O(m) numbers
             # per token: the Sinkhorn op keeps only its logits), so backward does not re-run it.
             ctx.inputs = [z.detach().requires_grad_(True)] + [
@@ -140,26 +148,21 @@ class ManifoldWidth(torch.autograd.Function):
             with torch.enable_grad():
                 pre, ctx.post, res = weights(*ctx.inputs)
                 ctx.alpha = alpha_of(pre, res)  # (B, T, n, n+1)
+            alpha = ctx.alpha.detach()
+            if ctx.native:  # the mixing and the bf16 copy of H in one pass per token (C)
+                out, mixed, saved, x_rstd = native_ops.hc_forward(h, alpha, save_bf16, kernel_norm_w, norm_eps,
+                                                                  not lazy)
+            else:
+                saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()
+                out, mixed, x_rstd = mix_forward(h, alpha, norm_w, norm_eps)
         post = ctx.post
-        alpha = ctx.alpha.detach()
-        # the branch norm in the kernels too, except with one stream (then PyTorch's, as Pre-Norm's)
-        ctx.kernel_norm = ctx.native and h.shape[-2] >= 2
-        # mHC's backward kernels also run the depth node's backward before (its offer, taken with
-        # streams in fp32)
-        ctx.depth_grad = depth_grad if ctx.kernel_norm and ctx.own_kernels and ctx.h_dtype == phi.dtype else None
-        if ctx.native:  # the mixing and the bf16 copy of H in one pass per token (C)
-            out, mixed, saved, x_rstd = native_ops.hc_forward(
-                h, alpha, save_dtype != h.dtype and streams.dtype != save_dtype and source is None,
-                norm_w if ctx.kernel_norm else None, norm_eps, not lazy)
+        if ctx.native:
             if lazy:
                 mixed = placeholder(h)
             if saved is None:
                 saved = h if h.dtype == save_dtype else streams.contiguous()
             if not ctx.kernel_norm:
                 out, x_rstd = branch_norm(out, norm_w, norm_eps)
-        else:
-            saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()
-            out, mixed, x_rstd = mix_forward(h, alpha, norm_w, norm_eps)
         if source is not None:
             saved = None
         kept = kept_outputs(ctx, saved if keep and streams.dtype != save_dtype else None,
