@@ -48,8 +48,8 @@ from hyperbit.nn import native, native_mhc  # noqa: E402
 from hyperbit.pathways import _mhc_fused, hyper  # noqa: E402
 
 KERNELS = ("hc_forward", "hc_forward_dynamic", "hc_rebuild", "hc_branch_input", "hc_backward",
-           "hc_alpha_backward", "mhc_forward", "mhc_backward", "mhc_backward_fused", "mhc_project", "mhc_map",
-           "mhc_map_backward", "depth_forward", "depth_backward", "sinkhorn", "sinkhorn_backward")
+           "hc_alpha_backward", "mhc_forward", "mhc_backward", "mhc_backward_fused", "mhc_project",
+           "depth_forward", "depth_backward", "sinkhorn", "sinkhorn_backward")
 SHAPE = dict(vocab_size=256, dim=256, n_layers=6, n_heads=4, seq_len=256, batch=8)
 SHAPE_QUICK = dict(vocab_size=64, dim=32, n_layers=2, n_heads=2, seq_len=16, batch=2)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyperbit.nn import native, native_mhc
+from hyperbit.nn import native
 from hyperbit.pathways import sinkhorn as sk
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler: the PyTorch path runs")
@@ -58,21 +58,13 @@ def test_sinkhorn_kernel_fp32_backward_follows_fp64_autograd(n):
 
 
 @needs_native
-def test_sinkhorn_kernels_give_the_same_bits_at_any_thread_count():
+def test_sinkhorn_kernels_give_the_same_bits_at_any_thread_count(same_bits_at_any_thread_count):
     """Blocks of tokens are split among threads; no token's result may depend on that split."""
     z = _logits(100, 4, torch.float32, seed=5)  # 300 tokens: 19 blocks, the last one partial
     g = torch.randn(z.shape, generator=torch.Generator().manual_seed(6))
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            results.append((native.sinkhorn(z, 20, sk.LOGIT_RANGE, sk._DEFICIT_FLOOR),
-                            native.sinkhorn_backward(z, g, 20, sk.LOGIT_RANGE, sk._DEFICIT_FLOOR)))
-    finally:
-        torch.set_num_threads(before)
-    for out, grad in results[1:]:
-        assert torch.equal(out, results[0][0]) and torch.equal(grad, results[0][1])
+    same_bits_at_any_thread_count(lambda: (native.sinkhorn(z, 20, sk.LOGIT_RANGE, sk._DEFICIT_FLOOR),
+                                           native.sinkhorn_backward(z, g, 20, sk.LOGIT_RANGE, sk._DEFICIT_FLOOR)),
+                                  counts=(1, 2, 3))
 
 
 @needs_native
@@ -274,7 +266,7 @@ def test_the_branch_norm_in_the_kernels_matches_pytorch(n, d, per_token, need_ga
 
 
 @needs_native
-def test_parameter_gradients_are_the_same_bits_at_any_thread_count():
+def test_parameter_gradients_are_the_same_bits_at_any_thread_count(same_bits_at_any_thread_count):
     """dL/dWt and dL/d(norm gain) are sums over tokens of partial sums over fixed blocks of
     tokens, added in block order: repeated calls, and calls with 1, 2, 3 or 4 threads, give the
     same bits (a run resumed with another thread count reproduces the uninterrupted one)."""
@@ -288,17 +280,9 @@ def test_parameter_gradients_are_the_same_bits_at_any_thread_count():
     g_out, g_mixed = torch.randn(*h.shape[:-2], d, generator=g), torch.randn(h.shape, generator=g)
     g_beta = torch.randn(*h.shape[:-1], generator=g)
     norm = (torch.rand(*h.shape[:-2], 1, generator=g) + 0.5, torch.randn(d, generator=g), True)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for count in (4, 4, 1, 2, 3):
-            torch.set_num_threads(count)
-            runs.append(native.hc_backward(h, alpha, g_out, g_mixed, g_beta, t, r, p, wt, 0.1, 0.2, True, norm=norm))
-    finally:
-        torch.set_num_threads(threads)
-    for run in runs[1:]:
-        for a, b in zip(run, runs[0]):
-            assert torch.equal(a, b)
+    same_bits_at_any_thread_count(
+        lambda: native.hc_backward(h, alpha, g_out, g_mixed, g_beta, t, r, p, wt, 0.1, 0.2, True, norm=norm),
+        counts=(4, 4, 1, 2, 3))
 
 
 @needs_native
@@ -349,233 +333,3 @@ def test_every_kernel_has_its_signature_declared():
         for suffix in ("f32", "f64"):
             assert getattr(lib, f"{name}_{suffix}").argtypes is not None, name
 
-
-def _mhc_backward_inputs(N, n, d, m, dtype, seed=7):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
-    alpha = r(N, n, n + 1)
-    return dict(h=r(N, n, d), alpha=alpha, g_xn=r(N, d), g_mixed=r(N, n, d), g_p=r(N, m), coef=r(N),
-                phi=r(m, n * d), beta=r(N, n), y=r(N, d))
-
-
-@needs_native
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("with_mixed", [True, False])
-@pytest.mark.parametrize("n,d,N", [(4, 20, 300), (2, 64, 13), (3, 16, 8)])
-def test_the_mhc_backward_kernel_matches_its_formula(n, d, N, with_mixed, dtype, tol):
-    """dL/dH = alpha-mixing of (g_x, g_mixed) + g_p phi - coef H per token, dL/dphi = g_p^T x and
-    the depth backward before on dL/dH, over several blocks of tokens, groups and their tails, and
-    a row length that is not a whole number of vectors; with the streams given and rebuilt."""
-    m = 2 * n + n * n
-    t = _mhc_backward_inputs(N, n, d, m, dtype)
-    h, alpha, g_mixed = t["h"], t["alpha"], t["g_mixed"] if with_mixed else None
-    g_y, g_beta = torch.empty(N, d, dtype=dtype), torch.empty(N, n, dtype=dtype)
-    g_h, g_phi = native_mhc.mhc_backward(h, alpha, t["g_xn"], g_mixed, t["g_p"], t["coef"], t["phi"],
-                                     depth=(t["beta"], t["y"], g_y, g_beta))
-    mix = alpha[..., 0:1] * t["g_xn"].unsqueeze(-2)
-    if with_mixed:
-        mix = mix + torch.einsum("tij,tjd->tid", alpha[..., 1:], g_mixed)
-    x = h.reshape(N, n * d)
-    ref = mix + (t["g_p"] @ t["phi"]).view(N, n, d) - t["coef"].view(N, 1, 1) * h
-    torch.testing.assert_close(g_h, ref, rtol=tol, atol=tol)
-    torch.testing.assert_close(g_phi, t["g_p"].T @ x, rtol=tol, atol=10 * tol)
-    torch.testing.assert_close(g_y, (t["beta"].unsqueeze(-1) * ref).sum(-2), rtol=tol, atol=tol)
-    torch.testing.assert_close(g_beta, (ref * t["y"].unsqueeze(-2)).sum(-1), rtol=tol, atol=10 * tol)
-    # the streams rebuilt per token (prev, alpha, beta, y: H = A_r^T prev + beta y)
-    src = (t["h"].flip(0), alpha.flip(0), t["beta"].flip(0), t["y"].flip(0))
-    rebuilt = native.hc_rebuild(*src, dtype)
-    g_h2, g_phi2 = native_mhc.mhc_backward(None, alpha, t["g_xn"], g_mixed, t["g_p"], t["coef"], t["phi"], src)
-    g_h3, g_phi3 = native_mhc.mhc_backward(rebuilt, alpha, t["g_xn"], g_mixed, t["g_p"], t["coef"], t["phi"])
-    torch.testing.assert_close(g_h2, g_h3, rtol=tol, atol=tol)  # (the compiler may contract the
-    torch.testing.assert_close(g_phi2, g_phi3, rtol=tol, atol=10 * tol)  # rebuild's FMAs otherwise)
-
-
-@needs_native
-def test_the_mhc_backward_kernel_gives_the_same_bits_at_any_thread_count():
-    """dL/dphi: partial sums over fixed blocks of tokens, added in block order (as
-    test_parameter_gradients_are_the_same_bits_at_any_thread_count)."""
-    t = _mhc_backward_inputs(700, 4, 32, 24, torch.float32)
-    args = (t["h"], t["alpha"], t["g_xn"], t["g_mixed"], t["g_p"], t["coef"], t["phi"])
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for count in (4, 1, 2, 3):
-            torch.set_num_threads(count)
-            runs.append(native_mhc.mhc_backward(*args))
-    finally:
-        torch.set_num_threads(threads)
-    for run in runs[1:]:
-        for a, b in zip(run, runs[0]):
-            assert torch.equal(a, b)
-
-
-@needs_native
-def test_the_alpha_half_of_the_width_backward_matches_the_whole():
-    """hc_alpha_backward: dL/dalpha and the norm's gain gradient as hc_backward computes them, and
-    the branch input's dL/dx (before the norm) that hc_backward mixes into dL/dH."""
-    n, d = 4, 37
-    h, alpha = _hc_inputs(n, d, torch.float64, True)
-    g = torch.Generator().manual_seed(3)
-    norm_w = 1 + 0.3 * torch.randn(d, generator=g, dtype=torch.float64)
-    out, mixed, _, rstd = native.hc_forward(h, alpha, False, norm_w, 1e-5)
-    g_out, g_mixed = torch.randn(out.shape, generator=g, dtype=out.dtype), torch.randn(mixed.shape, generator=g, dtype=out.dtype)
-    norm = (rstd, norm_w, True)
-    g_h, g_alpha, _, g_w = native.hc_backward(h, alpha, g_out, g_mixed, None, None, None, None, None, 0.0, 0.0,
-                                              False, norm=norm)
-    g_alpha2, g_xn, g_w2 = native_mhc.hc_alpha_backward(h, alpha, g_out, g_mixed, norm)
-    assert torch.equal(g_alpha2, g_alpha) and torch.equal(g_w2, g_w)
-    # dL/dH with the mixing of g_xn (and of g_mixed) as hc_backward's without a norm
-    g_h_ref = native.hc_backward(h, alpha, g_xn, g_mixed, None, None, None, None, None, 0.0, 0.0, False)[0]
-    torch.testing.assert_close(g_h, g_h_ref, rtol=1e-12, atol=1e-12)
-
-
-@needs_native
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-@pytest.mark.parametrize("n", [1, 2, 4])
-@pytest.mark.parametrize("with_post", [True, False])
-def test_the_mhc_map_kernels_match_the_map(n, with_post, dtype, tol):
-    """hb_mhc_map and its backward against ManifoldHyperConnection._map under autograd: alpha =
-    [pre | res^T], post, dL/dz and the biases' and gates' gradients, over several blocks of tokens
-    and with logits far out (the Sinkhorn's floor)."""
-    from hyperbit.pathways import ManifoldHyperConnection, sinkhorn as sk_mod
-    from hyperbit.pathways._mhc_fused import alpha_of
-
-    mhc = ManifoldHyperConnection(8, n, 1).to(dtype)
-    g = torch.Generator().manual_seed(2)
-    m = 2 * n + n * n
-    z = torch.randn(3, 200, m, generator=g, dtype=dtype)
-    z[0, :5] *= 1e4  # extreme logits: finite, floored
-    small = [p.detach() + 0.3 * torch.randn(p.shape, generator=g, dtype=dtype) for p in mhc._small(dtype)]
-    leaves = [t.clone().requires_grad_(True) for t in (z, *small)]
-    pre, post, res = mhc._map(*leaves)
-    alpha_ref = alpha_of(pre, res)
-    b, a = torch.cat(small[:3]), torch.cat(small[3:])
-    logits, alpha, post_k = native_mhc.mhc_map(z, b, a, mhc.sinkhorn_iters, sk_mod.LOGIT_RANGE, sk_mod._DEFICIT_FLOOR)
-    torch.testing.assert_close(alpha, alpha_ref, rtol=tol, atol=tol)
-    torch.testing.assert_close(post_k, post, rtol=tol, atol=tol)
-    g_alpha = torch.randn(alpha.shape, generator=g, dtype=dtype)
-    g_post = torch.randn(post.shape, generator=g, dtype=dtype) if with_post else None
-    outs, grads = [alpha_ref], [g_alpha]
-    if with_post:
-        outs.append(post)
-        grads.append(g_post)
-    ref = torch.autograd.grad(outs, leaves, grads, allow_unused=True)
-    g_z, g_par = native_mhc.mhc_map_backward(z, logits, alpha, post_k, g_alpha, g_post, a, mhc.sinkhorn_iters,
-                                         sk_mod.LOGIT_RANGE, sk_mod._DEFICIT_FLOOR)
-    assert torch.isfinite(g_z).all()
-    torch.testing.assert_close(g_z, ref[0], rtol=tol, atol=tol)
-    ref_par = torch.cat([r if r is not None else torch.zeros_like(p) for r, p in zip(ref[1:], small)])
-    torch.testing.assert_close(g_par, ref_par, rtol=tol, atol=50 * tol)
-
-
-@needs_native
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("N,K,m", [(37, 20, 8), (16, 128, 24), (3, 5, 1)])
-def test_the_mhc_projection_kernel_matches_the_formula(N, K, m, dtype, tol):
-    """z = (x phi^T) rsqrt(mean(x^2) + eps) and the rstd, for groups of tokens and their tail, rows
-    of phi beyond the last whole slice, and rows that are not a whole number of vectors."""
-    from hyperbit.nn.norm import rms_rstd
-
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(N, K, generator=g, dtype=dtype)
-    phi = torch.randn(m, K, generator=g, dtype=dtype)
-    z, r = native_mhc.mhc_project(x, phi, 1e-6)
-    r_ref = rms_rstd(x, 1e-6)
-    torch.testing.assert_close(r, r_ref, rtol=tol, atol=0)
-    torch.testing.assert_close(z, (x @ phi.T) * r_ref, rtol=tol, atol=tol)
-
-
-def _mhc_width_case(N, n, d, dtype, seed=11):
-    """Everything mHC's width backward reads, from a forward of the kernels on random streams."""
-    from hyperbit.pathways import sinkhorn as sk_mod
-
-    g = torch.Generator().manual_seed(seed)
-    r_ = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
-    m = 2 * n + n * n
-    h, phi = r_(N, n, d), 0.1 * r_(m, n * d)
-    b, a = r_(m), torch.tensor([0.5, 0.7, 0.9], dtype=dtype)
-    z, r = native_mhc.mhc_project(h.reshape(N, n * d), phi, 1e-6)
-    logits, alpha, post = native_mhc.mhc_map(z, b, a, 20, sk_mod.LOGIT_RANGE, sk_mod._DEFICIT_FLOOR)
-    norm_w = 1 + 0.3 * r_(d)
-    _, _, _, rstd = native.hc_forward(h, alpha, False, norm_w, 1e-5)
-    grads = dict(g_out=r_(N, d), g_mixed=r_(N, n, d), g_post=r_(N, n))
-    return dict(h=h, phi=phi, a=a, z=z, r=r, logits=logits, alpha=alpha, post=post, norm=(rstd, norm_w, True),
-                beta=r_(N, n), y=r_(N, d), **grads)
-
-
-@needs_native
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-4)])
-@pytest.mark.parametrize("n,d,N", [(4, 20, 300), (2, 64, 37)])
-@pytest.mark.parametrize("with_mixed", [True, False])
-def test_the_one_pass_mhc_backward_matches_its_three_parts(n, d, N, with_mixed, dtype, tol):
-    """mhc_backward_fused against hc_alpha_backward, then mhc_map_backward, then mhc_backward (each
-    tested against its formula above), over several blocks of tokens and a tail, with the depth
-    backward before and dL/dpost."""
-    from hyperbit.pathways import sinkhorn as sk_mod
-
-    t = _mhc_width_case(N, n, d, dtype)
-    g_mixed = t["g_mixed"] if with_mixed else None
-    sk_args = (20, sk_mod.LOGIT_RANGE, sk_mod._DEFICIT_FLOOR)
-    depth = (t["beta"], t["y"], torch.empty(N, d, dtype=dtype), torch.empty(N, n, dtype=dtype))
-    g_h, g_phi, g_par, g_w = native_mhc.mhc_backward_fused(
-        t["h"], t["alpha"], t["g_out"], g_mixed, t["norm"], t["z"], t["r"], t["logits"], t["post"], t["g_post"],
-        t["a"], *sk_args, t["phi"], depth=depth)
-    g_alpha, g_xn, g_w_ref = native_mhc.hc_alpha_backward(t["h"], t["alpha"], t["g_out"], g_mixed, t["norm"])
-    g_z, g_par_ref = native_mhc.mhc_map_backward(t["z"], t["logits"], t["alpha"], t["post"], g_alpha, t["g_post"],
-                                             t["a"], *sk_args)
-    coef = (g_z * t["z"]).sum(-1) * t["r"].squeeze(-1).square() / (n * d)
-    depth_ref = (t["beta"], t["y"], torch.empty(N, d, dtype=dtype), torch.empty(N, n, dtype=dtype))
-    g_h_ref, g_phi_ref = native_mhc.mhc_backward(t["h"], t["alpha"], g_xn, g_mixed, g_z * t["r"], coef, t["phi"],
-                                             depth=depth_ref)
-    for got, want in [(g_h, g_h_ref), (g_phi, g_phi_ref), (g_par, g_par_ref), (g_w, g_w_ref),
-                      (depth[2], depth_ref[2]), (depth[3], depth_ref[3])]:
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-
-
-@needs_native
-def test_the_one_pass_mhc_backward_gives_the_same_bits_at_any_thread_count():
-    from hyperbit.pathways import sinkhorn as sk_mod
-
-    t = _mhc_width_case(400, 4, 32, torch.float32)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for count in (4, 1, 2, 3):
-            torch.set_num_threads(count)
-            runs.append(native_mhc.mhc_backward_fused(
-                t["h"], t["alpha"], t["g_out"], t["g_mixed"], t["norm"], t["z"], t["r"], t["logits"], t["post"],
-                t["g_post"], t["a"], 20, sk_mod.LOGIT_RANGE, sk_mod._DEFICIT_FLOOR, t["phi"]))
-    finally:
-        torch.set_num_threads(threads)
-    for run in runs[1:]:
-        for a, b in zip(run, runs[0]):
-            assert torch.equal(a, b)
-
-
-@needs_native
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("n,d,N", [(4, 20, 300), (2, 64, 37), (3, 16, 5)])
-@pytest.mark.parametrize("mixed,save_bf16", [(True, True), (False, False)])
-def test_the_one_pass_mhc_forward_matches_its_three_parts(n, d, N, mixed, save_bf16, dtype, tol):
-    """mhc_forward against mhc_project, mhc_map and hc_forward (each tested against its reference
-    above), over several blocks of tokens and a tail, with and without the mixed streams and the
-    bf16 copy."""
-    from hyperbit.pathways import sinkhorn as sk_mod
-
-    g = torch.Generator().manual_seed(6)
-    m = 2 * n + n * n
-    h = torch.randn(N, n, d, generator=g, dtype=dtype)
-    phi, b = 0.1 * torch.randn(m, n * d, generator=g, dtype=dtype), torch.randn(m, generator=g, dtype=dtype)
-    a, norm_w = torch.tensor([0.5, 0.7, 0.9], dtype=dtype), 1 + 0.3 * torch.randn(d, generator=g, dtype=dtype)
-    sk_args = (20, sk_mod.LOGIT_RANGE, sk_mod._DEFICIT_FLOOR)
-    (x, mix, saved, rstd), (z, r, logits, alpha, post) = native_mhc.mhc_forward(
-        h, phi, 1e-6, b, a, *sk_args, save_bf16, norm_w, 1e-5, mixed)
-    z_ref, r_ref = native_mhc.mhc_project(h.reshape(N, n * d), phi, 1e-6)
-    logits_ref, alpha_ref, post_ref = native_mhc.mhc_map(z_ref, b, a, *sk_args)
-    x_ref, mix_ref, saved_ref, rstd_ref = native.hc_forward(h, alpha_ref, save_bf16, norm_w, 1e-5, mixed)
-    for got, want in [(z, z_ref), (r, r_ref), (logits, logits_ref), (alpha, alpha_ref), (post, post_ref),
-                      (x, x_ref), (rstd, rstd_ref)] + ([(mix, mix_ref)] if mixed else []):
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-    assert (mix is None) == (not mixed) and (saved is None) == (not save_bf16)
-    if save_bf16:
-        assert torch.equal(saved, h.to(torch.bfloat16))

@@ -295,9 +295,8 @@ DEFINE_SINKHORN(double, f64, exp)
        pre = sigmoid(a_pre z_pre + b_pre), post = 2 sigmoid(a_post z_post + b_post),
        res = the Sinkhorn above of the logits a_res z_res + b_res,
    written as alpha (N, n, n+1) = [pre | res^T] and post (N, n), with the logits (N, n, n) kept
-   for backward. b = [b_pre (n) | b_post (n) | b_res (n n)], a = [a_pre, a_post, a_res]. One call
-   each way instead of ~12 tensor ops forward and ~25 autograd nodes backward. */
-#define MHC_MAP_BLOCK 256  /* tokens per partial sum of the parameter gradients */
+   for backward; b = [b_pre (n) | b_post (n) | b_res (n n)], a = [a_pre, a_post, a_res]. Run per
+   block of tokens inside hb_mhc_forward; its reverse is inside hb_mhc_backward_fused. */
 #define DEFINE_MHC_MAP(T, SUF, EXP)                                                               \
 HB_INLINE T mhc_sigmoid_##SUF(T x) { return 1 / (1 + EXP(-x)); }                                  \
                                                                                                   \
@@ -328,80 +327,6 @@ HB_INLINE int mhc_sk_alloc_##SUF(int iters, sk_vec_##SUF **u, sk_vec_##SUF **v, 
     *v = malloc(sizeof(sk_vec_##SUF) * (size_t)(iters + 1));                                      \
     *st = malloc(sizeof(sk_state_##SUF));                                                         \
     return *u && *v && *st;                                                                       \
-}                                                                                                 \
-                                                                                                  \
-int hb_mhc_map_##SUF(const T *z, int64_t N, int n, const T *b, const T *a, int iters, T range,    \
-                     T floor_, T *logits, T *alpha, T *post, int nthreads) {                      \
-    if (n < 1 || n > SK_MAXN || iters < 1) return 1;                                              \
-    const int64_t blocks = (N + SK_BLOCK - 1) / SK_BLOCK;                                         \
-    int bad = 0;                                                                                  \
-    _Pragma("omp parallel num_threads(nthreads)")                                                 \
-    {                                                                                             \
-        sk_vec_##SUF *u, *v;                                                                      \
-        sk_state_##SUF *st;                                                                       \
-        int ok = mhc_sk_alloc_##SUF(iters, &u, &v, &st);                                          \
-        if (!ok) { _Pragma("omp atomic write") bad = 2; }                                         \
-        _Pragma("omp for schedule(static)")                                                       \
-        for (int64_t blk = 0; blk < blocks; blk++) {                                              \
-            if (!ok) continue;  /* every thread reaches the loop's barrier */                     \
-            int64_t t0 = blk * SK_BLOCK;                                                          \
-            mhc_map_block_##SUF(n, t0, N - t0 < SK_BLOCK ? (int)(N - t0) : SK_BLOCK, z, b, a, iters,\
-                                range, floor_, u, v, st, logits, alpha, post);                    \
-        }                                                                                         \
-        free(u); free(v); free(st);                                                               \
-    }                                                                                             \
-    return bad;                                                                                   \
-}                                                                                                 \
-                                                                                                  \
-/* g_alpha (N, n, n+1), g_post (N, n) or NULL -> g_z (N, m) and g_par (2n + n^2 + 3) in b's then \
-   a's order; the parameter gradients summed over fixed blocks of tokens, in order (the same bits \
-   at any thread count). */                                                                       \
-int hb_mhc_map_backward_##SUF(const T *z, const T *logits, const T *alpha, const T *post,         \
-                              const T *g_alpha, const T *g_post, int64_t N, int n, const T *a,    \
-                              int iters, T range, T floor_, T *g_z, T *g_par, int nthreads) {     \
-    if (n < 1 || n > SK_MAXN) return 1;                                                           \
-    const int m = 2 * n + n * n, nn = n * n, np = m + 3;                                          \
-    const int64_t nblk = (N + MHC_MAP_BLOCK - 1) / MHC_MAP_BLOCK;                                 \
-    T *g_res = malloc(sizeof(T) * (size_t)(N > 0 ? 2 * N * nn : 1)), *g_l = g_res + N * nn;       \
-    T *parts = calloc((size_t)(nblk > 0 ? nblk * np : 1), sizeof(T));                             \
-    if (!g_res || !parts) { free(g_res); free(parts); return 2; }                                 \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
-    for (int64_t t = 0; t < N; t++)  /* dL/dres[j, i] = dL/dalpha[i, 1 + j] */                    \
-        for (int i = 0; i < n; i++)                                                               \
-            for (int j = 0; j < n; j++) g_res[t * nn + j * n + i] = g_alpha[(t * n + i) * (n + 1) + 1 + j]; \
-    int bad = sk_run_##SUF(logits, g_res, g_l, N, n, iters, range, floor_, nthreads);             \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
-    for (int64_t blk = 0; blk < nblk; blk++) {                                                    \
-        T *pb = parts + blk * np;                                                                 \
-        int64_t end = (blk + 1) * MHC_MAP_BLOCK < N ? (blk + 1) * MHC_MAP_BLOCK : N;              \
-        for (int64_t t = blk * MHC_MAP_BLOCK; t < end; t++) {                                     \
-            const T *zt = z + t * m;                                                              \
-            T *gt = g_z + t * m;                                                                  \
-            for (int i = 0; i < n; i++) {                                                         \
-                T pre = alpha[(t * n + i) * (n + 1)];                                             \
-                T sp = g_alpha[(t * n + i) * (n + 1)] * pre * (1 - pre);                          \
-                gt[i] = a[0] * sp;                                                                \
-                pb[i] += sp;                                                                      \
-                pb[m] += sp * zt[i];                                                              \
-                T po = post[t * n + i], su = g_post ? g_post[t * n + i] * po * (1 - po / 2) : 0;  \
-                gt[n + i] = a[1] * su;                                                            \
-                pb[n + i] += su;                                                                  \
-                pb[m + 1] += su * zt[n + i];                                                      \
-            }                                                                                     \
-            for (int k = 0; k < nn; k++) {                                                        \
-                T gl = g_l[t * nn + k];                                                           \
-                gt[2 * n + k] = a[2] * gl;                                                        \
-                pb[2 * n + k] += gl;                                                              \
-                pb[m + 2] += gl * zt[2 * n + k];                                                  \
-            }                                                                                     \
-        }                                                                                         \
-    }                                                                                             \
-    for (int k = 0; k < np; k++) g_par[k] = 0;                                                    \
-    for (int64_t blk = 0; blk < nblk; blk++)                                                      \
-        for (int k = 0; k < np; k++) g_par[k] += parts[blk * np + k];                             \
-    free(g_res);                                                                                  \
-    free(parts);                                                                                  \
-    return bad;                                                                                   \
 }
 
 DEFINE_MHC_MAP(float, f32, expf)
@@ -994,8 +919,8 @@ int hb_mhc_project_##SUF(const T *x, int64_t N, int64_t K, const T *phi, int nr,
 /* mHC's width forward in one pass over the streams h (N, n, d): per block of SK_BLOCK tokens the \
    projection z and rstd r (mhc_project_group), the map (mhc_map_block: logits, alpha, post), then\
    the mixing of hb_hc_forward (x, mixed if given, the bf16 copy if given, the branch norm nm if  \
-   given), the block's streams still in cache. phi (nr, n d), b (nr), a (3) as hb_mhc_project /   \
-   hb_mhc_map. */                                                                                 \
+   given), the block's streams still in cache. phi (nr, n d); b (nr) and a (3) as DEFINE_MHC_MAP   \
+   describes them. */                                                                             \
 int hb_mhc_forward_##SUF(const T *h, int64_t N, int n, int64_t d, const T *phi, int nr, T eps,    \
                          const T *b, const T *a, int iters, T range, T floor_, T *z, T *r,        \
                          T *logits, T *alpha, T *post, T *x, T *mixed, uint16_t *saved,           \
@@ -1148,14 +1073,14 @@ int hb_mhc_backward_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, cons
     return bad ? 2 : 0;                                                                           \
 }                                                                                                 \
                                                                                                   \
-/* One-pass form, with the map (res from Sinkhorn, see hb_mhc_map) reversed in the kernel: per    \
+/* One-pass form, with the map (res from Sinkhorn, DEFINE_MHC_MAP) reversed in the kernel: per    \
    block of SK_BLOCK tokens, (1) the streams rebuilt (or read), the norm's backward and dL/dalpha  \
    (hc_alpha_token), (2) the map's reverse (sigmoids, gates and the Sinkhorn's block backward) to \
    dL/dz, with gp = dL/dz r and coef, and (3) mhc_tokens, the block's streams still in cache. In: \
    g_out (N, d) = dL/d(the normed branch input), g_mixed or NULL, nm (the norm; its g_w, or NULL), \
    z (N, nr), r (N), logits (N, n, n), alpha and post as the map wrote them, g_post (N, n) or     \
-   NULL, a = the three gates, phi (nr, n d). Out: g_h, g_phi, g_par (nr + 3: the biases' and      \
-   gates' gradients, as hb_mhc_map_backward), the gain's gradient into nm->g_w. Parameter         \
+   NULL, a = the three gates, phi (nr, n d). Out: g_h, g_phi, g_par (nr + 3: the gradients of b   \
+   and a, in that order), the gain's gradient into nm->g_w. Parameter                             \
    gradients: partial sums per MHC_TOKBLK tokens, added in order. */                              \
 int hb_mhc_backward_fused_##SUF(const hb_streams *s, int64_t N, int n, int64_t d, const T *alpha, \
                                 const T *g_mixed, const hb_norm *nm, const T *z, const T *r,      \

@@ -69,8 +69,6 @@ _SIGNATURES = {
     "hb_depth_backward": "p p i p i l i l p p i",
     "hb_mhc_project": "p l l p i f p p i",
     "hb_mhc_forward": "p l i l p i f p p i f f p p p p p p p p nm i",
-    "hb_mhc_map": "p l i p p i f f p p p i",
-    "hb_mhc_map_backward": "p p p p p p l i p i f f p p i",
     "hb_mhc_backward": "st l i l p p p p p p i p p dp i",
     "hb_mhc_backward_fused": "st l i l p p nm p p p p p p i f f p i p p p dp i",
 }

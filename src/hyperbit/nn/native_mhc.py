@@ -31,11 +31,11 @@ def mhc_backward_fused(h: Tensor | None, alpha: Tensor, g_out: Tensor, g_mixed: 
                        depth: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """mHC's whole width backward in one pass over the streams (``h`` or ``source``, as for
-    :func:`.native.hc_backward`), with the map of :func:`mhc_map` (``logits``, ``alpha``, ``post`` as it
-    wrote them, the gates ``a``) and the projection of :func:`mhc_project` (``z``, ``r``)
-    reversed per block of tokens: dL/dH (B, T, n, d), dL/dphi, the gradients of [b | a] (as
-    :func:`mhc_map_backward`) and of the norm's gain (``norm = (x_rstd, norm_w, need)``, else
-    None). ``g_out``: dL/d(the normed branch input); ``depth``: as for :func:`.native.hc_backward`."""
+    :func:`.native.hc_backward`), the projection and the map of :func:`mhc_forward` (``z``, ``r``,
+    ``logits``, ``alpha``, ``post`` as it wrote them, the gates ``a``) reversed per block of
+    tokens: dL/dH (B, T, n, d), dL/dphi, the gradients of [b_pre | b_post | b_res | a_pre |
+    a_post | a_res] and of the norm's gain (``norm = (x_rstd, norm_w, need)``, else None).
+    ``g_out``: dL/d(the normed branch input); ``depth``: as for :func:`.native.hc_backward`."""
     compute = phi.dtype
     st, hold, lead, n, d = _streams(h, source, round_bf16)
     c = lambda x: None if x is None else x.contiguous()  # noqa: E731
@@ -61,10 +61,12 @@ def mhc_backward_fused(h: Tensor | None, alpha: Tensor, g_out: Tensor, g_mixed: 
 def mhc_forward(h: Tensor, phi: Tensor, eps: float, b: Tensor, a: Tensor, iters: int, logit_range: float,
                 deficit_floor: float, save_bf16: bool, norm_w: Tensor | None, norm_eps: float, mixed: bool
                 ) -> tuple[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None], tuple[Tensor, ...]]:
-    """mHC's width forward in one pass over the streams ``h`` (B, T, n, d): :func:`mhc_project`,
-    :func:`mhc_map` and the mixing of :func:`.native.hc_forward`, per block of tokens. Returns
-    ``(x, mixed, saved, x_rstd)`` as :func:`.native.hc_forward` and ``(z, r, logits, alpha,
-    post)`` as the other two."""
+    """mHC's width forward in one pass over the streams ``h`` (B, T, n, d), per block of tokens:
+    :func:`mhc_project`, the per-token map with res from Sinkhorn (``pathways.manifold``: ``b`` =
+    [b_pre | b_post | b_res], ``a`` = [a_pre, a_post, a_res]) and the mixing of
+    :func:`.native.hc_forward`. Returns ``(x, mixed, saved, x_rstd)`` as :func:`.native.hc_forward`
+    and ``(z, r, logits, alpha, post)``: the projection and its rstd, the res logits (B, T, n, n)
+    kept for backward, alpha = [pre | res^T] (B, T, n, n+1) and post (B, T, n)."""
     lead, (n, d) = h.shape[:-2], h.shape[-2:]
     h, phi, b, a = h.contiguous(), phi.contiguous(), b.contiguous(), a.contiguous()
     m = phi.shape[0]
@@ -90,38 +92,6 @@ def mhc_project(x: Tensor, phi: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     _check(_fn("hb_mhc_project", x.dtype)(x.data_ptr(), x[..., 0].numel(), K, phi.data_ptr(), phi.shape[0], eps,
                                           z.data_ptr(), r.data_ptr(), _threads()), "mhc_project")
     return z, r
-
-
-def mhc_map(z: Tensor, b: Tensor, a: Tensor, iters: int, logit_range: float, deficit_floor: float
-            ) -> tuple[Tensor, Tensor, Tensor]:
-    """mHC's per-token map with ``res`` from Sinkhorn (``pathways.manifold``): projections ``z``
-    (B, T, 2n + n^2), ``b`` = [b_pre | b_post | b_res] (2n + n^2,), ``a`` = [a_pre, a_post, a_res]
-    (3,), all in one dtype -> the res logits (B, T, n, n) (kept for :func:`mhc_map_backward`),
-    alpha = [pre | res^T] (B, T, n, n+1) and post (B, T, n)."""
-    lead, m = z.shape[:-1], z.shape[-1]
-    n = int(round((m + 1) ** 0.5)) - 1  # m = (n + 1)^2 - 1
-    z, b, a = z.contiguous(), b.contiguous(), a.contiguous()
-    logits = z.new_empty(*lead, n, n)
-    alpha, post = z.new_empty(*lead, n, n + 1), z.new_empty(*lead, n)
-    _check(_fn("hb_mhc_map", z.dtype)(z.data_ptr(), z[..., 0].numel(), n, b.data_ptr(), a.data_ptr(), iters,
-                                      logit_range, deficit_floor, logits.data_ptr(), alpha.data_ptr(),
-                                      post.data_ptr(), _threads()), "mhc_map")
-    return logits, alpha, post
-
-
-def mhc_map_backward(z: Tensor, logits: Tensor, alpha: Tensor, post: Tensor, g_alpha: Tensor,
-                     g_post: Tensor | None, a: Tensor, iters: int, logit_range: float, deficit_floor: float
-                     ) -> tuple[Tensor, Tensor]:
-    """The reverse of :func:`mhc_map`: dL/dz (B, T, m) and the gradients of [b | a] (m + 3,)."""
-    n, m = alpha.shape[-2], z.shape[-1]
-    c = lambda x: None if x is None else x.contiguous()  # noqa: E731
-    z, logits, alpha, post, g_alpha, g_post, a = (c(t) for t in (z, logits, alpha, post, g_alpha, g_post, a))
-    g_z, g_par = torch.empty_like(z), z.new_empty(m + 3)
-    _check(_fn("hb_mhc_map_backward", z.dtype)(
-        z.data_ptr(), logits.data_ptr(), alpha.data_ptr(), post.data_ptr(), g_alpha.data_ptr(), _ptr(g_post),
-        z[..., 0].numel(), n, a.data_ptr(), iters, logit_range, deficit_floor, g_z.data_ptr(), g_par.data_ptr(),
-        _threads()), "mhc_map_backward")
-    return g_z, g_par
 
 
 def mhc_backward(h: Tensor | None, alpha: Tensor, g_xn: Tensor, g_mixed: Tensor | None, g_p: Tensor,

@@ -60,13 +60,14 @@ def alpha_of(pre: Tensor, res: Tensor) -> Tensor:
 #: tokens per chunk of the flat streams in backward (n*d each: 2 MiB in fp32 at n*d = 1024;
 #: measured 16% faster than one full-size widened copy and product at 2,048 tokens)
 _CHUNK = 512
-#: with the C kernels, mHC's own kernels: the projection and its rstd (``nn.native_mhc.mhc_project``),
-#: the per-token map when res comes from Sinkhorn (``mhc_map``), and for n >= 2 the whole width
-#: backward (``mhc_backward_fused``: one pass over the streams; two passes around the map's reverse
-#: in PyTorch for res="permutations"), the depth backward before included. False: those parts in
-#: PyTorch ops around the mixing kernels HC shares (a vector norm and a GEMM forward; the map under
-#: autograd; the projection's backward over chunks of tokens, :func:`projection_backward`), which
-#: is also the path with one stream. The gradients agree to round-off.
+#: with the C kernels, mHC's own kernels: for n >= 2 with res from Sinkhorn the whole forward
+#: (``nn.native_mhc.mhc_forward``: the projection, the map, the mixing) and the whole backward
+#: (``mhc_backward_fused``), each one pass over the streams; with res="permutations" the projection
+#: (``mhc_project``) and the backward in two passes around the map's reverse in PyTorch. Both
+#: backwards run the depth backward before. False: those parts in PyTorch ops around the mixing
+#: kernels HC shares (a vector norm and a GEMM forward; the map under autograd; the projection's
+#: backward over chunks of tokens, :func:`projection_backward`), as with one stream. The gradients
+#: agree to round-off.
 MHC_KERNELS = True
 
 
@@ -120,9 +121,9 @@ class ManifoldWidth(torch.autograd.Function):
         h = h.to(phi.dtype).contiguous()  # expand_streams' broadcast view would slow the products
         ctx.native = _native_ok(h, phi.dtype, save_dtype)
         ctx.own_kernels = ctx.native and MHC_KERNELS
-        ctx.map_iters = map_iters if ctx.own_kernels else None
         # the branch norm in the kernels too, except with one stream (then PyTorch's, as Pre-Norm's)
         ctx.kernel_norm = ctx.native and h.shape[-2] >= 2
+        ctx.map_iters = map_iters if ctx.own_kernels and ctx.kernel_norm else None
         # mHC's backward kernels also run the depth node's backward before (its offer, taken with
         # streams in fp32)
         ctx.depth_grad = depth_grad if ctx.kernel_norm and ctx.own_kernels and ctx.h_dtype == phi.dtype else None
@@ -197,22 +198,16 @@ class ManifoldWidth(torch.autograd.Function):
             h = h.to(compute)
             g_h, g_alpha, g_norm_w = mix_backward(h, alpha, norm_w, x_rstd, g_out, g_mixed,
                                                   ctx.needs_input_grad[10])
-        g_z, g_small = ManifoldWidth._map_backward(ctx, z, g_alpha, g_post)
+        g_z, g_small = ManifoldWidth._map_backward(ctx, g_alpha, g_post)
         _, g_phi = projection_backward(g_z, z, r, phi, h, src, ctx.h_dtype, g_h.view(-1, n * d))
         return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None, None, None, None, None, None)
 
     @staticmethod
-    def _map_backward(ctx, z: Tensor, g_alpha: Tensor, g_post: Tensor | None) -> tuple[Tensor, list[Tensor | None]]:
+    def _map_backward(ctx, g_alpha: Tensor, g_post: Tensor | None) -> tuple[Tensor, list[Tensor | None]]:
         """dL/dz and the gradients of the biases and gates (b_pre, b_post, b_res, a_pre, a_post,
-        a_res) from dL/dalpha and dL/dpost: the C kernel's reverse, or the kept graph's."""
+        a_res) from dL/dalpha and dL/dpost, through the map's kept graph."""
         if g_post is not None:
             g_post = g_post.to(ctx.post.dtype)
-        if ctx.map_iters is not None:
-            g_z, g_par = native_mhc.mhc_map_backward(
-                z, ctx.map_logits, ctx.alpha, ctx.post, g_alpha, g_post, ctx.map_a,
-                ctx.map_iters, LOGIT_RANGE, _DEFICIT_FLOOR)
-            n = ctx.alpha.shape[-2]
-            return g_z, list(g_par.split([n, n, g_par.numel() - 2 * n - 3, 1, 1, 1]))
         outputs, grads = [ctx.alpha], [g_alpha]
         if g_post is not None:
             outputs.append(ctx.post)
@@ -261,7 +256,7 @@ class ManifoldWidth(torch.autograd.Function):
         g_mixed = None if g_mixed is None else g_mixed.to(compute)
         g_alpha, g_xn, g_norm_w = native_mhc.hc_alpha_backward(
             h, alpha, g_out.to(compute), g_mixed, (x_rstd, norm_w, ctx.needs_input_grad[10]), src, round_bf16)
-        g_z, g_small = ManifoldWidth._map_backward(ctx, z, g_alpha, g_post)
+        g_z, g_small = ManifoldWidth._map_backward(ctx, g_alpha, g_post)
         g_z = g_z.to(compute)
         g_p = g_z * r  # dL/d(x phi^T)
         coef = (g_z * z).sum(-1) * r.squeeze(-1).square() / (n * d)
