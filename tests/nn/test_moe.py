@@ -270,6 +270,34 @@ def test_capacity_counts_every_dropped_assignment_in_a_big_batch():
     assert torch.equal(big(x), free(x)) and int(big.aux["dropped"]) == 0
 
 
+@pytest.mark.parametrize("linear,factor", [("fp", 0.9), ("fp", 1.5), ("bitnet", 0.6)])
+def test_a_static_capacity_plan_reads_no_row_count_and_gives_the_same_result(linear, factor, monkeypatch):
+    """With a capacity, ``static_capacity`` plans cap rows per expert (the default off the CPU):
+    no value is read back from the device to plan the rows, and the output, every gradient and
+    the dropped count equal the bucketed plan's (padding rows hold no assignment)."""
+    x = torch.randn(3, 40, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    moe = make(linear, experts=4, capacity_factor=factor, dtype=torch.float64)
+    assert moe.static_capacity is None  # on the CPU: the row counts are read and bucketed
+    out, g = grads(moe, x, moe)
+    dropped = int(moe.aux["dropped"])
+
+    def host_read(*_):
+        raise AssertionError("the static plan read a value back from the device")
+
+    moe.static_capacity = True
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "tolist", host_read)
+        m.setattr(torch.Tensor, "item", host_read)
+        out_s, g_s = grads(moe, x, moe)
+    assert int(moe.aux["dropped"]) == dropped
+    torch.testing.assert_close(out_s, out, rtol=1e-12, atol=1e-12)
+    for name in g:
+        torch.testing.assert_close(g_s[name], g[name], rtol=1e-12, atol=1e-12, msg=name)
+    chosen = route(moe.router(x.reshape(-1, D)), 2)[2]
+    cap = capacity(120, 2, 4, factor)
+    assert dispatch_plan(chosen, 4, cap, static=True).sizes == [cap] * 4
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("linear", ["fp", "bitnet"])
 def test_bf16_params_and_bf16_autocast(linear, device):

@@ -20,7 +20,8 @@ expert and projection (gate and up fused into one); the outputs are scaled by th
 weights and gathered back. Every token has exactly k assignments, so combining is a sum over k
 accumulated in fp32. Both gathers have gathers as their backward (never a scatter-add:
 deterministic on every device). One host sync per forward: the expert loads, which set the row
-counts.
+counts; none with a capacity off the CPU, where every expert gets ``cap`` rows
+(``MoEFeedForward.static_capacity``).
 
 Each expert's row count is rounded up to 4 significant bits (:func:`~hyperbit.nn.moe_dispatch.bucket_rows`: at most 1/8
 more rows; none for an expert without tokens). The reason is oneDNN, which runs bf16 matmuls on
@@ -220,6 +221,9 @@ class MoEFeedForward(nn.Module):
         self.ffn_sub_norm = ExpertRMSNorm(experts, hidden, norm_eps) if subln else None
         self.down_proj = ExpertLinear(experts, hidden, dim, linear)
         self.aux: dict = {}  # the last forward's balance, z, dropped and assignments
+        #: with a capacity, plan ``cap`` rows per expert without a host sync (``dispatch_plan``'s
+        #: ``static``): None (default) off the CPU only, where a sync per layer stalls the stream
+        self.static_capacity: bool | None = None
 
     def experts_forward(self, x: Tensor, sizes: list[int]) -> Tensor:
         """Every expert on its own rows: ``(M, d) -> (M, d)``, ``sizes`` rows per expert."""
@@ -238,7 +242,8 @@ class MoEFeedForward(nn.Module):
         logits = self.router(x)  # (N, E) fp32
         probs, weights, chosen = route(logits, k)
         cap = capacity(n, k, self.experts, self.capacity_factor)
-        plan = dispatch_plan(chosen, self.experts, cap)
+        static = self.static_capacity if self.static_capacity is not None else x.device.type != "cpu"
+        plan = dispatch_plan(chosen, self.experts, cap, static)
         row_token = plan.row_assignment % n  # a padding row (k*N) reads token 0
         if not self.gate_proj.bitnet:  # dispatch in the dtype the experts compute in (autocast)
             x = x.to(_compute_dtype(x))

@@ -87,25 +87,33 @@ class DispatchPlan(NamedTuple):
     """Where the k*N assignments (choice-major: assignment ``j * N + n`` is token n's j-th choice)
     go in the rows grouped by expert (:func:`dispatch_plan`)."""
 
-    sizes: list[int]  # rows of every expert, bucketed (bucket_rows); M = sum(sizes)
+    sizes: list[int]  # rows of every expert, bucketed (bucket_rows) or cap each (static); M = sum(sizes)
     row_assignment: Tensor  # (M,) the assignment every row holds; k*N for a padding row
     row: Tensor  # (k*N,) the row of every assignment; M for a dropped one
     load: Tensor  # (E,) assignments routed to every expert, before capacity
     dropped: Tensor  # () the number of dropped assignments
 
 
-def dispatch_plan(experts: Tensor, num_experts: int, cap: int | None = None) -> DispatchPlan:
+def dispatch_plan(experts: Tensor, num_experts: int, cap: int | None = None, static: bool = False) -> DispatchPlan:
     """The rows of ``experts (N, k)``'s assignments: grouped by expert (expert 0's rows first), in
     priority order inside an expert (all first choices before any second choice, tokens in order
     within a choice rank: a stable sort of the choice-major list), then the expert's padding rows.
-    With a capacity ``cap`` an expert keeps its first ``cap`` assignments and drops the rest."""
+    With a capacity ``cap`` an expert keeps its first ``cap`` assignments and drops the rest.
+
+    The row counts are read on the host (one sync), then bucketed (:func:`bucket_rows`), except
+    with a capacity and ``static``: then every expert gets ``cap`` rows, padding included, and the
+    plan needs no value from the device (the form for GPUs, where a sync per layer stalls the
+    stream; it computes up to ``cap * E - N * k`` padding rows more)."""
     flat = experts.t().reshape(-1)  # (k*N,) choice-major
     load = torch.bincount(flat, minlength=num_experts)  # (E,)
     order = torch.argsort(flat, stable=True)  # grouped by expert, priority order kept
     ranked = flat[order]  # the expert of every sorted assignment
     rank = torch.arange(flat.numel(), device=flat.device) - (load.cumsum(0) - load)[ranked]
     kept = load if cap is None else load.clamp(max=cap)
-    sizes = [bucket_rows(rows) for rows in kept.tolist()]  # the host sync
+    if cap is not None and static:
+        sizes = [cap] * num_experts
+    else:
+        sizes = [bucket_rows(rows) for rows in kept.tolist()]  # the host sync
     starts = torch.tensor([0, *itertools.accumulate(sizes[:-1])], device=flat.device)
     rows = sum(sizes)
     row_of_sorted = starts[ranked] + rank
