@@ -1,6 +1,6 @@
-"""Python entry points of mHC's own CPU kernels in ``native.c`` (the projection of the flat
-streams, the per-token map, and the width backward; ``pathways/_mhc_fused.py``), on the library
-and helpers of :mod:`.native`."""
+"""Python entry points of mHC's own CPU kernels in ``native.c`` (``pathways/_mhc_fused.py``): the
+width forward and backward in one pass each, and for res="permutations" the projection and the
+backward's two passes; on the library and helpers of :mod:`.native`."""
 
 from __future__ import annotations
 

@@ -23,11 +23,13 @@ and gates; then, with ``g_z = dL/dz``::
 
     dL/dphi = (g_z r)^T x        dL/dx += (g_z r) phi - x r^2/(nd) * sum_k g_z[k] z[k]
 
-With the C kernels (CPU, n >= 2) backward makes two passes over the streams, each token's
-streams read or rebuilt once per pass: the first gives dL/dalpha (and the branch input's dL/dx),
-the kept graph then gives ``g_z``, and the second writes dL/dH whole (the mixing and both
-projection terms) and dL/dphi, and runs the backward of the depth node before (whose output
-these streams are, as HC's width kernel does). Elsewhere the mixing's reverse comes first and the
+With the C kernels (CPU, n >= 2; :data:`MHC_KERNELS`) and res from Sinkhorn, forward and
+backward are each one pass over the streams per block of tokens (``nn.native_mhc``): forward the
+projection, the map (no autograd graph: the kernel keeps the res logits) and the mixing; backward
+the mixing's reverse to dL/dalpha, the map's reverse to ``g_z``, then dL/dH whole (the mixing and
+both projection terms), dL/dphi, and the backward of the depth node before (whose output these
+streams are, as HC's width kernel does). With res="permutations" the map keeps its graph and
+backward makes two passes around its reverse. Elsewhere the mixing's reverse comes first and the
 projection's terms are added over chunks of tokens (:func:`projection_backward`).
 
 Every value and gradient is checked against the plain autograd path in the tests.
