@@ -17,7 +17,8 @@ process, the order alternating by round:
                    mixing kernels HC shares (``_mhc_fused.MHC_KERNELS`` off); their time is not
                    kernel time: compare the steps
     source=PATH    the kernels built from another ``native.c`` with the same entry points
-                   (e.g. one from ``git show REV:src/hyperbit/nn/native.c``)
+                   (e.g. one from ``git show REV:src/hyperbit/nn/native.c``; the files it
+                   includes are read next to it, else from the package)
 
     python benchmarks/hc_kernels.py                               # unfused-depth against base, DHC x4
     python benchmarks/hc_kernels.py --variants source=/tmp/native_before.c,base

@@ -107,9 +107,10 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
 
 @needs_native
 def test_the_library_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
-    """Built once into the cache, under its key, then reused. The "compiler" here copies the
-    library this session built (a real build of this source has run once already: the cache key
-    is a hash of the source), and counts its calls."""
+    """Built once into the cache, under its key, then reused; another source or another included
+    file, another key. The "compiler" here copies the library this session built (a real build of
+    this source has run once already: the cache key is a hash of the sources), and counts its
+    calls."""
     calls, cache = tmp_path / "calls", tmp_path / "cache"
     compiler = tmp_path / "cc"
     compiler.write_text('#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = -o ] && out="$2"; shift; done\n'
@@ -129,6 +130,12 @@ def test_the_library_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_state", {})
     assert native.library() is not None
     assert calls.read_text().split() == ["built", "built"] and len(list(cache.iterdir())) == 2
+    # an included file that changes (here one next to the source, read instead of the package's)
+    (tmp_path / "native_mhc.c").write_bytes(native.Path(native.__file__).with_name("native_mhc.c").read_bytes() + b"\n")
+    assert native.source_files()[1] == tmp_path / "native_mhc.c"
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is not None
+    assert calls.read_text().split() == ["built"] * 3 and len(list(cache.iterdir())) == 3
 
 
 @needs_native
@@ -327,7 +334,8 @@ def test_every_kernel_has_its_signature_declared():
     import re
 
     lib = native.library()
-    names = re.findall(r"^int (hb_\w+)_##SUF\(", native.SOURCE.read_text(), flags=re.M)
+    text = "".join(path.read_text() for path in native.source_files())
+    names = re.findall(r"^int (hb_\w+)_##SUF\(", text, flags=re.M)
     assert len(names) >= 6
     for name in names:
         for suffix in ("f32", "f64"):

@@ -1,25 +1,23 @@
-"""hyperbit's CPU kernels (``native.c``): built on first use with the system C compiler, loaded
-with ``ctypes``, and optional.
+"""hyperbit's CPU kernels (``native.c``, which includes ``native_mhc.c``): built on first use with
+the system C compiler, loaded with ``ctypes``, and optional.
 
 Each kernel fuses a chain of small tensor ops that PyTorch would run one op at a time (each a pass
-over memory and a dispatch): the Sinkhorn rounds of mHC, for one. The PyTorch implementation in
-the calling module stays the reference and the fallback: it runs when no compiler is found, the
-build fails, the tensors are not on the CPU, or when ``HYPERBIT_NATIVE=0``. The tests compare
-both, forward and backward. Inside ``torch.compile`` the kernels run as ``torch.library``
-operators (the Sinkhorn's in ``pathways/sinkhorn.py``, the hyper-connections' in
-``native_ops.py``): a ``ctypes`` call cannot be traced. mHC's own kernels: ``native_mhc.py``.
+over memory and a dispatch). The PyTorch implementation in the calling module stays the reference
+and the fallback: it runs when no compiler is found, the build fails, the tensors are not on the
+CPU, or with ``HYPERBIT_NATIVE=0``; the tests compare both, forward and backward. Inside
+``torch.compile`` the kernels run as ``torch.library`` operators (the Sinkhorn's in
+``pathways/sinkhorn.py``, the hyper-connections' in ``native_ops.py``): a ``ctypes`` call cannot be
+traced. mHC's own kernels (eager) are called from ``native_mhc.py``.
 
-The shared library is cached under ``$HYPERBIT_CACHE`` (default ``~/.cache/hyperbit``), named by
-a hash of the source, the compiler command and this CPU's flags (it is built for the CPU it runs
-on, so a home directory shared between machines gets one library per kind of CPU); it is written
-to a temporary name and renamed, so concurrent processes (DDP ranks, test workers) never load a
-partial file. The build takes about ten seconds, once per CPU kind and source version.
+The library is cached under ``$HYPERBIT_CACHE`` (default ``~/.cache/hyperbit``), named by a hash
+of the sources, the compiler command and this CPU's flags (one library per kind of CPU in a shared
+home directory), written to a temporary name and renamed, so concurrent processes (DDP ranks, test
+workers) never load a partial file. The build takes about ten seconds, once per CPU and version.
 """
 
 from __future__ import annotations
 
 import ctypes
-from typing import Any
 import hashlib
 import os
 import platform
@@ -27,16 +25,15 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("native.c")
-# -fopenmp: the kernels run on the OpenMP runtime torch has loaded (same soname, one thread pool);
-# -fno-unswitch-loops: halves the build time of the hyper-connection kernels, at no measured cost;
-# -ffp-contract=fast: a * b + c as one fused multiply-add where the CPU has it (-std=c11 alone
-# turns that off): 8% less kernel time in DHC x4 training steps. The pairs of kernels that must
-# agree bit for bit (the streams rebuilt in backward and those the forward made) share their code.
+# -fopenmp: torch's OpenMP runtime (same soname, one pool); -fno-unswitch-loops: half the build time,
+# no measured cost; -ffp-contract=fast: fused multiply-adds (-std=c11 turns them off; 8% less kernel
+# time in DHC x4 steps); kernels that must agree bit for bit share their code.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-unswitch-loops", "-fopenmp", "-shared", "-fPIC",
          "-std=c11"]
 _state: dict[str, object] = {}
@@ -44,12 +41,10 @@ _state: dict[str, object] = {}
 
 def _cpu_signature() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
+                    platform.processor() or platform.machine())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
 
 
 def _cache_dir() -> Path:
@@ -74,12 +69,19 @@ _SIGNATURES = {
 }
 
 
+def source_files() -> list[Path]:
+    """:data:`SOURCE` and the files it includes (``#include "name"``: next to it, else this
+    package's, as the build's ``-I``): every byte the build reads, for the cache key."""
+    names = [line.split('"')[1] for line in SOURCE.read_text().splitlines() if line.startswith('#include "')]
+    return [SOURCE, *(SOURCE.parent / n if (SOURCE.parent / n).exists() else Path(__file__).parent / n for n in names)]
+
+
 def _build() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None or not SOURCE.exists():
         return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join([compiler, *FLAGS]).encode(),
+    sources = [path.read_bytes() for path in source_files()]
+    key = hashlib.sha256(b"\0".join([*sources, " ".join([compiler, *FLAGS]).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     target = _cache_dir() / f"hyperbit_native_{key}.so"
     if not target.exists():
@@ -87,8 +89,8 @@ def _build() -> ctypes.CDLL | None:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True,
-                           capture_output=True, timeout=120)
+            subprocess.run([compiler, *FLAGS, f"-I{Path(__file__).parent}", "-o", tmp, str(SOURCE), "-lm"],
+                           check=True, capture_output=True, timeout=120)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
