@@ -25,10 +25,11 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
+
+from .native_args import _Depth, _Norm, _Streams, _depth, _norm_backward, _norm_forward, _ptr, _streams
 
 SOURCE = Path(__file__).with_name("native.c")
 # -fopenmp: torch's OpenMP runtime (same soname, one pool); -fno-unswitch-loops: half the build time,
@@ -41,10 +42,12 @@ _state: dict[str, object] = {}
 
 def _cpu_signature() -> str:
     try:
-        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
-                    platform.processor() or platform.machine())
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
     except OSError:
-        return platform.processor() or platform.machine()
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _cache_dir() -> Path:
@@ -183,27 +186,6 @@ def sinkhorn_backward(z: Tensor, grad: Tensor, iters: int, logit_range: float,
 HC_MAX_N = 16
 
 
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-class _Norm(ctypes.Structure):
-    """``hb_norm`` of native.c: the branch norm the kernels apply (forward) or differentiate."""
-
-    _fields_ = [("w", ctypes.c_void_p), ("g_out", ctypes.c_void_p), ("rstd", ctypes.c_void_p),
-                ("g_w", ctypes.c_void_p), ("g_x", ctypes.c_void_p), ("eps", ctypes.c_double)]
-
-
-def _norm_forward(norm_w: Tensor | None, eps: float, x: Tensor) -> tuple[Any, Tensor | None, list[Tensor]]:
-    """The ``hb_norm`` pointer for a forward kernel writing the branch input ``x``, the per-token
-    rstd it fills, and the tensors to hold until the call returns."""
-    if norm_w is None:
-        return None, None, []
-    w = norm_w.contiguous()
-    rstd = x.new_empty(*x.shape[:-1], 1)
-    return ctypes.byref(_Norm(w=w.data_ptr(), rstd=rstd.data_ptr(), eps=eps)), rstd, [w]
-
-
 def hc_forward(h: Tensor, alpha: Tensor, save_bf16: bool, norm_w: Tensor | None = None,
                norm_eps: float = 0.0, mixed: bool = True
                ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
@@ -253,31 +235,6 @@ def hc_forward_dynamic(h: Tensor, static_alpha: Tensor, static_beta: Tensor, wt:
     return (x, mixed, saved, rstd), (alpha, beta, r, p, t)
 
 
-class _Streams(ctypes.Structure):
-    """``hb_streams`` of native.c: the streams a backward kernel reads, given (``h``) or rebuilt."""
-
-    _fields_ = [("h", ctypes.c_void_p), ("prev", ctypes.c_void_p), ("alpha", ctypes.c_void_p),
-                ("beta", ctypes.c_void_p), ("y", ctypes.c_void_p), ("h_bf16", ctypes.c_int),
-                ("prev_bf16", ctypes.c_int), ("alpha_per_token", ctypes.c_int),
-                ("beta_per_token", ctypes.c_int), ("y_bf16", ctypes.c_int), ("round_bf16", ctypes.c_int)]
-
-
-def _streams(h: Tensor | None, source: tuple[Tensor, ...] | None, round_bf16: bool
-             ) -> tuple[_Streams, list[Tensor], tuple[int, ...], int, int]:
-    """The kernels' view of the streams: ``h`` (B, T, n, d), or ``source`` = (prev, alpha, beta, y)
-    that rebuild them (see ``pathways._hc_fused.rebuild_streams``). Returns the structure, the
-    contiguous tensors it points into (hold them until the call returns), and lead dims, n, d."""
-    bf16 = lambda t: int(t.dtype == torch.bfloat16)  # noqa: E731
-    if h is not None:
-        h = h.contiguous()
-        return _Streams(h=h.data_ptr(), h_bf16=bf16(h)), [h], h.shape[:-2], h.shape[-2], h.shape[-1]
-    prev, alpha, beta, y = (t.contiguous() for t in source)
-    st = _Streams(prev=prev.data_ptr(), alpha=alpha.data_ptr(), beta=beta.data_ptr(), y=y.data_ptr(),
-                  prev_bf16=bf16(prev), alpha_per_token=int(alpha.dim() > 2),
-                  beta_per_token=int(beta.dim() > 1), y_bf16=bf16(y), round_bf16=int(round_bf16))
-    return st, [prev, alpha, beta, y], prev.shape[:-2], prev.shape[-2], prev.shape[-1]
-
-
 def hc_rebuild(prev: Tensor, alpha: Tensor, beta: Tensor, y: Tensor, compute: torch.dtype,
                round_bf16: bool = False) -> Tensor:
     """``A_r^T prev + beta y`` (B, T, n, d) in ``compute``: the streams a depth connection made,
@@ -307,13 +264,6 @@ def hc_branch_input(h: Tensor | None, alpha: Tensor, compute: torch.dtype,
     return x
 
 
-class _Depth(ctypes.Structure):
-    """``hb_depth`` of native.c: the depth connection before, whose backward runs on dL/dH."""
-
-    _fields_ = [("beta", ctypes.c_void_p), ("y", ctypes.c_void_p), ("g_y", ctypes.c_void_p),
-                ("g_beta", ctypes.c_void_p), ("beta_per_token", ctypes.c_int), ("y_bf16", ctypes.c_int)]
-
-
 def hc_backward(h: Tensor | None, alpha: Tensor, g_x: Tensor, g_mixed: Tensor | None, g_beta: Tensor | None,
                 t: Tensor | None, r: Tensor | None, p: Tensor | None, wt: Tensor | None,
                 s_alpha: float, s_beta: float, use_tanh: bool,
@@ -337,15 +287,7 @@ def _hc_backward(h, alpha, g_x, g_mixed, g_beta, t, r, p, wt, s_alpha, s_beta, u
                  norm, depth, want_g_h: bool):
     compute = g_x.dtype
     st, hold, lead, n, d = _streams(h, source, round_bf16)
-    g_w, nm, g_xn = None, None, None
-    if norm is not None:
-        x_rstd, norm_w, need_g_w = norm
-        x_rstd, norm_w, g_out = x_rstd.contiguous(), norm_w.contiguous(), g_x.contiguous()
-        g_w = torch.empty(d, dtype=compute) if need_g_w else None
-        g_xn = None if want_g_h else torch.empty(*lead, d, dtype=compute)
-        hold += [x_rstd, norm_w, g_out]
-        nm = ctypes.byref(_Norm(w=norm_w.data_ptr(), g_out=g_out.data_ptr(), rstd=x_rstd.data_ptr(),
-                                g_w=_ptr(g_w), g_x=_ptr(g_xn)))
+    nm, g_w, g_xn = _norm_backward(norm, g_x, not want_g_h, hold)
     g_h = torch.empty(*lead, n, d, dtype=compute) if want_g_h else None
     g_alpha = torch.empty(*lead, n, n + 1, dtype=compute)
     g_wt = torch.empty(n + 2, d, dtype=compute) if wt is not None else None
@@ -360,19 +302,6 @@ def _hc_backward(h, alpha, g_x, g_mixed, g_beta, t, r, p, wt, s_alpha, s_beta, u
         "hc_backward")
     del hold
     return g_h, g_alpha, g_wt, g_w, g_xn
-
-
-def _depth(depth: tuple[Tensor, Tensor, Tensor, Tensor] | None, hold: list[Tensor]):
-    """The ``hb_depth`` pointer for ``depth = (beta, y, g_y, g_beta)``, or None; the tensors it
-    points into are added to ``hold``."""
-    if depth is None:
-        return None
-    d_beta, d_y, d_g_y, d_g_beta = depth
-    d_beta, d_y = d_beta.contiguous(), d_y.contiguous()
-    hold += [d_beta, d_y]
-    return ctypes.byref(_Depth(beta=d_beta.data_ptr(), y=d_y.data_ptr(), g_y=d_g_y.data_ptr(),
-                               g_beta=d_g_beta.data_ptr(), beta_per_token=int(d_beta.dim() > 1),
-                               y_bf16=int(d_y.dtype == torch.bfloat16)))
 
 
 def depth_forward(mixed: Tensor, beta: Tensor, y: Tensor) -> Tensor:

@@ -9,7 +9,8 @@ import ctypes
 import torch
 from torch import Tensor
 
-from .native import _Norm, _check, _depth, _fn, _hc_backward, _norm_forward, _ptr, _streams, _threads
+from .native import _check, _fn, _hc_backward, _threads
+from .native_args import _depth, _norm_backward, _norm_forward, _ptr, _streams
 
 
 def hc_alpha_backward(h: Tensor | None, alpha: Tensor, g_out: Tensor, g_mixed: Tensor | None,
@@ -39,13 +40,9 @@ def mhc_backward_fused(h: Tensor | None, alpha: Tensor, g_out: Tensor, g_mixed: 
     compute = phi.dtype
     st, hold, lead, n, d = _streams(h, source, round_bf16)
     c = lambda x: None if x is None else x.contiguous()  # noqa: E731
-    x_rstd, norm_w, need_g_w = norm
-    x_rstd, norm_w, g_out = c(x_rstd), c(norm_w), c(g_out)
-    g_w = torch.empty(d, dtype=compute) if need_g_w else None
-    nm = ctypes.byref(_Norm(w=norm_w.data_ptr(), g_out=g_out.data_ptr(), rstd=x_rstd.data_ptr(), g_w=_ptr(g_w)))
+    nm, g_w, _ = _norm_backward(norm, g_out, False, hold)
     alpha, g_mixed, z, r, logits, post, g_post, a, phi = (c(t) for t in (alpha, g_mixed, z, r, logits, post,
                                                                           g_post, a, phi))
-    hold += [x_rstd, norm_w, g_out]
     g_h = torch.empty(*lead, n, d, dtype=compute)
     g_phi, g_par = torch.empty_like(phi), phi.new_empty(phi.shape[0] + 3)
     dp = _depth(depth, hold)
