@@ -78,6 +78,17 @@ class DepthGradOffer:
         saved, self.saved = self.saved, None
         return saved if saved is not None else ctx.saved_tensors
 
+    def request(self, g_out: Tensor, n: int, d: int, compute: torch.dtype) -> tuple[Tensor, ...] | None:
+        """The width backward kernel's ``depth`` argument (``native.hc_backward``): (beta, y) and
+        empty dL/dy (B, T, d) and dL/dbeta (B, T, n) in ``compute`` for it to fill, the lead dims
+        those of the width node's ``g_out``; None if the depth node is gone. Give the filled result
+        back with :meth:`fill`."""
+        inputs = self.inputs(compute)
+        if inputs is None:
+            return None
+        lead = g_out.shape[:-1]
+        return (*inputs, g_out.new_empty(*lead, d, dtype=compute), g_out.new_empty(*lead, n, dtype=compute))
+
     def fill(self, g: Tensor, g_y: Tensor, g_beta: Tensor) -> None:
         self.g, self.g_version, self.g_y, self.g_beta = g, g._version, g_y, g_beta
 

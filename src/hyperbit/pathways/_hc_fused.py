@@ -306,11 +306,7 @@ class WidthConnection(torch.autograd.Function):
         if ctx.native:
             dynamic = () if dyn_wt is None else (g_beta, t, r, p, dyn_wt, s_alpha, s_beta, ctx.use_tanh)
             offer = ctx.depth_grad
-            inputs = offer.inputs(compute) if offer is not None else None
-            depth = None
-            if inputs is not None:
-                lead = g_out.shape[:-1]
-                depth = (*inputs, g_out.new_empty(*lead, d, dtype=compute), g_out.new_empty(*lead, n, dtype=compute))
+            depth = offer.request(g_out, n, d, compute) if offer is not None else None
             g_h, g_alpha_tok, g_wt, g_norm_w = kernel_mix_backward(
                 h, src, alpha, g_out, g_mixed, norm_w, x_rstd, ctx.kernel_norm, ctx.needs_input_grad[6],
                 ctx.h_dtype != compute, dynamic, depth)

@@ -202,32 +202,26 @@ class ManifoldWidth(torch.autograd.Function):
                                                   ctx.needs_input_grad[10])
         g_z, g_small = ManifoldWidth._map_backward(ctx, g_alpha, g_post)
         _, g_phi = projection_backward(g_z, z, r, phi, h, src, ctx.h_dtype, g_h.view(-1, n * d))
-        return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None, None, None, None, None, None)
+        return ManifoldWidth._gradients(ctx, g_h, g_phi, g_small, g_norm_w)
+
+    @staticmethod
+    def _gradients(ctx, g_h: Tensor, g_phi: Tensor, g_small, g_norm_w: Tensor | None) -> tuple:
+        """forward's inputs' gradients: h, phi, the six biases and gates, the norm's gain (the rest
+        are not differentiable)."""
+        return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w) + (None,) * 7
 
     @staticmethod
     def _map_backward(ctx, g_alpha: Tensor, g_post: Tensor | None) -> tuple[Tensor, list[Tensor | None]]:
         """dL/dz and the gradients of the biases and gates (b_pre, b_post, b_res, a_pre, a_post,
         a_res) from dL/dalpha and dL/dpost, through the map's kept graph."""
-        if g_post is not None:
-            g_post = g_post.to(ctx.post.dtype)
         outputs, grads = [ctx.alpha], [g_alpha]
         if g_post is not None:
             outputs.append(ctx.post)
-            grads.append(g_post)
+            grads.append(g_post.to(ctx.post.dtype))
         # retain_graph: the small graph is freed with this node, not by its first backward (a
         # backward with retain_graph=True may run this node again)
         g_z, *g_small = torch.autograd.grad(outputs, ctx.inputs, grads, allow_unused=True, retain_graph=True)
         return g_z, g_small
-
-    @staticmethod
-    def _depth_offer(ctx, g_out: Tensor, n: int, d: int, compute: torch.dtype):
-        """``(offer, depth)``: the depth node's offer and the kernels' ``depth`` argument, or Nones."""
-        offer = ctx.depth_grad
-        inputs = offer.inputs(compute) if offer is not None else None
-        if inputs is None:
-            return None, None
-        lead = g_out.shape[:-1]
-        return offer, (*inputs, g_out.new_empty(*lead, d, dtype=compute), g_out.new_empty(*lead, n, dtype=compute))
 
     @staticmethod
     def _one_pass_backward(ctx, h, src, g_out, g_mixed, g_post, phi, norm_w, r, x_rstd, z):
@@ -235,7 +229,8 @@ class ManifoldWidth(torch.autograd.Function):
         (``nn.native_mhc.mhc_backward_fused``), with the depth backward before when offered."""
         compute = phi.dtype
         n, d = ctx.alpha.shape[-2], g_out.shape[-1]
-        offer, depth = ManifoldWidth._depth_offer(ctx, g_out, n, d, compute)
+        offer = ctx.depth_grad
+        depth = offer.request(g_out, n, d, compute) if offer is not None else None
         g_h, g_phi, g_par, g_norm_w = native_mhc.mhc_backward_fused(
             h, ctx.alpha, g_out.to(compute), None if g_mixed is None else g_mixed.to(compute),
             (x_rstd, norm_w, ctx.needs_input_grad[10]), z, r, ctx.map_logits, ctx.post,
@@ -244,7 +239,7 @@ class ManifoldWidth(torch.autograd.Function):
         if depth is not None:
             offer.fill(g_h, *depth[2:])  # g_h is the gradient returned for h (h_dtype == compute)
         g_small = g_par.split([n, n, g_par.numel() - 2 * n - 3, 1, 1, 1])
-        return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None, None, None, None, None, None)
+        return ManifoldWidth._gradients(ctx, g_h, g_phi, g_small, g_norm_w)
 
     @staticmethod
     def _kernel_backward(ctx, h, src, g_out, g_mixed, g_post, phi, norm_w, r, x_rstd, z):
@@ -262,11 +257,12 @@ class ManifoldWidth(torch.autograd.Function):
         g_z = g_z.to(compute)
         g_p = g_z * r  # dL/d(x phi^T)
         coef = (g_z * z).sum(-1) * r.squeeze(-1).square() / (n * d)
-        offer, depth = ManifoldWidth._depth_offer(ctx, g_out, n, d, compute)
+        offer = ctx.depth_grad
+        depth = offer.request(g_out, n, d, compute) if offer is not None else None
         g_h, g_phi = native_mhc.mhc_backward(h, alpha, g_xn, g_mixed, g_p, coef, phi, src, round_bf16, depth)
         if depth is not None:
             offer.fill(g_h, *depth[2:])  # g_h is the gradient returned for h (h_dtype == compute)
-        return (g_h.to(ctx.h_dtype), g_phi, None, None, *g_small, g_norm_w, None, None, None, None, None, None, None)
+        return ManifoldWidth._gradients(ctx, g_h, g_phi, g_small, g_norm_w)
 
 
 class ProjectStreams(torch.autograd.Function):
