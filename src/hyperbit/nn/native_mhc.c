@@ -82,22 +82,37 @@ HB_INLINE void mhc_project_group_##SUF(int G, const T *x, int64_t K, const T *ph
     }                                                                                             \
 }                                                                                                 \
                                                                                                   \
+/* mhc_project_group over nt tokens from x: groups of MHC_PROJ_TOKENS, then one at a time */      \
+HB_INLINE void mhc_project_tokens_##SUF(const T *x, int64_t nt, int64_t K, const T *phi, int rows, int nr, \
+                                        T eps, T *z, T *r) {                                      \
+    int64_t t = 0;                                                                                \
+    for (; t + MHC_PROJ_TOKENS <= nt; t += MHC_PROJ_TOKENS)                                       \
+        mhc_project_group_##SUF(MHC_PROJ_TOKENS, x + t * K, K, phi, rows, nr, eps, z + t * nr, r + t); \
+    for (; t < nt; t++)                                                                           \
+        mhc_project_group_##SUF(1, x + t * K, K, phi, rows, nr, eps, z + t * nr, r + t);          \
+}                                                                                                 \
+                                                                                                  \
+/* phi (nr, K) copied with zero rows up to a whole number of MHC_PROJ_ROWS (*rows); NULL when out \
+   of memory */                                                                                   \
+HB_INLINE T *mhc_padded_phi_##SUF(const T *phi, int nr, int64_t K, int *rows) {                   \
+    *rows = (nr + MHC_PROJ_ROWS - 1) / MHC_PROJ_ROWS * MHC_PROJ_ROWS;                             \
+    T *php = calloc((size_t)(*rows * K > 0 ? *rows * K : 1), sizeof(T));                          \
+    if (php) memcpy(php, phi, sizeof(T) * nr * K);                                                \
+    return php;                                                                                   \
+}                                                                                                 \
+                                                                                                  \
 /* x (N, K), phi (nr, K) -> z (N, nr), r (N) */                                                   \
 int hb_mhc_project_##SUF(const T *x, int64_t N, int64_t K, const T *phi, int nr, T eps, T *z,     \
                          T *r, int nthreads) {                                                    \
-    const int rows = (nr + MHC_PROJ_ROWS - 1) / MHC_PROJ_ROWS * MHC_PROJ_ROWS;                    \
-    T *php = calloc((size_t)(rows * K > 0 ? rows * K : 1), sizeof(T));  /* phi, whole slices */   \
+    int rows;                                                                                     \
+    T *php = mhc_padded_phi_##SUF(phi, nr, K, &rows);                                             \
     if (!php) return 2;                                                                           \
-    memcpy(php, phi, sizeof(T) * nr * K);                                                         \
     const int64_t groups = (N + MHC_PROJ_TOKENS - 1) / MHC_PROJ_TOKENS;                           \
     _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                            \
     for (int64_t gi = 0; gi < groups; gi++) {                                                     \
         int64_t t0 = gi * MHC_PROJ_TOKENS;                                                        \
-        if (t0 + MHC_PROJ_TOKENS <= N)                                                            \
-            mhc_project_group_##SUF(MHC_PROJ_TOKENS, x + t0 * K, K, php, rows, nr, eps, z + t0 * nr, r + t0); \
-        else                                                                                      \
-            for (; t0 < N; t0++)                                                                  \
-                mhc_project_group_##SUF(1, x + t0 * K, K, php, rows, nr, eps, z + t0 * nr, r + t0); \
+        mhc_project_tokens_##SUF(x + t0 * K, N - t0 < MHC_PROJ_TOKENS ? N - t0 : MHC_PROJ_TOKENS, K, php, \
+                                 rows, nr, eps, z + t0 * nr, r + t0);                             \
     }                                                                                             \
     free(php);                                                                                    \
     return 0;                                                                                     \
@@ -114,10 +129,9 @@ int hb_mhc_forward_##SUF(const T *h, int64_t N, int n, int64_t d, const T *phi, 
                          const hb_norm *nm, int nthreads) {                                       \
     if (n < 1 || n > SK_MAXN || nr != 2 * n + n * n || iters < 1) return 1;                       \
     const int64_t nd = n * d, blocks = (N + SK_BLOCK - 1) / SK_BLOCK;                             \
-    const int rows = (nr + MHC_PROJ_ROWS - 1) / MHC_PROJ_ROWS * MHC_PROJ_ROWS;                    \
-    T *php = calloc((size_t)(rows * nd), sizeof(T));  /* phi, whole slices of rows */             \
+    int rows;                                                                                     \
+    T *php = mhc_padded_phi_##SUF(phi, nr, nd, &rows);                                            \
     if (!php) return 2;                                                                           \
-    memcpy(php, phi, sizeof(T) * nr * nd);                                                        \
     int bad = 0;                                                                                  \
     _Pragma("omp parallel num_threads(nthreads)")                                                 \
     {                                                                                             \
@@ -130,13 +144,7 @@ int hb_mhc_forward_##SUF(const T *h, int64_t N, int n, int64_t d, const T *phi, 
             if (!ok) continue;  /* every thread reaches the loop's barrier */                     \
             const int64_t t0 = blk * SK_BLOCK;                                                    \
             const int nb = N - t0 < SK_BLOCK ? (int)(N - t0) : SK_BLOCK;                          \
-            int t = 0;                                                                            \
-            for (; t + MHC_PROJ_TOKENS <= nb; t += MHC_PROJ_TOKENS)                               \
-                mhc_project_group_##SUF(MHC_PROJ_TOKENS, h + (t0 + t) * nd, nd, php, rows, nr, eps,\
-                                        z + (t0 + t) * nr, r + t0 + t);                           \
-            for (; t < nb; t++)                                                                   \
-                mhc_project_group_##SUF(1, h + (t0 + t) * nd, nd, php, rows, nr, eps,             \
-                                        z + (t0 + t) * nr, r + t0 + t);                           \
+            mhc_project_tokens_##SUF(h + t0 * nd, nb, nd, php, rows, nr, eps, z + t0 * nr, r + t0); \
             mhc_map_block_##SUF(n, t0, nb, z, b, a, iters, range, floor_, u, v, st, logits, alpha, post);\
             for (int64_t tok = t0; tok < t0 + nb; tok++) {                                        \
                 HB_BY_N_##SUF(n, hc_mix_token_##SUF(nn, h + tok * nd, d, alpha + tok * n * (n + 1),\
