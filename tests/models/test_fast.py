@@ -10,7 +10,7 @@ import torch
 
 from hyperbit import ModelConfig
 from hyperbit.models import build_model, compile_blocks, set_activation_checkpointing
-from hyperbit.nn import native
+from hyperbit.nn import native, native_mhc
 from hyperbit.pathways import HyperConnection
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
@@ -186,28 +186,31 @@ def _counting(monkeypatch) -> collections.Counter:
     """Calls of the connections' kernels by name; ``rebuilt``: backward calls that rebuilt the
     streams (given no ``h``)."""
     calls: collections.Counter = collections.Counter()
-    for name in ("hc_forward", "hc_forward_dynamic", "hc_backward", "depth_forward", "depth_backward",
-                 "hc_rebuild"):
-        real = getattr(native, name)
+    for module, name in [(native, n) for n in ("hc_forward", "hc_forward_dynamic", "hc_backward", "depth_forward",
+                                               "depth_backward", "hc_rebuild")] + [
+            (native_mhc, n) for n in ("mhc_forward", "mhc_backward_fused", "mhc_project")]:
+        real = getattr(module, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
             calls[_name] += 1
-            if _name == "hc_backward" and args[0] is None:
+            if _name in ("hc_backward", "mhc_backward_fused") and args[0] is None:
                 calls["rebuilt"] += 1
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(native, name, counted)
+        monkeypatch.setattr(module, name, counted)
     return calls
 
 
 @pytest.mark.skipif(native.library() is None, reason="no C compiler: the PyTorch path runs")
-@pytest.mark.parametrize("kind,width", [("dhc4", "hc_forward_dynamic"), ("shc4", "hc_forward")])
+@pytest.mark.parametrize("kind,width,backward", [("dhc4", "hc_forward_dynamic", "hc_backward"),
+                                                 ("shc4", "hc_forward", "hc_backward"),
+                                                 ("mhc4", "mhc_forward", "mhc_backward_fused")])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_compiled_blocks_run_the_kernels_and_match_eager(kind, width, autocast, monkeypatch):
+def test_compiled_blocks_run_the_kernels_and_match_eager(kind, width, backward, autocast, monkeypatch):
     """Each block in one graph (``fullgraph``), the connections' kernels called from it once per
-    branch forward and backward (the depth connection mixing the streams, ``hc_rebuild``; the
-    second connection of each block rebuilding its streams in backward), and loss and gradients
-    those of the eager model (which runs the same kernels)."""
+    branch forward and backward (mHC's one-pass kernels for mHC; the depth connection mixing the
+    streams, ``hc_rebuild``; the second connection of each block rebuilding its streams in
+    backward), and loss and gradients those of the eager model (which runs the same kernels)."""
     torch._dynamo.reset()
     calls = _counting(monkeypatch)
     idx, targets = _batch()
@@ -217,7 +220,7 @@ def test_compiled_blocks_run_the_kernels_and_match_eager(kind, width, autocast, 
         calls.clear()
         got = _loss_and_grads(compiled, idx, targets)
     branches = 2 * len(compiled.blocks)
-    assert calls == {width: branches, "hc_backward": branches, "hc_rebuild": branches,
+    assert calls == {width: branches, backward: branches, "hc_rebuild": branches,
                      "depth_backward": branches, "rebuilt": len(compiled.blocks)}
     tol = dict(rtol=1e-2, atol=1e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], ref[1], **tol)

@@ -65,3 +65,34 @@ def test_depth_operators_pass_opcheck(per_token, need_y, need_beta):
     y = _t(B, T, D, seed=2).bfloat16()
     torch.library.opcheck(ops._depth_forward_op, (_t(B, T, N, D), beta, y))
     torch.library.opcheck(ops._depth_backward_op, (_t(B, T, N, D, seed=3), beta, y, need_y, need_beta))
+
+
+def _mhc_forward_args(save_bf16: bool, mixed: bool, h=None):
+    """Arguments of mHC's forward operator: n = N streams, phi (2n + n^2, n d), the map's biases
+    and gates, 20 Sinkhorn iterations, the branch norm's gain."""
+    from hyperbit.pathways.sinkhorn import _DEFICIT_FLOOR, LOGIT_RANGE
+
+    m = 2 * N + N * N
+    h = _t(B, T, N, D) if h is None else h
+    return (h, 0.1 * _t(m, N * D, seed=1), 1e-6, _t(m, seed=2), torch.tensor([0.5, 0.25, 0.75]), 20, LOGIT_RANGE,
+            _DEFICIT_FLOOR, save_bf16, _t(D, seed=3), 1e-6, mixed)
+
+
+@pytest.mark.parametrize("save_bf16", [False, True])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_mhc_forward_operator_passes_opcheck(save_bf16, mixed):
+    torch.library.opcheck(ops._mhc_forward_op, _mhc_forward_args(save_bf16, mixed))
+
+
+@pytest.mark.parametrize("with_mixed,with_post,need_gain", [(True, True, True), (False, False, False)])
+@pytest.mark.parametrize("h_dtype", [torch.float32, torch.bfloat16])
+def test_mhc_backward_operator_passes_opcheck(with_mixed, with_post, need_gain, h_dtype):
+    """From a forward's own results (z, r, the res logits, alpha, post); streams given, or rebuilt
+    from a source (prev and y in ``h_dtype``)."""
+    fwd = _mhc_forward_args(False, True, _t(B, T, N, D).to(h_dtype).float())
+    (_, _, _, rstd), (z, r, logits, alpha, post) = ops.native_mhc.mhc_forward(*fwd)
+    h, phi, _, _, a, iters, logit_range, floor, _, norm_w = fwd[:10]
+    rest = (alpha, _t(B, T, D, seed=7), _t(B, T, N, D, seed=8) if with_mixed else None, rstd, norm_w, need_gain,
+            z, r, logits, post, _t(B, T, N, seed=9) if with_post else None, a, iters, logit_range, floor, phi)
+    torch.library.opcheck(ops._mhc_backward_op, (h, None, None, None, None, *rest, False))
+    torch.library.opcheck(ops._mhc_backward_op, (None, *_source(h_dtype), *rest, h_dtype != torch.float32))

@@ -1,13 +1,13 @@
-"""The hyper-connection kernels of :mod:`.native` as :mod:`torch.library` operators, so that they
-also run inside ``torch.compile``d blocks.
+"""The hyper-connection kernels of :mod:`.native` (and mHC's of :mod:`.native_mhc`) as
+:mod:`torch.library` operators, so that they also run inside ``torch.compile``d blocks.
 
 A ``ctypes`` call cannot be traced, so a compiled block used to run the PyTorch path of the width
 and depth connections (the reference arithmetic, which Inductor fuses less well than the kernels
 fuse it by hand). Registered as operators with a fake (shape-only) implementation, the kernels are
 opaque nodes in the block's graph: the compiler fuses and schedules what is around them, and
-calls them as they are. The autograd nodes of ``pathways._hc_fused`` call the functions below in
-both modes: outside ``torch.compile`` they call :mod:`.native` directly (no dispatcher on the eager
-path); while compiling, the operators.
+calls them as they are. The autograd nodes of ``pathways._hc_fused`` and ``pathways._mhc_fused``
+call the functions below in both modes: outside ``torch.compile`` they call the kernels directly (no
+dispatcher on the eager path); while compiling, the operators.
 
 An operator cannot return None: a result that a call does not produce (the bf16 copy, the norm's
 rstd, a gradient nobody asked for) comes back as an empty tensor from the operator and as None
@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import native
+from . import native, native_mhc
 
 _NONE = (0,)  # the shape of an absent result
 
@@ -158,6 +158,43 @@ def _(g, beta, y, need_y, need_beta):
             g.new_empty(*lead, n) if need_beta else g.new_empty(_NONE))
 
 
+@torch.library.custom_op("hyperbit::mhc_forward", mutates_args=())
+def _mhc_forward_op(h: Tensor, phi: Tensor, eps: float, b: Tensor, a: Tensor, iters: int, logit_range: float,
+                    deficit_floor: float, save_bf16: bool, norm_w: Optional[Tensor], norm_eps: float,
+                    mixed: bool) -> list[Tensor]:
+    (x, mixed_, saved, rstd), kept = native_mhc.mhc_forward(h, phi, eps, b, a, iters, logit_range, deficit_floor,
+                                                            save_bf16, norm_w, norm_eps, mixed)
+    return [x, _opt(mixed_, h), _opt(saved, h), _opt(rstd, h), *kept]
+
+
+@_mhc_forward_op.register_fake
+def _(h, phi, eps, b, a, iters, logit_range, deficit_floor, save_bf16, norm_w, norm_eps, mixed):
+    lead, n = h.shape[:-2], h.shape[-2]
+    return [*_hc_forward_fake(h, None, save_bf16, norm_w, norm_eps, mixed), h.new_empty(*lead, phi.shape[0]),
+            h.new_empty(*lead, 1), h.new_empty(*lead, n, n), h.new_empty(*lead, n, n + 1), h.new_empty(*lead, n)]
+
+
+@torch.library.custom_op("hyperbit::mhc_backward", mutates_args=())
+def _mhc_backward_op(h: Optional[Tensor], prev: Optional[Tensor], src_alpha: Optional[Tensor],
+                     src_beta: Optional[Tensor], y: Optional[Tensor], alpha: Tensor, g_out: Tensor,
+                     g_mixed: Optional[Tensor], x_rstd: Tensor, norm_w: Tensor, need_norm_grad: bool, z: Tensor,
+                     r: Tensor, logits: Tensor, post: Tensor, g_post: Optional[Tensor], a: Tensor, iters: int,
+                     logit_range: float, deficit_floor: float, phi: Tensor, round_bf16: bool
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    g_h, g_phi, g_par, g_w = native_mhc.mhc_backward_fused(
+        h, alpha, g_out, g_mixed, (x_rstd, norm_w, need_norm_grad), z, r, logits, post, g_post, a, iters,
+        logit_range, deficit_floor, phi, _source(prev, src_alpha, src_beta, y), round_bf16)
+    return g_h, g_phi, g_par, _opt(g_w, g_out)
+
+
+@_mhc_backward_op.register_fake
+def _(h, prev, src_alpha, src_beta, y, alpha, g_out, g_mixed, x_rstd, norm_w, need_norm_grad, z, r, logits,
+      post, g_post, a, iters, logit_range, deficit_floor, phi, round_bf16):
+    shape = _streams_shape(h, prev)
+    return (phi.new_empty(shape), torch.empty_like(phi), phi.new_empty(phi.shape[0] + 3),
+            g_out.new_empty(g_out.shape[-1]) if need_norm_grad else g_out.new_empty(_NONE))
+
+
 # -- what the autograd nodes call ----------------------------------------------------------------
 
 def hc_forward(h: Tensor, alpha: Tensor, save_bf16: bool, norm_w: Tensor | None = None,
@@ -232,3 +269,32 @@ def depth_backward(g: Tensor, beta: Tensor, y: Tensor, need_y: bool, need_beta: 
         return native.depth_backward(g, beta, y, need_y, need_beta)
     g_y, g_beta = _depth_backward_op(g, beta, y, need_y, need_beta)
     return _none(g_y), _none(g_beta)
+
+
+def mhc_forward(h: Tensor, phi: Tensor, eps: float, b: Tensor, a: Tensor, iters: int, logit_range: float,
+                deficit_floor: float, save_bf16: bool, norm_w: Tensor | None, norm_eps: float, mixed: bool
+                ) -> tuple[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None], tuple[Tensor, ...]]:
+    """:func:`.native_mhc.mhc_forward`, also inside ``torch.compile``."""
+    args = (h, phi, eps, b, a, iters, logit_range, deficit_floor, save_bf16, norm_w, norm_eps, mixed)
+    if not torch.compiler.is_compiling():
+        return native_mhc.mhc_forward(*args)
+    x, mixed_, saved, rstd, *kept = _mhc_forward_op(*args)
+    return (x, _none(mixed_), _none(saved), _none(rstd)), tuple(kept)
+
+
+def mhc_backward_fused(h: Tensor | None, alpha: Tensor, g_out: Tensor, g_mixed: Tensor | None,
+                       norm: tuple[Tensor, Tensor, bool], z: Tensor, r: Tensor, logits: Tensor, post: Tensor,
+                       g_post: Tensor | None, a: Tensor, iters: int, logit_range: float, deficit_floor: float,
+                       phi: Tensor, source: tuple[Tensor, ...] | None = None, round_bf16: bool = False,
+                       depth: tuple[Tensor, ...] | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """:func:`.native_mhc.mhc_backward_fused`, also inside ``torch.compile`` (there without
+    ``depth``, as :func:`hc_backward`)."""
+    if not torch.compiler.is_compiling():
+        return native_mhc.mhc_backward_fused(h, alpha, g_out, g_mixed, norm, z, r, logits, post, g_post, a, iters,
+                                             logit_range, deficit_floor, phi, source, round_bf16, depth)
+    assert depth is None, "the depth connection's fused backward runs eager only"
+    g_h, g_phi, g_par, g_w = _mhc_backward_op(h, *(source or (None,) * 4), alpha, g_out, g_mixed, *norm, z, r,
+                                              logits, post, g_post, a, iters, logit_range, deficit_floor, phi,
+                                              round_bf16)
+    return g_h, g_phi, g_par, _none(g_w)

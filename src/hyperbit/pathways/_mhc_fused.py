@@ -23,14 +23,13 @@ and gates; then, with ``g_z = dL/dz``::
 
     dL/dphi = (g_z r)^T x        dL/dx += (g_z r) phi - x r^2/(nd) * sum_k g_z[k] z[k]
 
-With the C kernels (CPU, n >= 2; :data:`MHC_KERNELS`) and res from Sinkhorn, forward and
-backward are each one pass over the streams per block of tokens (``nn.native_mhc``): forward the
-projection, the map (no autograd graph: the kernel keeps the res logits) and the mixing; backward
-the mixing's reverse to dL/dalpha, the map's reverse to ``g_z``, then dL/dH whole (the mixing and
-both projection terms), dL/dphi, and the backward of the depth node before (whose output these
-streams are, as HC's width kernel does). With res="permutations" the map keeps its graph and
-backward makes two passes around its reverse. Elsewhere the mixing's reverse comes first and the
-projection's terms are added over chunks of tokens (:func:`projection_backward`).
+With the C kernels (CPU, n >= 2; :data:`MHC_KERNELS`) and res from Sinkhorn, the width connection
+is another node, :class:`ManifoldKernelWidth`: forward and backward each one pass over the streams
+per block of tokens (``nn.native_mhc``), in eager mode and inside ``torch.compile``. With
+res="permutations" this node's map keeps its graph and backward makes two passes (C) around its
+reverse. Elsewhere the mixing's reverse comes first and the projection's terms are added over
+chunks of tokens (:func:`projection_backward`); inside ``torch.compile`` those cases run as three
+nodes (:class:`ProjectStreams`, the map in plain autograd, HC's mixing node).
 
 Every value and gradient is checked against the plain autograd path in the tests.
 """
@@ -42,12 +41,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..nn import native_mhc, native_ops
+from ..nn import native, native_mhc, native_ops
 from ..nn.norm import rms_rstd
 from .sinkhorn import _DEFICIT_FLOOR, LOGIT_RANGE
-from ._hc_fused import (_native_ok, _project, backward_streams, branch_norm, kept_outputs, kernel_mix_backward, placeholder,
-                        mix_backward,
-                        mix_forward, rebuild_streams)
+from ._hc_fused import (_native_ok, _project, backward_streams, branch_norm, kept_outputs, kernel_dtypes,
+                        kernel_mix_backward, mix_backward, mix_forward, placeholder, rebuild_streams)
 
 #: ``(z, b_pre, b_post, b_res, a_pre, a_post, a_res) -> pre, post, res``: the per-token map from
 #: the projections to the connection weights
@@ -62,14 +60,13 @@ def alpha_of(pre: Tensor, res: Tensor) -> Tensor:
 #: tokens per chunk of the flat streams in backward (n*d each: 2 MiB in fp32 at n*d = 1024;
 #: measured 16% faster than one full-size widened copy and product at 2,048 tokens)
 _CHUNK = 512
-#: with the C kernels, mHC's own kernels: for n >= 2 with res from Sinkhorn the whole forward
-#: (``nn.native_mhc.mhc_forward``: the projection, the map, the mixing) and the whole backward
-#: (``mhc_backward_fused``), each one pass over the streams; with res="permutations" the projection
-#: (``mhc_project``) and the backward in two passes around the map's reverse in PyTorch. Both
-#: backwards run the depth backward before. False: those parts in PyTorch ops around the mixing
-#: kernels HC shares (a vector norm and a GEMM forward; the map under autograd; the projection's
-#: backward over chunks of tokens, :func:`projection_backward`), as with one stream. The gradients
-#: agree to round-off.
+#: with the C kernels, mHC's own kernels: for n >= 2 with res from Sinkhorn
+#: :class:`ManifoldKernelWidth` (``nn.native_mhc.mhc_forward`` and ``mhc_backward_fused``, each
+#: one pass over the streams); with res="permutations" the projection (``mhc_project``) and the
+#: backward in two passes around the map's reverse in PyTorch. Both backwards run the depth
+#: backward before. False: those parts in PyTorch ops around the mixing kernels HC shares (a
+#: vector norm and a GEMM forward; the map under autograd; the projection's backward over chunks
+#: of tokens, :func:`projection_backward`), as with one stream. The gradients agree to round-off.
 MHC_KERNELS = True
 
 
@@ -108,13 +105,76 @@ def projection_backward(g_z: Tensor, z: Tensor, r: Tensor, phi: Tensor, h: Tenso
     return g_x, g_phi
 
 
+def kernels_take(h: Tensor, phi: Tensor, save_dtype: torch.dtype, res: str) -> bool:
+    """Whether :class:`ManifoldKernelWidth` runs this width connection: :data:`MHC_KERNELS` on, the
+    C kernels built, CPU, 2 <= n <= ``native.HC_MAX_N``, res from Sinkhorn, the compute dtype (that
+    of ``phi``) fp32 or fp64 and the saved copy of the streams in one the kernels read."""
+    return (MHC_KERNELS and res == "sinkhorn" and 2 <= h.shape[-2] <= native.HC_MAX_N
+            and h.device.type == "cpu" and save_dtype in kernel_dtypes(phi.dtype) and native.takes(phi))
+
+
+class ManifoldKernelWidth(torch.autograd.Function):
+    """mHC's width connection in mHC's own C kernels (where :func:`kernels_take`): forward and
+    backward each one pass over the streams per block of tokens (``nn.native_mhc``), eager and,
+    as ``torch.library`` operators (``nn.native_ops``), inside ``torch.compile``. Forward: the
+    projection, the map (no autograd graph: the kernel keeps the res logits) and the mixing with
+    the branch norm. Backward: the mixing's reverse to dL/dalpha, the map's reverse to ``g_z``,
+    then dL/dH whole (the mixing and both projection terms), dL/dphi, and (eager, when offered)
+    the backward of the depth node before, whose output these streams are.
+
+    ``b`` = [b_pre | b_post | b_res] and ``a`` = [a_pre, a_post, a_res] come concatenated, in the
+    compute dtype; ``source``, ``keep``, ``lazy``, ``depth_grad`` as for :class:`ManifoldWidth`."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, phi: Tensor, stream_eps: float, b: Tensor, a: Tensor, norm_w: Tensor,
+                norm_eps: float, iters: int, save_dtype: torch.dtype, source: tuple[Tensor, ...] | None = None,
+                keep: bool = False, lazy: bool = False, depth_grad=None):
+        ctx.h_dtype, streams = h.dtype, h
+        compute = phi.dtype
+        h = h.to(compute).contiguous()
+        ctx.iters = iters
+        ctx.depth_grad = depth_grad if ctx.h_dtype == compute else None  # (taken with fp32 streams)
+        save_bf16 = save_dtype != compute and streams.dtype != save_dtype and source is None
+        (out, mixed, saved, x_rstd), (z, r, logits, alpha, post) = native_ops.mhc_forward(
+            h, phi, stream_eps, b, a, iters, LOGIT_RANGE, _DEFICIT_FLOOR, save_bf16, norm_w, norm_eps, not lazy)
+        if lazy:
+            mixed = placeholder(h)
+        if saved is None:
+            saved = h if compute == save_dtype else streams.contiguous()
+        if source is not None:
+            saved = None
+        kept = kept_outputs(ctx, saved if keep and streams.dtype != save_dtype else None,
+                            alpha if keep or lazy else None)
+        ctx.save_for_backward(saved, phi, a, norm_w, x_rstd, z, r, logits, alpha, post, *(source or (None,) * 4))
+        return out.to(ctx.h_dtype), mixed, post, *kept
+
+    @staticmethod
+    def backward(ctx, g_out, g_mixed, g_post, *_):
+        with torch.autocast(g_out.device.type, enabled=False):  # backward may run under autocast
+            saved, phi, a, norm_w, x_rstd, z, r, logits, alpha, post, *source = ctx.saved_tensors
+            compute = phi.dtype
+            n, d = alpha.shape[-2], g_out.shape[-1]
+            h, src = backward_streams(saved, source, compute, ctx.h_dtype, True)
+            offer = ctx.depth_grad
+            depth = offer.request(g_out, n, d, compute) if offer is not None else None
+            g_h, g_phi, g_par, g_norm_w = native_ops.mhc_backward_fused(
+                h, alpha, g_out.to(compute), None if g_mixed is None else g_mixed.to(compute),
+                (x_rstd, norm_w, ctx.needs_input_grad[5]), z, r, logits, post,
+                None if g_post is None else g_post.to(compute), a, ctx.iters, LOGIT_RANGE, _DEFICIT_FLOOR, phi,
+                src, ctx.h_dtype != compute, depth)
+            if depth is not None:
+                offer.fill(g_h, *depth[2:])  # g_h is the gradient returned for h (h_dtype == compute)
+            g_b, g_a = g_par.split([g_par.numel() - 3, 3])
+            return g_h.to(ctx.h_dtype), g_phi, None, g_b, g_a, g_norm_w, *(None,) * 7
+
+
 class ManifoldWidth(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, phi: Tensor, stream_eps: float, weights: WeightsFn,
                 b_pre: Tensor, b_post: Tensor, b_res: Tensor, a_pre: Tensor, a_post: Tensor,
                 a_res: Tensor, norm_w: Tensor, norm_eps: float, save_dtype: torch.dtype,
                 source: tuple[Tensor, ...] | None = None, keep: bool = False, lazy: bool = False,
-                depth_grad=None, map_iters: int | None = None):
+                depth_grad=None):
         # source / keep / lazy / depth_grad: as for _hc_fused.WidthConnection (the streams rebuilt
         # in backward from what the previous connection's nodes keep, instead of a copy; the
         # mixing left to the depth node; the depth node's backward run in this node's kernel)
@@ -125,39 +185,31 @@ class ManifoldWidth(torch.autograd.Function):
         ctx.own_kernels = ctx.native and MHC_KERNELS
         # the branch norm in the kernels too, except with one stream (then PyTorch's, as Pre-Norm's)
         ctx.kernel_norm = ctx.native and h.shape[-2] >= 2
-        ctx.map_iters = map_iters if ctx.own_kernels and ctx.kernel_norm else None
         # mHC's backward kernels also run the depth node's backward before (its offer, taken with
         # streams in fp32)
         ctx.depth_grad = depth_grad if ctx.kernel_norm and ctx.own_kernels and ctx.h_dtype == phi.dtype else None
         save_bf16 = save_dtype != h.dtype and streams.dtype != save_dtype and source is None
         kernel_norm_w = norm_w if ctx.kernel_norm else None
-        if ctx.map_iters is not None:  # projection, map and mixing in one pass per block of tokens (C)
-            ctx.map_a = torch.cat([a_pre, a_post, a_res])
-            (out, mixed, saved, x_rstd), (z, r, ctx.map_logits, ctx.alpha, ctx.post) = native_mhc.mhc_forward(
-                h, phi, stream_eps, torch.cat([b_pre, b_post, b_res]), ctx.map_a, map_iters, LOGIT_RANGE,
-                _DEFICIT_FLOOR, save_bf16, kernel_norm_w, norm_eps, not lazy)
-            alpha = ctx.alpha
+        x = h.flatten(-2)  # (B, T, nd)
+        if ctx.own_kernels:  # the norm's rstd and the projection in one pass (C)
+            z, r = native_mhc.mhc_project(x, phi, stream_eps)
         else:
-            x = h.flatten(-2)  # (B, T, nd)
-            if ctx.own_kernels:  # the norm's rstd and the projection in one pass (C)
-                z, r = native_mhc.mhc_project(x, phi, stream_eps)
-            else:
-                r = rms_rstd(x, stream_eps)  # (B, T, 1)
-                z = _project(x, phi) * r  # (B, T, m)
-            # The per-token map under autograd, its small graph kept for backward (O(m) numbers
-            # per token: the Sinkhorn op keeps only its logits), so backward does not re-run it.
-            ctx.inputs = [z.detach().requires_grad_(True)] + [
-                p.detach().requires_grad_(True) for p in (b_pre, b_post, b_res, a_pre, a_post, a_res)]
-            with torch.enable_grad():
-                pre, ctx.post, res = weights(*ctx.inputs)
-                ctx.alpha = alpha_of(pre, res)  # (B, T, n, n+1)
-            alpha = ctx.alpha.detach()
-            if ctx.native:  # the mixing and the bf16 copy of H in one pass per token (C)
-                out, mixed, saved, x_rstd = native_ops.hc_forward(h, alpha, save_bf16, kernel_norm_w, norm_eps,
-                                                                  not lazy)
-            else:
-                saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()
-                out, mixed, x_rstd = mix_forward(h, alpha, norm_w, norm_eps)
+            r = rms_rstd(x, stream_eps)  # (B, T, 1)
+            z = _project(x, phi) * r  # (B, T, m)
+        # The per-token map under autograd, its small graph kept for backward (O(m) numbers per
+        # token: the Sinkhorn op keeps only its logits), so backward does not re-run it.
+        ctx.inputs = [z.detach().requires_grad_(True)] + [
+            p.detach().requires_grad_(True) for p in (b_pre, b_post, b_res, a_pre, a_post, a_res)]
+        with torch.enable_grad():
+            pre, ctx.post, res = weights(*ctx.inputs)
+            ctx.alpha = alpha_of(pre, res)  # (B, T, n, n+1)
+        alpha = ctx.alpha.detach()
+        if ctx.native:  # the mixing and the bf16 copy of H in one pass per token (C)
+            out, mixed, saved, x_rstd = native_ops.hc_forward(h, alpha, save_bf16, kernel_norm_w, norm_eps,
+                                                              not lazy)
+        else:
+            saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()
+            out, mixed, x_rstd = mix_forward(h, alpha, norm_w, norm_eps)
         post = ctx.post
         if ctx.native:
             if lazy:
@@ -188,9 +240,6 @@ class ManifoldWidth(torch.autograd.Function):
         # streams themselves; the flat products below widen a chunk at a time
         h, src = backward_streams(saved, source, compute, ctx.h_dtype, ctx.native)
         if ctx.kernel_norm and ctx.own_kernels:
-            if ctx.map_iters is not None:
-                return ManifoldWidth._one_pass_backward(ctx, h, src, g_out, g_mixed, g_post, phi, norm_w, r,
-                                                        x_rstd, z)
             return ManifoldWidth._kernel_backward(ctx, h, src, g_out, g_mixed, g_post, phi, norm_w, r, x_rstd, z)
         if ctx.native:
             g_h, g_alpha, _, g_norm_w = kernel_mix_backward(
@@ -222,24 +271,6 @@ class ManifoldWidth(torch.autograd.Function):
         # backward with retain_graph=True may run this node again)
         g_z, *g_small = torch.autograd.grad(outputs, ctx.inputs, grads, allow_unused=True, retain_graph=True)
         return g_z, g_small
-
-    @staticmethod
-    def _one_pass_backward(ctx, h, src, g_out, g_mixed, g_post, phi, norm_w, r, x_rstd, z):
-        """The C kernel's backward with the map in C too: one pass over the streams
-        (``nn.native_mhc.mhc_backward_fused``), with the depth backward before when offered."""
-        compute = phi.dtype
-        n, d = ctx.alpha.shape[-2], g_out.shape[-1]
-        offer = ctx.depth_grad
-        depth = offer.request(g_out, n, d, compute) if offer is not None else None
-        g_h, g_phi, g_par, g_norm_w = native_mhc.mhc_backward_fused(
-            h, ctx.alpha, g_out.to(compute), None if g_mixed is None else g_mixed.to(compute),
-            (x_rstd, norm_w, ctx.needs_input_grad[10]), z, r, ctx.map_logits, ctx.post,
-            None if g_post is None else g_post.to(compute), ctx.map_a, ctx.map_iters, LOGIT_RANGE, _DEFICIT_FLOOR,
-            phi, src, ctx.h_dtype != compute, depth)
-        if depth is not None:
-            offer.fill(g_h, *depth[2:])  # g_h is the gradient returned for h (h_dtype == compute)
-        g_small = g_par.split([n, n, g_par.numel() - 2 * n - 3, 1, 1, 1])
-        return ManifoldWidth._gradients(ctx, g_h, g_phi, g_small, g_norm_w)
 
     @staticmethod
     def _kernel_backward(ctx, h, src, g_out, g_mixed, g_post, phi, norm_w, r, x_rstd, z):

@@ -54,7 +54,7 @@ from ..nn.norm import RMSNorm, rms_rstd
 from ._hc_fused import WidthConnection, _bmm, _project, kept_for_rebuild, mixes_in_depth
 from .base import Branch, Pathway, check_streams, expand_streams, reduce_streams
 from .hyper import DepthContext, _take_depth_grad, _take_rebuild, depth_streams, fused_depth
-from ._mhc_fused import ManifoldWidth, ProjectStreams, alpha_of
+from ._mhc_fused import ManifoldKernelWidth, ManifoldWidth, ProjectStreams, alpha_of, kernels_take
 from .sinkhorn import birkhoff, permutation_matrices, sinkhorn
 
 INITS = ("residual", "paper")
@@ -89,9 +89,10 @@ class ManifoldHyperConnection(Pathway):
 
     #: the connection weights are computed per token (analysis averages them over tokens)
     dynamic = True
-    #: with gradients on, the width connection is the memory-lean autograd node of ``_mhc_fused``
-    #: (inside ``torch.compile``: its projection node, the map in plain autograd and HC's mixing
-    #: node; False: plain autograd, the reference)
+    #: with gradients on, the width connection is a memory-lean autograd node of ``_mhc_fused``
+    #: (``ManifoldKernelWidth`` where mHC's one-pass C kernels run, eager or compiled; else
+    #: ``ManifoldWidth``, or inside ``torch.compile`` its projection node, the map in plain autograd
+    #: and HC's mixing node; False: plain autograd, the reference)
     fused: bool = True
 
     def __init__(self, dim: int, expansion_rate: int, branch_index: int, *, init: str = "residual",
@@ -181,14 +182,22 @@ class ManifoldHyperConnection(Pathway):
             return self._width_reference(h)
         device, compute = h.device.type, _compute_dtype(h)
         save_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-        if torch.compiler.is_compiling():
-            return self._width_split(h, compute, save_dtype)
+        compiling = torch.compiler.is_compiling()
         with torch.autocast(device, enabled=False):
+            phi, small, norm_w = self.phi.to(compute), self._small(compute), self.norm.weight.to(compute)
+            one_pass = kernels_take(h, phi, save_dtype, self.res)
+            if compiling and not one_pass:
+                return self._width_split(h, compute, save_dtype)
             source, lazy = _take_rebuild(h), mixes_in_depth(h, compute, save_dtype)
-            x, mixed, post, saved, alpha = ManifoldWidth.apply(
-                h, self.phi.to(compute), self.stream_eps, self._map, *self._small(compute),
-                self.norm.weight.to(compute), self.norm.eps, save_dtype, source, source is None, lazy,
-                _take_depth_grad(h), self.sinkhorn_iters if self.res == "sinkhorn" else None)
+            depth_grad = None if compiling else _take_depth_grad(h)
+            if one_pass:
+                x, mixed, post, saved, alpha = ManifoldKernelWidth.apply(
+                    h, phi, self.stream_eps, torch.cat(small[:3]), torch.cat(small[3:]), norm_w, self.norm.eps,
+                    self.sinkhorn_iters, save_dtype, source, source is None, lazy, depth_grad)
+            else:
+                x, mixed, post, saved, alpha = ManifoldWidth.apply(
+                    h, phi, self.stream_eps, self._map, *small, norm_w, self.norm.eps, save_dtype, source,
+                    source is None, lazy, depth_grad)
         kept = None if source is not None else kept_for_rebuild(saved, alpha, h)
         return x, DepthContext(mixed, post, h.dtype, kept, depth_streams(lazy, h, alpha, alpha))
 
