@@ -219,3 +219,27 @@ def test_hc_kernels_isolated_quick(tmp_path):
     rows = {r[0]: r for r in table(out, "kernel")}
     assert float(rows["depth backward"][1]) == pytest.approx(ms["depth backward"], abs=6e-4)
     assert data["settings"]["calls"] == 3
+
+
+@pytest.mark.slow  # ~20 s (four processes): in the slow run
+def test_cpu_allocator_quick(tmp_path):
+    """Real processes, one per setting: the kept one applied the settings (with glibc), the
+    default one did not, and the table, the JSON and the verdicts agree."""
+    from hyperbit.train import allocator
+
+    out, data = run("cpu_allocator.py", ["--quick", "--models", "prenorm,mhc4", "--threads", "1"], {},
+                    tmp_path / "ca.json")
+    res = data["results"]
+    assert set(res) == {"prenorm", "mhc4"}
+    for name, r in res.items():
+        assert [x["kept"] for x in r["runs"]["kept"]] == [allocator._glibc() is not None]
+        assert [x["kept"] for x in r["runs"]["default"]] == [False]
+        kept, default = r["runs"]["kept"][0], r["runs"]["default"][0]
+        assert r["step_ratio_paired"] == pytest.approx(kept["step_s"] / default["step_s"])
+        rows = [row for row in table(out, "model") if row[0] == ("Pre-Norm" if name == "prenorm" else "mHC x4")]
+        assert [row[1] for row in rows] == ["kept", "default"]
+        assert float(rows[0][2]) == pytest.approx(1e3 * kept["step_s"], abs=0.06)
+        assert float(rows[0][5]) == pytest.approx(r["step_ratio_paired"], abs=6e-4)
+    verdicts = {t["name"]: t["passed"] for t in data["targets"]}
+    assert verdicts["mhc4_step"] == (res["mhc4"]["step_ratio_paired"] <= 1.0)
+    assert set(verdicts) == {"prenorm_faults", "prenorm_step", "mhc4_faults", "mhc4_step"}

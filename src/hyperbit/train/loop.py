@@ -39,6 +39,7 @@ from ..data.digits import ImageSet, load_image_data
 from ..models import build_model
 from ..models.fast import compile_blocks, set_activation_checkpointing
 from . import distributed
+from .allocator import ENV, keep_freed_memory
 from .batches import rank_batch, to_device
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import METRICS_FILE, RUN_CONFIG_FILE, RunConfig
@@ -102,8 +103,11 @@ def _train(cfg, out: Path, resume: bool, overwrite: bool, log, info: distributed
         if not info.is_main:
             cfg = RunConfig.load(out / RUN_CONFIG_FILE)
         with _determinism(cfg.train.deterministic):
+            kept = device.type == "cpu" and keep_freed_memory()  # before the first tensors of the run
             loop = _Loop(cfg, out, resume, log, info, device)
             log(describe("auto" if auto else cfg.train.precision, device))
+            if kept:
+                log(f"CPU allocator: freed memory kept for the next step ({ENV}=0 leaves it as it is)")
             stops.arm()
             return loop.run(stops)
     except BaseException:
