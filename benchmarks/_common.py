@@ -112,6 +112,15 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     return info
 
 
+def allocator_as_train(info: dict[str, Any]) -> None:
+    """Set the CPU allocator as ``hyperbit train`` does on the CPU (freed memory kept for the next
+    step, ``hyperbit.train.allocator``), so steps timed here fault in what a training run's do;
+    ``info["malloc_kept"]`` records whether it applied (``HYPERBIT_MALLOC_TUNING=0``: not)."""
+    from hyperbit.train.allocator import keep_freed_memory
+
+    info["malloc_kept"] = keep_freed_memory()
+
+
 # --- statistics -------------------------------------------------------------------------------
 
 def median(xs: Iterable[float]) -> float:

@@ -22,11 +22,14 @@ process, the order alternating by round:
 
     python benchmarks/hc_kernels.py                               # unfused-depth against base, DHC x4
     python benchmarks/hc_kernels.py --variants source=/tmp/native_before.c,base
+    python benchmarks/hc_kernels.py --model mhc4 --variants pytorch-mhc,base --compiled
     python benchmarks/hc_kernels.py --quick                       # d 32 x 2 blocks, 1 round
     python benchmarks/hc_kernels.py --isolated --threads 1        # each kernel alone, same buffers
 
 ``--isolated`` times each kernel alone instead, called again and again on the same buffers (DHC x4
-shapes: 2,048 tokens x n 4 x d 256, or --quick's), median of --calls calls.
+shapes: 2,048 tokens x n 4 x d 256, or --quick's), median of --calls calls. ``--compiled`` times
+the steps of the model with its blocks compiled (``compile_blocks``, Inductor), where the kernels
+run as ``torch.library`` operators; each variant is a graph of its own (a recompile on its switch).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import _common as C  # noqa: E402
 C.setup_paths()
 
 import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
 
 from hyperbit.nn import native, native_mhc  # noqa: E402
 from hyperbit.pathways import _mhc_fused, hyper  # noqa: E402
@@ -185,6 +189,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--quick", action="store_true", help="d 32 x 2 blocks, batch 2 x seq 16, 1 round")
     ap.add_argument("--isolated", action="store_true", help="time each kernel alone (see above)")
+    ap.add_argument("--compiled", action="store_true", help="the model's blocks compiled (see above)")
     ap.add_argument("--calls", type=int, default=100, help="--isolated: calls per kernel (default 100)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -203,8 +208,11 @@ def main(argv=None) -> int:
     rounds = args.rounds or (1 if args.quick else 10)
     shape = SHAPE_QUICK if args.quick else SHAPE
     info = C.machine_info("cpu")
+    C.allocator_as_train(info)
     clock = KernelClock()
-    model = C.build_step_model(args.model, shape, "cpu", compiled=False)
+    if args.compiled:  # a graph per variant: above dynamo's default limit of recompiles
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    model = C.build_step_model(args.model, shape, "cpu", compiled=args.compiled, fused_hc=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     idx, tgt = (torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq_len"]), generator=g)
@@ -240,7 +248,7 @@ def main(argv=None) -> int:
     calls = lambda n, k: str(per_round[n]["calls"].get(k, 0)) if k in used else "-"  # noqa: E731
     rows = [[k, calls(a, k), calls(b, k), C.fmt(1e3 * med[a][k]), C.fmt(1e3 * med[b][k]),
              C.fmt(1e3 * (med[b][k] - med[a][k]), "+.2f")] for k in [*used, "all kernels", "step"]]
-    print(f"\n{C.STEP_MODELS[args.model][0]} eager, d {shape['dim']} x {shape['n_layers']} blocks, batch "
+    print(f"\n{C.STEP_MODELS[args.model][0]} {'compiled' if args.compiled else 'eager'}, d {shape['dim']} x {shape['n_layers']} blocks, batch "
           f"{shape['batch']} x seq {shape['seq_len']}, {C.precision('cpu')}, {torch.get_num_threads()} threads, "
           f"{info['cpu_model']}; {rounds} rounds x {args.steps} steps, A = {a}, B = {b}"
           + ("  [QUICK]" if args.quick else ""))
@@ -256,7 +264,7 @@ def main(argv=None) -> int:
     target["passed"] = target["ratio"] is not None and target["ratio"] <= 1.0
     out = args.out or C.RESULTS_DIR / ("hc_kernels_quick.json" if args.quick else "hc_kernels.json")
     C.finish("hc_kernels", info, [target], out, quick=args.quick, source_changed=False,
-             settings={"model": args.model, "variants": names, "rounds": rounds, "steps": args.steps,
+             settings={"model": args.model, "variants": names, "rounds": rounds, "steps": args.steps, "compiled": args.compiled,
                        "shape": shape, "threads": torch.get_num_threads()},
              median_s=med, calls_per_step={n: per_round[n]["calls"] for n in names},
              per_round={n: {"step_s": per_round[n]["step_s"], "kernel_s": dict(per_round[n]["kernel_s"])}

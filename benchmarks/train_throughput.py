@@ -49,7 +49,8 @@ same shape (``_common.build_plain_gpt``), eager and with regional compile
 (``hyperbit.models.compile_blocks``): plain GPT, Pre-Norm, SHC x4, DHC x4, Pre-Norm + BitLinear, mHC x4, frac x2, frac x4 at
 d 256 x 6 blocks, batch 8 x seq 256, in the precision ``train.precision=auto`` picks. One process,
 every model built side by side, steps timed round-robin (``_common.interleaved_timing``), medians
-of per-round medians; memory is the bytes autograd saves in one forward. Mode ``compiled-plain``
+of per-round medians; memory is the bytes autograd saves in one forward. The CPU allocator is set as
+``hyperbit train`` sets it (``hyperbit.train.allocator``). Mode ``compiled-plain``
 compiles DHC x4 with plain-autograd hyper-connections instead of the custom autograd nodes that
 ``compile_blocks`` keeps by default (the comparison that chose the default); mode ``eager-pytorch``
 runs SHC x4, DHC x4 and mHC x4 with the C kernels off (``HYPERBIT_NATIVE=0``: the PyTorch
@@ -474,6 +475,7 @@ def models_main(argv) -> int:
     steps = args.steps or (1 if args.quick else 2)
     info = C.machine_info("cpu")
     info["avx512_bf16"] = "avx512_bf16" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else None
+    C.allocator_as_train(info)
     prec = C.precision("cpu")
     log(f"train_throughput --models: {models} x {modes}, {shape}, {prec}, {torch.get_num_threads()} threads")
     results = C.measure_steps(models, modes, shape, "cpu", None, rounds, steps, warmup_steps=1, log=log,

@@ -243,3 +243,16 @@ def test_cpu_allocator_quick(tmp_path):
     verdicts = {t["name"]: t["passed"] for t in data["targets"]}
     assert verdicts["mhc4_step"] == (res["mhc4"]["step_ratio_paired"] <= 1.0)
     assert set(verdicts) == {"prenorm_faults", "prenorm_step", "mhc4_faults", "mhc4_step"}
+
+
+@pytest.mark.slow  # ~30 s (compiles): in the slow run
+def test_hc_kernels_compiled_quick(tmp_path):
+    """``--compiled``: the compiled blocks call mHC's one-pass kernels (base) or HC's mixing
+    kernels and the Sinkhorn (pytorch-mhc), once per branch and step each."""
+    out, data = run("hc_kernels.py", ["--quick", "--threads", "1", "--compiled", "--model", "mhc4", "--variants",
+                                      "pytorch-mhc,base"], {}, tmp_path / "hkc.json")
+    calls = data["calls_per_step"]
+    assert calls["base"]["mhc_forward"] == calls["base"]["mhc_backward_fused"] == 4
+    assert "hc_backward" not in calls["base"] and "mhc_forward" not in calls["pytorch-mhc"]
+    assert calls["pytorch-mhc"]["hc_forward"] == calls["pytorch-mhc"]["sinkhorn"] == 4
+    assert data["settings"]["compiled"] is True and "mHC x4 compiled" in out
