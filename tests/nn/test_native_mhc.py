@@ -152,6 +152,11 @@ def test_the_one_pass_backward_matches_its_references(n, d, N, with_mixed, with_
     """mhc_backward_fused against the first pass (hc_alpha_backward), the map's reverse under
     autograd (``_map``; also with the logits far out: finite gradients), and the second pass
     (mhc_backward), with the depth backward before."""
+    if dtype == torch.float32 and max(map(abs, gates)) > 100:
+        # logits ~1e4: the map's reverse is ill-conditioned, and a build's vectorised exp rounds
+        # its own way; the AVX2 build (-mno-avx512f) and the AVX-512 one differ from the autograd
+        # reference by up to 8.8e-3 here (the latter by less than 2e-4). fp64 agrees to 1e-11 on both.
+        tol = 2e-2
     t = _width_case(N, n, d, dtype, gates)
     g_mixed = t["g_mixed"] if with_mixed else None
     g_post = t["g_post"] if with_post else None
