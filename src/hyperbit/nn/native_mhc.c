@@ -153,6 +153,7 @@ int hb_mhc_forward_##SUF(const T *h, int64_t N, int n, int64_t d, const T *phi, 
                 if (nm) hc_norm_token_##SUF(x + tok * d, d, nm, tok);                             \
             }                                                                                     \
         }                                                                                         \
+        hb_fence();  /* this thread's streamed stores (the bf16 copy), before the region ends */  \
         free(u); free(v); free(st);                                                               \
     }                                                                                             \
     free(php);                                                                                    \
