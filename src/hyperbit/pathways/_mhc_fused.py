@@ -105,6 +105,23 @@ def projection_backward(g_z: Tensor, z: Tensor, r: Tensor, phi: Tensor, h: Tenso
     return g_x, g_phi
 
 
+def _streams_kept(ctx, h: Tensor, streams: Tensor, mixed: Tensor | None, saved: Tensor | None, alpha: Tensor,
+                  save_dtype: torch.dtype, source, keep: bool, lazy: bool) -> tuple:
+    """The end of both mHC width nodes' forward, for ``h`` (the streams in the compute dtype) and
+    ``streams`` (as given): ``mixed`` a placeholder when the depth node mixes (``lazy``); the copy
+    of the streams kept for backward (``saved``, a kernel's bf16 copy, else ``h`` or the streams
+    as given; none when ``source`` rebuilds them); the kept outputs (:func:`~._hc_fused.kept_outputs`).
+    Returns ``(mixed, saved, kept)``."""
+    if lazy:
+        mixed = placeholder(h)
+    if saved is None:
+        saved = h if h.dtype == save_dtype else streams.contiguous()
+    if source is not None:
+        saved = None
+    kept = kept_outputs(ctx, saved if keep and streams.dtype != save_dtype else None, alpha if keep or lazy else None)
+    return mixed, saved, kept
+
+
 def kernels_take(h: Tensor, phi: Tensor, save_dtype: torch.dtype, res: str) -> bool:
     """Whether :class:`ManifoldKernelWidth` runs this width connection: :data:`MHC_KERNELS` on, the
     C kernels built, CPU, 2 <= n <= ``native.HC_MAX_N``, res from Sinkhorn, the compute dtype (that
@@ -137,14 +154,7 @@ class ManifoldKernelWidth(torch.autograd.Function):
         save_bf16 = save_dtype != compute and streams.dtype != save_dtype and source is None
         (out, mixed, saved, x_rstd), (z, r, logits, alpha, post) = native_ops.mhc_forward(
             h, phi, stream_eps, b, a, iters, LOGIT_RANGE, _DEFICIT_FLOOR, save_bf16, norm_w, norm_eps, not lazy)
-        if lazy:
-            mixed = placeholder(h)
-        if saved is None:
-            saved = h if compute == save_dtype else streams.contiguous()
-        if source is not None:
-            saved = None
-        kept = kept_outputs(ctx, saved if keep and streams.dtype != save_dtype else None,
-                            alpha if keep or lazy else None)
+        mixed, saved, kept = _streams_kept(ctx, h, streams, mixed, saved, alpha, save_dtype, source, keep, lazy)
         ctx.save_for_backward(saved, phi, a, norm_w, x_rstd, z, r, logits, alpha, post, *(source or (None,) * 4))
         return out.to(ctx.h_dtype), mixed, post, *kept
 
@@ -207,23 +217,14 @@ class ManifoldWidth(torch.autograd.Function):
         if ctx.native:  # the mixing and the bf16 copy of H in one pass per token (C)
             out, mixed, saved, x_rstd = native_ops.hc_forward(h, alpha, save_bf16, kernel_norm_w, norm_eps,
                                                               not lazy)
-        else:
-            saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()
-            out, mixed, x_rstd = mix_forward(h, alpha, norm_w, norm_eps)
-        post = ctx.post
-        if ctx.native:
-            if lazy:
-                mixed = placeholder(h)
-            if saved is None:
-                saved = h if h.dtype == save_dtype else streams.contiguous()
             if not ctx.kernel_norm:
                 out, x_rstd = branch_norm(out, norm_w, norm_eps)
-        if source is not None:
-            saved = None
-        kept = kept_outputs(ctx, saved if keep and streams.dtype != save_dtype else None,
-                            alpha if keep or lazy else None)
+        else:  # (lazy only with the kernels: mixes_in_depth)
+            saved = h if h.dtype == save_dtype else streams.to(save_dtype).contiguous()
+            out, mixed, x_rstd = mix_forward(h, alpha, norm_w, norm_eps)
+        mixed, saved, kept = _streams_kept(ctx, h, streams, mixed, saved, alpha, save_dtype, source, keep, lazy)
         ctx.save_for_backward(saved, phi, norm_w, r, x_rstd, z, *(source or (None,) * 4))
-        return out.to(ctx.h_dtype), mixed, post.detach(), *kept
+        return out.to(ctx.h_dtype), mixed, ctx.post.detach(), *kept
 
     @staticmethod
     def backward(ctx, g_out, g_mixed, g_post, *_):
