@@ -643,11 +643,16 @@ def step_table(results: dict[str, dict], memory_key: str) -> tuple[list[str], li
     return headers, rows
 
 
+def at_most(name: str, description: str, value: float | None, threshold: float) -> dict:
+    """A target met when ``value <= threshold`` (``passed`` None when there is no value)."""
+    return {"name": name, "description": description, "ratio": value, "threshold": threshold,
+            "passed": None if value is None else bool(value <= threshold)}
+
+
 def step_target(results: dict, model: str, mode: str, threshold: float, what: str = "step_s",
                 base: str = "prenorm") -> dict:
     a, b = results.get(f"{model}/{mode}"), results.get(f"{base}/{mode}")
     value = ratio(a and a.get(what), b and b.get(what))
     label = STEP_MODELS[model][0]
-    return {"name": f"{model}_{mode}_{what}", "description": f"{label} {mode} {what} <= {threshold}x "
-            f"{STEP_MODELS[base][0]} {mode}", "ratio": value, "threshold": threshold,
-            "passed": None if value is None else bool(value <= threshold)}
+    return at_most(f"{model}_{mode}_{what}", f"{label} {mode} {what} <= {threshold}x {STEP_MODELS[base][0]} {mode}",
+                   value, threshold)

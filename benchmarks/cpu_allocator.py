@@ -119,10 +119,9 @@ def main(argv=None) -> int:
             rows.append([C.STEP_MODELS[m][0], k, C.fmt(med[k]["step_s"] * 1e3, ".1f"), C.fmt(med[k]["faults"], ".0f"),
                          C.fmt(med[k]["sys_s"] * 1e3, ".1f"), C.fmt(paired, ".3f") if k == "kept" else ""])
         label = C.STEP_MODELS[m][0]
-        targets += [{"name": f"{m}_faults", "description": f"{label}: faults per step kept <= {MAX_FAULTS}x default",
-                     "ratio": faults, "threshold": MAX_FAULTS, "passed": None if faults is None else faults <= MAX_FAULTS},
-                    {"name": f"{m}_step", "description": f"{label}: step kept <= {MAX_STEP}x default (paired)",
-                     "ratio": paired, "threshold": MAX_STEP, "passed": paired <= MAX_STEP}]
+        targets += [C.at_most(f"{m}_faults", f"{label}: faults per step kept <= {MAX_FAULTS}x default", faults,
+                              MAX_FAULTS),
+                    C.at_most(f"{m}_step", f"{label}: step kept <= {MAX_STEP}x default (paired)", paired, MAX_STEP)]
     s = shape(args.quick)
     print(f"\nCPU allocator, one process per model and setting, d {s['dim']} x {s['n_layers']} blocks, batch "
           f"{s['batch']} x seq {s['seq_len']}, {C.precision('cpu')}, {args.pairs} pairs x {args.steps} steps, "

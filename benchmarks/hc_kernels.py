@@ -248,7 +248,8 @@ def main(argv=None) -> int:
     calls = lambda n, k: str(per_round[n]["calls"].get(k, 0)) if k in used else "-"  # noqa: E731
     rows = [[k, calls(a, k), calls(b, k), C.fmt(1e3 * med[a][k]), C.fmt(1e3 * med[b][k]),
              C.fmt(1e3 * (med[b][k] - med[a][k]), "+.2f")] for k in [*used, "all kernels", "step"]]
-    print(f"\n{C.STEP_MODELS[args.model][0]} {'compiled' if args.compiled else 'eager'}, d {shape['dim']} x {shape['n_layers']} blocks, batch "
+    mode = "compiled" if args.compiled else "eager"
+    print(f"\n{C.STEP_MODELS[args.model][0]} {mode}, d {shape['dim']} x {shape['n_layers']} blocks, batch "
           f"{shape['batch']} x seq {shape['seq_len']}, {C.precision('cpu')}, {torch.get_num_threads()} threads, "
           f"{info['cpu_model']}; {rounds} rounds x {args.steps} steps, A = {a}, B = {b}"
           + ("  [QUICK]" if args.quick else ""))
@@ -264,8 +265,8 @@ def main(argv=None) -> int:
     target["passed"] = target["ratio"] is not None and target["ratio"] <= 1.0
     out = args.out or C.RESULTS_DIR / ("hc_kernels_quick.json" if args.quick else "hc_kernels.json")
     C.finish("hc_kernels", info, [target], out, quick=args.quick, source_changed=False,
-             settings={"model": args.model, "variants": names, "rounds": rounds, "steps": args.steps, "compiled": args.compiled,
-                       "shape": shape, "threads": torch.get_num_threads()},
+             settings={"model": args.model, "variants": names, "rounds": rounds, "steps": args.steps,
+                       "compiled": args.compiled, "shape": shape, "threads": torch.get_num_threads()},
              median_s=med, calls_per_step={n: per_round[n]["calls"] for n in names},
              per_round={n: {"step_s": per_round[n]["step_s"], "kernel_s": dict(per_round[n]["kernel_s"])}
                         for n in names},
