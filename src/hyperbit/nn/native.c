@@ -496,12 +496,12 @@ HB_INLINE void hb_sth_##SUF(uint16_t *p, VT v, int m) {                         
     else memcpy(p, &h, 2 * m);                                                                    \
 }                                                                                                 \
                                                                                                   \
-/* from a buffer in T or in bf16 */                                                               \
 HB_INLINE void hb_sthnt_##SUF(uint16_t *p, VT v, int m) {                                         \
     if (m == W && hb_aligned(p, sizeof(HV))) hb_stream_h_##SUF(p, hb_narrow_##SUF(v));            \
     else hb_sth_##SUF(p, v, m);                                                                   \
 }                                                                                                 \
                                                                                                   \
+/* from a buffer in T or in bf16 */                                                               \
 HB_INLINE VT hb_lda_##SUF(const void *p, int bf16, int64_t at, int m) {                           \
     return bf16 ? hb_ldh_##SUF((const uint16_t *)p + at, m) : hb_ld_##SUF((const T *)p + at, m);  \
 }                                                                                                 \
