@@ -3,6 +3,7 @@ step's worth of freed tensors is reused instead of faulted in again from the ker
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -28,7 +29,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 
 
 def _faults_per_step(tuning: str) -> tuple[bool, float]:
-    env = {**__import__("os").environ, allocator.ENV: tuning}
+    env = {**os.environ, allocator.ENV: tuning}
     out = subprocess.run([sys.executable, "-c", _STEPS], env=env, capture_output=True, text=True, check=True)
     applied, faults = out.stdout.split()
     return applied == "True", float(faults)
